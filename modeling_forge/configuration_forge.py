@@ -1,0 +1,225 @@
+"""Configuration of the TRM x Titans-MAG ("forge") language model."""
+
+import json
+from pathlib import Path
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+MEMORY_TYPES = ("ema", "none")
+# Deep-supervision weights the specification gives for y0..y3 (three recursion steps).
+DEFAULT_STEP_WEIGHTS = (0.33, 0.5, 0.75, 1.0)
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in `modeling_forge/presets/`."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.json"))
+
+
+@strict
+class ForgeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ForgeForCausalLM`]: a decoder whose layers combine causal sliding-window attention with a
+    long-term memory through a learned gate (Titans "memory as gate"), followed by TRM recursive refinement of the
+    output features with an ACT halting head.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 32768):
+            Number of tokens in the vocabulary (rows of the embedding and of the tied LM head).
+        hidden_size (`int`, *optional*, defaults to 320):
+            Width `D` of the residual stream.
+        intermediate_size (`int`, *optional*, defaults to 1088):
+            Hidden width of each layer's SwiGLU feed-forward block.
+        num_hidden_layers (`int`, *optional*, defaults to 8):
+            Number of decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to 5):
+            Attention heads per layer; `hidden_size` must be divisible by it.
+        head_dim (`int`, *optional*):
+            Per-head width; defaults to `hidden_size // num_attention_heads`. Must be even (rotary embeddings).
+        max_position_embeddings (`int`, *optional*, defaults to 2048):
+            Longest sequence the model is trained for (rotary embeddings themselves are not limited by it).
+        sliding_window (`int`, *optional*, defaults to 1024):
+            Each token attends to itself and the `sliding_window - 1` tokens before it. Older context reaches a
+            token only through the long-term memory.
+        rope_parameters (`dict`, *optional*):
+            Rotary embedding parameters in the transformers format, e.g. `{"rope_type": "default", "rope_theta":
+            10000.0}`.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the RMS norms.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of linear and embedding weights.
+        attention_bias (`bool`, *optional*, defaults to `False`):
+            Whether the q/k/v/o projections have biases.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on attention probabilities during training.
+        hidden_act (`str`, *optional*, defaults to `"silu"`):
+            Activation of the SwiGLU blocks and of the gate MLP.
+        memory_type (`str`, *optional*, defaults to `"ema"`):
+            Long-term memory branch: `"ema"` (a causal exponential moving average of a down-projection of the layer
+            input, read out through an up-projection, computed in parallel) or `"none"` (attention only, no gate;
+            the ablation).
+        memory_size (`int`, *optional*, defaults to 160):
+            Width `d_mem` of the memory state.
+        memory_decay (`float`, *optional*, defaults to 0.99):
+            EMA decay: `m_t = decay * m_{t-1} + (1 - decay) * W_down x_t`. Closer to 1 remembers longer.
+        memory_chunk_size (`int`, *optional*, defaults to 64):
+            Chunk length of the parallel (chunked matrix) form of the memory scan; a speed knob, not a modelling one.
+        gate_hidden_size (`int`, *optional*, defaults to 160):
+            Hidden width of the MAG gate MLP `g = sigmoid(MLP([y; m]))`.
+        trm_max_steps (`int`, *optional*, defaults to 3):
+            Recursion steps `T_max` of the TRM refiner on top of the backbone (0 disables refinement).
+        trm_micro_steps (`int`, *optional*, defaults to 2):
+            Latent updates `z <- refine(z, h, y)` per recursion step, before the answer update `y <- update(y, z)`.
+        trm_intermediate_size (`int`, *optional*, defaults to 640):
+            Hidden width of the (position-wise, hence causal) SwiGLU refiner shared by the `z` and `y` updates.
+        deep_supervision (`bool`, *optional*, defaults to `True`):
+            Train on the logits of every recursion step with `trm_step_weights` (on) or on the final step only (off).
+        trm_step_weights (`list[float]`, *optional*):
+            Loss weights of `y_0 .. y_T`; length `trm_max_steps + 1`. Defaults to `[0.33, 0.5, 0.75, 1.0]` for three
+            steps and to a linear ramp from 0.33 to 1.0 otherwise.
+        act_threshold (`float`, *optional*, defaults to 0.5):
+            At inference a position stops refining once its halting probability `q_t` exceeds this.
+        act_halting (`bool`, *optional*, defaults to `True`):
+            Whether evaluation-mode forwards use ACT early exit (training always runs every step).
+        act_loss_weight (`float`, *optional*, defaults to 0.01):
+            Weight of the ACT BCE loss (target: "step t already predicts the label").
+        gate_entropy_weight (`float`, *optional*, defaults to 0.001):
+            Weight of the gate-entropy regulariser; the loss subtracts `weight * entropy` to keep gates from
+            saturating.
+        layer_types (`list[str]`, *optional*):
+            Derived, do not set: `"hybrid_sliding"` per layer with memory (sliding-window KV + a recurrent state in
+            the transformers `DynamicCache`), `"sliding_attention"` without.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Whether forwards return the cache for generation.
+        pad_token_id / bos_token_id / eos_token_id (`int`, *optional*):
+            Special token ids, normally taken from the tokenizer.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Tie the LM head to the input embedding.
+
+    Example:
+    ```python
+    >>> from modeling_forge import ForgeConfig, ForgeForCausalLM
+    >>> config = ForgeConfig.from_preset("tiny", vocab_size=512)
+    >>> model = ForgeForCausalLM(config)
+    ```
+    """
+
+    model_type = "forge"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32768
+    hidden_size: int = 320
+    intermediate_size: int = 1088
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 5
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    sliding_window: int = 1024
+    rope_parameters: dict | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_act: str = "silu"
+    memory_type: str = "ema"
+    memory_size: int = 160
+    memory_decay: float = 0.99
+    memory_chunk_size: int = 64
+    gate_hidden_size: int = 160
+    trm_max_steps: int = 3
+    trm_micro_steps: int = 2
+    trm_intermediate_size: int = 640
+    deep_supervision: bool = True
+    trm_step_weights: list[float] | None = None
+    act_threshold: float = 0.5
+    act_halting: bool = True
+    act_loss_weight: float = 0.01
+    gate_entropy_weight: float = 0.001
+    layer_types: list[str] | None = None
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.trm_step_weights is None and self.trm_max_steps >= 0:
+            if self.trm_max_steps == len(DEFAULT_STEP_WEIGHTS) - 1:
+                self.trm_step_weights = list(DEFAULT_STEP_WEIGHTS)
+            else:
+                steps = self.trm_max_steps
+                self.trm_step_weights = [round(0.33 + (1.0 - 0.33) * t / max(steps, 1), 4) for t in range(steps + 1)]
+        layer_type = "hybrid_sliding" if self.memory_type != "none" else "sliding_attention"
+        self.layer_types = [layer_type] * self.num_hidden_layers
+        self.check()
+        super().__post_init__(**kwargs)
+
+    def check(self) -> None:
+        """Raise a `ValueError` naming the first invalid field and how to fix it."""
+
+        def fail(field: str, problem: str, fix: str) -> None:
+            raise ValueError(f"ForgeConfig.{field} {problem}. Fix: {fix}.")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                fail(name, f"must be a positive integer, got {getattr(self, name)}", f"set {name} >= 1")
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail(
+                "hidden_size",
+                f"({self.hidden_size}) is not divisible by num_attention_heads ({self.num_attention_heads})",
+                "choose num_attention_heads that divides hidden_size",
+            )
+        if self.head_dim % 2 != 0:
+            fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}", "use an even head size")
+        if self.sliding_window <= 0:
+            fail("sliding_window", f"must be >= 1, got {self.sliding_window}", "set a positive window, e.g. 1024")
+        if self.max_position_embeddings <= 0:
+            fail("max_position_embeddings", "must be >= 1", "set the training sequence length, e.g. 2048")
+        if self.memory_type not in MEMORY_TYPES:
+            fail("memory_type", f"is {self.memory_type!r}", f"use one of {MEMORY_TYPES}")
+        if self.memory_type != "none":
+            if self.memory_size <= 0:
+                fail("memory_size", f"must be >= 1, got {self.memory_size}", "set d_mem, e.g. hidden_size // 2")
+            if not 0.0 < self.memory_decay < 1.0:
+                fail("memory_decay", f"must lie strictly between 0 and 1, got {self.memory_decay}", "use e.g. 0.99")
+            if self.memory_chunk_size <= 0:
+                fail("memory_chunk_size", "must be >= 1", "use 64")
+            if self.gate_hidden_size <= 0:
+                fail("gate_hidden_size", "must be >= 1", "set it, e.g. hidden_size // 2")
+        if self.trm_max_steps < 0:
+            fail("trm_max_steps", f"must be >= 0, got {self.trm_max_steps}", "use 0 (no refinement) or more")
+        if self.trm_micro_steps < 1:
+            fail("trm_micro_steps", f"must be >= 1, got {self.trm_micro_steps}", "use 2 as in the specification")
+        if self.trm_intermediate_size <= 0:
+            fail("trm_intermediate_size", "must be >= 1", "use e.g. 2 * hidden_size")
+        if len(self.trm_step_weights) != self.trm_max_steps + 1:
+            fail(
+                "trm_step_weights",
+                f"has {len(self.trm_step_weights)} entries but trm_max_steps={self.trm_max_steps} needs "
+                f"{self.trm_max_steps + 1} (one per y_0..y_T)",
+                "give one weight per step or leave it unset for the default ramp",
+            )
+        if any(w < 0 for w in self.trm_step_weights) or sum(self.trm_step_weights) <= 0:
+            fail("trm_step_weights", "must be non-negative with a positive sum", "e.g. [0.33, 0.5, 0.75, 1.0]")
+        if not 0.0 < self.act_threshold < 1.0:
+            fail("act_threshold", f"must lie strictly between 0 and 1, got {self.act_threshold}", "use e.g. 0.5")
+        for name in ("act_loss_weight", "gate_entropy_weight", "attention_dropout"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0", f"set {name} to 0 to disable it")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ForgeConfig":
+        """Build a config from a preset shipped with the package (`tiny`, `cognate-25m`), then apply overrides."""
+        path = PRESETS_DIR / f"{name}.json"
+        if not path.exists():
+            raise ValueError(f"Unknown ForgeConfig preset {name!r}. Fix: use one of {available_presets()}.")
+        values = json.loads(path.read_text())
+        values.pop("_comment", None)
+        values.update(overrides)
+        return cls(**values)
+
+
+__all__ = ["ForgeConfig", "available_presets"]

@@ -1,0 +1,810 @@
+"""PyTorch TRM x Titans-MAG ("forge") language model.
+
+Each decoder layer mixes two branches over the same normed input through a learned gate (Titans, "memory as
+gate"): causal sliding-window attention `y` and a long-term memory `m`; the output `g*y + (1-g)*m` is followed by
+a SwiGLU feed-forward block. On top of the backbone features `h`, a tiny position-wise network refines an answer
+state `y` and a latent `z` recursively (TRM), every step is supervised (deep supervision), and an ACT head learns
+when a position's answer is already right so inference can stop refining early.
+
+References:
+    - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant).
+    - Jolicoeur-Martineau. "Less is More: Recursive Reasoning with Tiny Networks", 2025 (TRM).
+    - Graves. "Adaptive Computation Time for Recurrent Neural Networks", 2016 (ACT).
+    - Su et al. "RoFormer", 2021 (rotary embeddings); Shazeer. "GLU Variants Improve Transformer", 2020 (SwiGLU).
+
+Shape legend:
+    B batch, T query length, S key length (cached + new), H heads, Dh head size, D hidden size, M memory size,
+    G gate hidden size, V vocabulary, K = trm_max_steps + 1 supervised answer states y_0..y_T, L layers.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_recurrent_attention_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple, logging
+
+from .configuration_forge import ForgeConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers: norm, rotary embeddings, SwiGLU
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ForgeRMSNorm(nn.Module):
+    """Root-mean-square layer norm (computed in fp32)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class ForgeRotaryEmbedding(nn.Module):
+    """Rotary position embeddings; cos/sin for the given position ids."""
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: ForgeConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys (B, H, T, Dh) by the (B, T, Dh) cos/sin of their positions."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+class ForgeMLP(nn.Module):
+    """SwiGLU block: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention: causal sliding window, any transformers attention backend (sdpa by default)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, H, Dh)
+    return attn_output, attn_weights
+
+
+def _allowed_keys(
+    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, window: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean (B|1, 1, T, S) mask of the key positions each query may attend to, whatever form the mask came in."""
+    if attention_mask is None:  # the sdpa fast path: plain causal (window not yet exceeded)
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        k_pos = torch.arange(kv_len, device=device)[None, :]
+        return ((k_pos <= q_pos) & (q_pos - k_pos < window))[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+class ForgeAttention(nn.Module):
+    """Multi-head causal sliding-window attention with rotary embeddings."""
+
+    def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.sliding_window = config.sliding_window
+        self.is_causal = True
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        output_attention_logit_max: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, Dh)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, H, S, Dh): window-1 cached + new
+
+        logit_max = None
+        if output_attention_logit_max:  # for QK-clip: the largest pre-softmax logit per head over allowed pairs
+            with torch.no_grad():
+                scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling  # (B, H, T, S)
+                allowed = _allowed_keys(attention_mask, query.shape[2], key.shape[2], self.sliding_window, key.device)
+                logit_max = scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))  # (H,)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), logit_max
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Long-term memory: causal EMA, parallel chunked scan, state carried in the cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ema_scan(
+    inputs: torch.Tensor, decay: float, initial_state: torch.Tensor | None = None, chunk_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All states of `m_t = decay * m_{t-1} + inputs_t` at once, without a loop over positions.
+
+    Chunked matrix form: inside each chunk of C positions a lower-triangular (C, C) matrix of decay powers gives the
+    local sums; the chunk-end states are then carried forward with an (n, n) matrix of decay^(C*k) powers. Cost
+    O(T*C*M) instead of O(T^2*M), exact in float64 against the per-position loop.
+
+    Args:
+        inputs: (B, T, M) already-scaled inputs `(1 - decay) * W_down x_t` (zeros where masked).
+        decay: scalar in (0, 1).
+        initial_state: (B, M) state before the first position, or None for zeros.
+        chunk_size: C.
+
+    Returns:
+        states (B, T, M) and the final state (B, M).
+    """
+    batch, length, width = inputs.shape
+    chunk = max(1, min(chunk_size, length))
+    n_chunks = -(-length // chunk)
+    x = F.pad(inputs, (0, 0, 0, n_chunks * chunk - length)).view(batch, n_chunks, chunk, width)  # (B, n, C, M)
+    base = torch.tensor(decay, dtype=inputs.dtype, device=inputs.device)
+    idx = torch.arange(chunk, device=inputs.device)
+    rel = idx[:, None] - idx[None, :]
+    intra = torch.where(rel >= 0, base ** rel.clamp(min=0).to(inputs.dtype), torch.zeros((), dtype=inputs.dtype))
+    local = torch.matmul(intra, x)  # (B, n, C, M): sums within each chunk
+    ends = local[:, :, -1]  # (B, n, M)
+    cidx = torch.arange(n_chunks, device=inputs.device)
+    crel = cidx[:, None] - cidx[None, :] - 1
+    inter = torch.where(
+        crel >= 0, base ** (chunk * crel.clamp(min=0)).to(inputs.dtype), torch.zeros((), dtype=inputs.dtype)
+    )
+    carry = torch.matmul(inter, ends)  # (B, n, M): state entering each chunk
+    if initial_state is not None:
+        carry = carry + (base ** (chunk * cidx).to(inputs.dtype))[None, :, None] * initial_state[:, None, :]
+    into_chunk = base ** (idx + 1).to(inputs.dtype)  # (C,)
+    states = local + into_chunk[None, None, :, None] * carry[:, :, None, :]
+    states = states.reshape(batch, n_chunks * chunk, width)[:, :length]
+    return states, states[:, -1]
+
+
+class ForgeEMAMemory(nn.Module):
+    """Long-term memory `m_t = decay*m_{t-1} + (1-decay)*W_down x_t`, read out as `W_up m_t`.
+
+    Causal by construction; the state starts at zero for every sequence (padding contributes nothing) and is carried
+    between generation steps in the cache's recurrent-state slot of this layer.
+    """
+
+    def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.decay = config.memory_decay
+        self.chunk_size = config.memory_chunk_size
+        self.down_proj = nn.Linear(config.hidden_size, config.memory_size, bias=False)
+        self.up_proj = nn.Linear(config.memory_size, config.hidden_size, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, memory_mask: torch.Tensor | None, past_key_values: Cache | None = None
+    ) -> torch.Tensor:
+        inputs = self.down_proj(hidden_states) * (1.0 - self.decay)  # (B, T, M)
+        if memory_mask is not None:
+            inputs = inputs * memory_mask[..., None].to(inputs.dtype)
+        initial_state = past_key_values.get_recurrent_state(self.layer_idx) if past_key_values is not None else None
+        states, final_state = ema_scan(inputs, self.decay, initial_state, self.chunk_size)
+        if past_key_values is not None:
+            past_key_values.update_recurrent_state(final_state, self.layer_idx)
+            # `update_recurrent_state` leaves the flag to the conv-state path, which this memory does not use.
+            past_key_values.layers[self.layer_idx].has_previous_state[0] = True
+        return self.up_proj(states)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MAG gate and decoder layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ForgeMAGGate(nn.Module):
+    """Per-channel gate `g = sigmoid(MLP([y; m]))` mixing attention `y` and memory `m` as `g*y + (1-g)*m`."""
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * config.hidden_size, config.gate_hidden_size)
+        self.fc2 = nn.Linear(config.gate_hidden_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, attn: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = torch.sigmoid(self.fc2(self.act_fn(self.fc1(torch.cat([attn, memory], dim=-1)))))  # (B, T, D)
+        return gate * attn + (1.0 - gate) * memory, gate
+
+
+def binary_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Entropy (nats) of Bernoulli(p), elementwise."""
+    p = p.clamp(eps, 1.0 - eps)
+    return -(p * p.log() + (1.0 - p) * (1.0 - p).log())
+
+
+class ForgeDecoderLayer(GradientCheckpointingLayer):
+    """x + MAG(attn(norm x), memory(norm x)), then + SwiGLU(norm .)."""
+
+    def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = ForgeAttention(config, layer_idx)
+        has_memory = config.memory_type != "none"
+        self.memory = ForgeEMAMemory(config, layer_idx) if has_memory else None
+        self.gate = ForgeMAGGate(config) if has_memory else None
+        self.mlp = ForgeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        output_attention_logit_max: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the new hidden states (B, T, D), the gate mean and entropy (scalars), and per-head max logits."""
+        residual = hidden_states
+        normed = self.input_layernorm(hidden_states)
+        attn, logit_max = self.self_attn(
+            normed, position_embeddings, attention_mask, past_key_values, output_attention_logit_max, **kwargs
+        )
+        gate_mean = gate_entropy = None
+        if self.memory is not None:
+            memory = self.memory(normed, memory_mask, past_key_values)
+            attn, gate = self.gate(attn, memory)
+            gate_mean = gate.detach().mean()
+            gate_entropy = binary_entropy(gate).mean()
+        hidden_states = residual + attn
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, gate_mean, gate_entropy, logit_max
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRM recursive refinement and ACT halting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ForgeRefiner(nn.Module):
+    """TRM: `z0 = h + P_z h`, `y0 = z0 + P_y z0`; each step `micro_steps` times `z <- z + f(z + h + y)`, then
+    `y <- y + f(y + z)` with one shared position-wise SwiGLU `f` (position-wise, so causal by construction)."""
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__()
+        self.micro_steps = config.trm_micro_steps
+        self.z_init = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.y_init = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.z_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.y_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.block = ForgeMLP(config.hidden_size, config.trm_intermediate_size, config.hidden_act)
+
+    def initial(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = features + self.z_init(features)
+        return z + self.y_init(z), z
+
+    def step(self, features: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(self.micro_steps):
+            z = z + self.block(self.z_norm(z + features + y))
+        y = y + self.block(self.y_norm(y + z))
+        return y, z
+
+
+@dataclass
+class RecursionOutput:
+    """What the recursion hands to the model output (see `ForgeModelOutputWithPast`)."""
+
+    last_hidden_state: torch.Tensor
+    step_hidden_states: tuple[torch.Tensor, ...] | None
+    halting_logits: torch.Tensor | None
+    halt_steps: torch.Tensor
+
+
+class ForgeRecursion(nn.Module):
+    """Runs the TRM refiner for `trm_max_steps` steps, normalises each answer state `y_t` for the LM head, and scores
+    it with the ACT head `q_t = sigmoid(Linear(norm(y_t)))`."""
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__()
+        self.max_steps = config.trm_max_steps
+        self.threshold = config.act_threshold
+        self.refiner = ForgeRefiner(config)
+        self.norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.act_head = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, features: torch.Tensor, keep_steps: bool, halting: bool) -> RecursionOutput:
+        if keep_steps or not halting:
+            return self._all_steps(features, keep_steps, halting)
+        return self._early_exit(features)
+
+    def _all_steps(self, features: torch.Tensor, keep_steps: bool, halting: bool) -> RecursionOutput:
+        """Every step for every position (training; evaluation with labels). Gradients follow the specification:
+        `y`, `z` and `h` are detached after the first step, so later steps train only the refiner."""
+        y, z = self.refiner.initial(features)
+        states = [self.norm(y)]
+        for _ in range(self.max_steps):
+            y, z = self.refiner.step(features, y, z)
+            states.append(self.norm(y))
+            y, z, features = y.detach(), z.detach(), features.detach()
+        halting_logits = torch.cat([self.act_head(s) for s in states], dim=-1)  # (B, T, K)
+        exceeded = torch.sigmoid(halting_logits.detach()) > self.threshold
+        exceeded[..., -1] = True
+        halt_steps = exceeded.long().argmax(dim=-1)  # (B, T): first step whose q_t exceeds the threshold
+        if halting:
+            last = states[-1]
+            for step in range(len(states) - 2, -1, -1):
+                last = torch.where((halt_steps == step)[..., None], states[step], last)
+        else:
+            last = states[-1]
+        return RecursionOutput(last, tuple(states) if keep_steps else None, halting_logits, halt_steps)
+
+    @torch.no_grad()
+    def _early_exit(self, features: torch.Tensor) -> RecursionOutput:
+        """Inference: positions stop refining once `q_t > threshold`; only still-active positions are computed."""
+        shape = features.shape
+        flat = features.reshape(-1, shape[-1])  # (B*T, D)
+        y, z = self.refiner.initial(flat)
+        out = self.norm(y)
+        halt_steps = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+        active = torch.nonzero(torch.sigmoid(self.act_head(out)).squeeze(-1) <= self.threshold).squeeze(-1)
+        for step in range(1, self.max_steps + 1):
+            if active.numel() == 0:
+                break
+            y_a, z_a = self.refiner.step(flat[active], y[active], z[active])
+            y, z = y.index_copy(0, active, y_a), z.index_copy(0, active, z_a)
+            normed = self.norm(y_a)
+            out = out.index_copy(0, active, normed)
+            halt_steps[active] = step
+            active = active[torch.sigmoid(self.act_head(normed)).squeeze(-1) <= self.threshold]
+        return RecursionOutput(out.view(shape), None, None, halt_steps.view(shape[:-1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ForgeModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    Backbone + recursion output. `last_hidden_state` is the (normed) answer state the LM head reads: the halting
+    step's `y` per position under ACT, else the final step's.
+
+    step_hidden_states (`tuple(torch.FloatTensor)` of K tensors (B, T, D), *optional*):
+        Normed answer states y_0..y_T, returned when asked (training, per-step losses).
+    halting_logits (`torch.FloatTensor` (B, T, K), *optional*):
+        ACT head logits per step (None on the inference early-exit path, which does not compute every step).
+    halt_steps (`torch.LongTensor` (B, T)):
+        Index of the step each position halts at (first `q_t > act_threshold`, else T).
+    gate_means (`torch.FloatTensor` (L,), *optional*):
+        Mean MAG gate value per layer (share of attention; `1 - mean` is the memory's share).
+    gate_entropy (`torch.FloatTensor`, *optional*):
+        Mean binary entropy of the gates over layers, positions and channels (differentiable).
+    attention_logit_max (`torch.FloatTensor` (L, H), *optional*):
+        Largest pre-softmax attention logit per layer and head, when asked (QK-clip).
+    """
+
+    step_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    halting_logits: torch.FloatTensor | None = None
+    halt_steps: torch.LongTensor | None = None
+    gate_means: torch.FloatTensor | None = None
+    gate_entropy: torch.FloatTensor | None = None
+    attention_logit_max: torch.FloatTensor | None = None
+
+
+@dataclass
+class ForgeCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """
+    Causal LM output with the parts of the loss and the recursion's diagnostics.
+
+    lm_loss (`torch.FloatTensor`): deep-supervised cross-entropy (weighted over steps) or the final step's.
+    act_loss (`torch.FloatTensor`): ACT halting BCE.
+    gate_entropy (`torch.FloatTensor`): mean gate entropy (the loss subtracts `gate_entropy_weight` times it).
+    step_losses (`torch.FloatTensor` (K,)): cross-entropy of each step's logits.
+    step_accuracies (`torch.FloatTensor` (K,)): next-token accuracy of each step's logits.
+    step_logits (`tuple(torch.FloatTensor)`, *optional*): per-step logits (B, T, V), when asked.
+    halting_probs (`torch.FloatTensor` (B, T, K), *optional*): ACT halting probabilities per step.
+    halt_steps, gate_means, attention_logit_max: as in `ForgeModelOutputWithPast`.
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    act_loss: torch.FloatTensor | None = None
+    gate_entropy: torch.FloatTensor | None = None
+    step_losses: torch.FloatTensor | None = None
+    step_accuracies: torch.FloatTensor | None = None
+    step_logits: tuple[torch.FloatTensor, ...] | None = None
+    halting_probs: torch.FloatTensor | None = None
+    halt_steps: torch.LongTensor | None = None
+    gate_means: torch.FloatTensor | None = None
+    attention_logit_max: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ForgePreTrainedModel(PreTrainedModel):
+    config_class = ForgeConfig
+    config: ForgeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ForgeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The memory state cannot be rolled back to an earlier token, so assisted decoding is refused by `generate`.
+    _is_stateful = True
+
+
+class ForgeModel(ForgePreTrainedModel):
+    """Embedding, decoder layers and final norm (the backbone), then TRM recursion with ACT; `last_hidden_state` is
+    what the LM head reads, so `lm_head(model.base_model(...).last_hidden_state)` gives the model's logits."""
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__(config)
+        config.check()
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([ForgeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ForgeRotaryEmbedding(config)
+        self.recursion = ForgeRecursion(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_step_states: bool = False,
+        act_halting: bool | None = None,
+        output_attention_logit_max: bool = False,
+        positions_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ForgeModelOutputWithPast:
+        r"""
+        output_step_states (`bool`): also return every step's answer state and the ACT logits (needed for losses).
+        act_halting (`bool`, *optional*): ACT early exit; defaults to `config.act_halting` in eval mode, off in train.
+        output_attention_logit_max (`bool`): return each head's largest attention logit (QK-clip); costs a matmul.
+        positions_to_keep (`int` or `torch.Tensor`): run the (position-wise) recursion only on these positions, as
+            `logits_to_keep` does for the LM head (0 keeps all).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if act_halting is None:
+            act_halting = self.config.act_halting and not self.training
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        sliding_mask = create_sliding_window_causal_mask(**mask_kwargs)
+        memory_mask = create_recurrent_attention_mask(**mask_kwargs)  # (B, T) padding mask, or None
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        gate_means, gate_entropies, logit_maxes = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, gate_mean, gate_entropy, logit_max = layer(
+                hidden_states,
+                attention_mask=sliding_mask,
+                memory_mask=memory_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                output_attention_logit_max=output_attention_logit_max,
+                **kwargs,
+            )
+            if gate_mean is not None:
+                gate_means.append(gate_mean)
+                gate_entropies.append(gate_entropy)
+            if logit_max is not None:
+                logit_maxes.append(logit_max)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        features = slice_logits_to_keep(hidden_states, positions_to_keep)
+        recursion = self.recursion(features, keep_steps=output_step_states, halting=act_halting)
+        return ForgeModelOutputWithPast(
+            last_hidden_state=recursion.last_hidden_state,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            step_hidden_states=recursion.step_hidden_states,
+            halting_logits=recursion.halting_logits,
+            halt_steps=recursion.halt_steps,
+            gate_means=torch.stack(gate_means) if gate_means else None,
+            gate_entropy=torch.stack(gate_entropies).mean() if gate_entropies else None,
+            attention_logit_max=torch.stack(logit_maxes) if logit_maxes else None,
+        )
+
+
+class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
+    """`ForgeModel` with a tied LM head and the training objective:
+    `loss = CE (deep-supervised over steps) + act_loss_weight * ACT_BCE - gate_entropy_weight * gate_entropy`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__(config)
+        self.model = ForgeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_step_logits: bool = False,
+        act_halting: bool | None = None,
+        output_attention_logit_max: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> ForgeCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` (B, T), *optional*): next-token targets, shifted inside (HF convention); -100 is
+            ignored.
+        output_step_logits (`bool`): return the logits of every recursion step.
+        act_halting (`bool`, *optional*): ACT early exit; defaults to `config.act_halting` in eval mode.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): label-token count over the whole accumulated (and
+            distributed) batch, passed by `Trainer`; every loss term is a sum over tokens divided by it, so
+            gradient accumulation and DDP average correctly.
+        """
+        keep_steps = labels is not None or output_step_logits
+        if act_halting is None:
+            act_halting = self.config.act_halting and not self.training
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_step_states=keep_steps,
+            act_halting=act_halting,
+            output_attention_logit_max=output_attention_logit_max,
+            positions_to_keep=0 if keep_steps else logits_to_keep,
+            **kwargs,
+        )
+        step_logits = None
+        if keep_steps:
+            step_logits = self._step_logits(outputs.step_hidden_states, need_grad=self.config.deep_supervision)
+            logits = step_logits[-1]
+            if act_halting:  # each position reads the logits of the step it halts at
+                for step in range(len(step_logits) - 2, -1, -1):
+                    logits = torch.where((outputs.halt_steps == step)[..., None], step_logits[step], logits)
+        else:
+            logits = self.lm_head(outputs.last_hidden_state)
+
+        halting_probs = torch.sigmoid(outputs.halting_logits.detach()) if outputs.halting_logits is not None else None
+        result = ForgeCausalLMOutputWithPast(
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            step_logits=tuple(step_logits) if output_step_logits and step_logits is not None else None,
+            halting_probs=halting_probs,
+            halt_steps=outputs.halt_steps,
+            gate_means=outputs.gate_means,
+            gate_entropy=outputs.gate_entropy.detach() if outputs.gate_entropy is not None else None,
+            attention_logit_max=outputs.attention_logit_max,
+        )
+        if labels is not None:
+            self._add_losses(result, outputs, step_logits, labels, num_items_in_batch)
+        return result
+
+    def _step_logits(self, step_states: tuple[torch.Tensor, ...], need_grad: bool) -> list[torch.Tensor]:
+        """LM-head logits of every step; without deep supervision only the last step needs gradients."""
+        logits = []
+        for step, state in enumerate(step_states):
+            if need_grad or step == len(step_states) - 1:
+                logits.append(self.lm_head(state))
+            else:
+                with torch.no_grad():
+                    logits.append(self.lm_head(state))
+        return logits
+
+    def _add_losses(
+        self,
+        result: ForgeCausalLMOutputWithPast,
+        outputs: ForgeModelOutputWithPast,
+        step_logits: list[torch.Tensor],
+        labels: torch.LongTensor,
+        num_items_in_batch: int | torch.Tensor | None,
+    ) -> None:
+        """Fill the loss and its parts. Every term is (sum over label tokens) / denominator, where the denominator
+        is `num_items_in_batch` when Trainer gives it (accumulation/DDP-correct), else this batch's token count."""
+        config = self.config
+        labels = labels.to(step_logits[0].device)
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # (B, T): token t predicts t+1
+        valid = shift_labels != -100
+        n_valid = valid.sum()
+        if num_items_in_batch is not None:
+            denominator = torch.as_tensor(num_items_in_batch, device=n_valid.device, dtype=torch.float32)
+        else:
+            denominator = n_valid.clamp(min=1).float()
+        flat_labels = shift_labels.reshape(-1)
+
+        step_losses, correct = [], []
+        for logits in step_logits:
+            ce_sum = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), flat_labels, ignore_index=-100, reduction="sum"
+            )
+            step_losses.append(ce_sum / denominator)
+            correct.append((logits.detach().argmax(-1) == shift_labels) & valid)
+        step_losses_t = torch.stack(step_losses)  # (K,)
+        if config.deep_supervision:
+            weights = torch.tensor(config.trm_step_weights, device=step_losses_t.device, dtype=step_losses_t.dtype)
+            lm_loss = (weights * step_losses_t).sum() / weights.sum()
+        else:
+            lm_loss = step_losses_t[-1]
+
+        # ACT: BCE of q_t against "step t already predicts the label", averaged over steps, summed over tokens.
+        targets = torch.stack(correct, dim=-1).float()  # (B, T, K)
+        act_sum = (
+            F.binary_cross_entropy_with_logits(outputs.halting_logits.float(), targets, reduction="none")
+            .mean(-1)[valid]
+            .sum()
+        )
+        act_loss = act_sum / denominator
+
+        loss = lm_loss + config.act_loss_weight * act_loss
+        gate_entropy = outputs.gate_entropy
+        if gate_entropy is not None:
+            # A per-batch mean, rescaled to this batch's share of the accumulated tokens.
+            loss = loss - config.gate_entropy_weight * gate_entropy * (n_valid.float() / denominator)
+
+        result.loss = loss
+        result.lm_loss = lm_loss.detach()
+        result.act_loss = act_loss.detach()
+        result.step_losses = step_losses_t.detach()
+        result.step_accuracies = torch.stack([c.sum() for c in correct]).float() / n_valid.clamp(min=1)
+
+
+__all__ = [
+    "ForgeForCausalLM",
+    "ForgeModel",
+    "ForgePreTrainedModel",
+    "ForgeCausalLMOutputWithPast",
+    "ForgeModelOutputWithPast",
+    "ema_scan",
+]
