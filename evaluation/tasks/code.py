@@ -3,8 +3,9 @@
 Each example's prompt is a signature plus a docstring (the spec and one worked call); the target is a correct
 body; `meta` carries the `tests` (assert snippets), the `entry_point`, the full reference `solution`, the
 `template` and its constant `params`, the `test_cases` (call, expected) behind the tests, and `step`, a plain
-description of the computation used by `hint`. Scoring runs prompt + completion and the tests in the project's
-sandbox (`evaluation.sandbox`), never in this process.
+description of the computation used by `hint`. `answer` holds the reference body too, but a completion is never
+compared with it as a string: scoring runs prompt + completion and the tests in the project's sandbox
+(`evaluation.sandbox`, imported lazily), never in this process. A completion is cut at HumanEval's stop sequences.
 
 Templates have a level; difficulty `d` draws from the templates of levels `d - 1` and `d` (level 1 alone for
 `d = 1`):
