@@ -74,7 +74,12 @@ class ForgeConfig(PreTrainedConfig):
         trm_intermediate_size (`int`, *optional*, defaults to 640):
             Hidden width of the (position-wise, hence causal) SwiGLU refiner shared by the `z` and `y` updates.
         deep_supervision (`bool`, *optional*, defaults to `True`):
-            Train on the logits of every recursion step with `trm_step_weights` (on) or on the final step only (off).
+            Train on the logits of every recursion step with `trm_step_weights`, detaching `y`, `z` and `h` between
+            steps (on), or on the final step only, backpropagating through all steps (off).
+        deep_supervision_fraction (`float`, *optional*, defaults to 1.0):
+            Share of label positions on which the intermediate steps' cross-entropy and the ACT targets are computed
+            during training (rescaled, so the loss stays an unbiased estimate). Below 1 it skips most intermediate
+            LM-head passes, which dominate compute and memory at large vocabularies. Evaluation always uses all.
         trm_step_weights (`list[float]`, *optional*):
             Loss weights of `y_0 .. y_T`; length `trm_max_steps + 1`. Defaults to `[0.33, 0.5, 0.75, 1.0]` for three
             steps and to a linear ramp from 0.33 to 1.0 otherwise.
@@ -131,6 +136,7 @@ class ForgeConfig(PreTrainedConfig):
     trm_micro_steps: int = 2
     trm_intermediate_size: int = 640
     deep_supervision: bool = True
+    deep_supervision_fraction: float = 1.0
     trm_step_weights: list[float] | None = None
     act_threshold: float = 0.5
     act_halting: bool = True
@@ -204,11 +210,25 @@ class ForgeConfig(PreTrainedConfig):
             )
         if any(w < 0 for w in self.trm_step_weights) or sum(self.trm_step_weights) <= 0:
             fail("trm_step_weights", "must be non-negative with a positive sum", "e.g. [0.33, 0.5, 0.75, 1.0]")
+        if not 0.0 < self.deep_supervision_fraction <= 1.0:
+            fail("deep_supervision_fraction", f"must lie in (0, 1], got {self.deep_supervision_fraction}", "use 1.0")
         if not 0.0 < self.act_threshold < 1.0:
             fail("act_threshold", f"must lie strictly between 0 and 1, got {self.act_threshold}", "use e.g. 0.5")
         for name in ("act_loss_weight", "gate_entropy_weight", "attention_dropout"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0", f"set {name} to 0 to disable it")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "ForgeConfig":
+        """Refuse checkpoints of another architecture instead of silently building a wrong model from them."""
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"This checkpoint has model_type {model_type!r}, not {cls.model_type!r}, so ForgeConfig cannot read "
+                "it. Fix: load it with AutoModelForCausalLM (which picks the right class), or convert it to a Forge "
+                "checkpoint first."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ForgeConfig":

@@ -1,0 +1,38 @@
+"""Atomic output folders: a phase writes into a temporary sibling and renames it into place when complete, so a
+folder that exists is a finished result and a crash never corrupts the last good output."""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `final`; on success it replaces `final` in one rename.
+
+    On an exception the temporary folder is removed and `final` (if it existed) is untouched. With
+    `overwrite=False` an existing `final` is an error, since it holds a finished result.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already holds a finished output. Fix: choose another path or overwrite it.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = None
+    if final.exists():
+        retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, retired)
+    os.replace(staging, final)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+__all__ = ["atomic_directory"]
