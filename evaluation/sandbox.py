@@ -477,16 +477,28 @@ class _Records:
             {"P": self.passed, "F": self.failed, "M": self.memory}.get(kind, set()).add(index)
 
 
-def _read_info_pid(fd: int) -> int | None:
-    """The host pid of bwrap's sandbox init, from its --info-fd JSON (non-blocking read; None if not there yet)."""
-    try:
-        data = os.read(fd, 4096)
-    except (BlockingIOError, OSError):
-        return None
-    try:
-        return int(json.loads(data.decode())["child-pid"])
-    except (ValueError, KeyError, UnicodeDecodeError):
-        return None
+class _InitWatch:
+    """Follows bwrap's --info-fd JSON (written in pieces) to the host pid of the sandbox's init, held as a pidfd."""
+
+    def __init__(self) -> None:
+        self.buffer, self.pidfd, self.closed = b"", None, False
+
+    def feed(self, fd: int) -> None:
+        """Read what is there (non-blocking); open the pidfd once the whole `"child-pid": N` has arrived."""
+        while self.pidfd is None and not self.closed:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # BlockingIOError: nothing more yet
+                return
+            self.closed = not chunk
+            self.buffer += chunk
+            tail = self.buffer.partition(b'"child-pid":')[2].lstrip()
+            n = len(tail) - len(tail.lstrip(b"0123456789"))
+            if n and (n < len(tail) or self.closed):  # the number is complete
+                try:
+                    self.pidfd = os.pidfd_open(int(tail[:n]))
+                except (AttributeError, OSError):  # already gone (nothing to wait for) or no pidfd support
+                    self.closed = True
 
 
 def _wait_pidfd(pidfd: int | None, timeout_s: float) -> None:
@@ -759,7 +771,8 @@ def _supervise(
     record_bytes = _Sink(MAX_RECORD_BYTES)
     payload = memoryview(marshal.dumps(job, 4))  # format 4: readable by every Python 3.4+
     sel = selectors.DefaultSelector()
-    pidfd = init_pidfd = None
+    pidfd = None
+    init = _InitWatch()
     timed_out = False
     try:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -807,13 +820,9 @@ def _supervise(
                         sel.unregister(key.fd)
                         proc.stdin.close()
                 elif key.data == "info":
-                    child = _read_info_pid(key.fd)
-                    sel.unregister(key.fd)
-                    if child is not None:
-                        try:
-                            init_pidfd = os.pidfd_open(child)
-                        except (AttributeError, OSError):
-                            init_pidfd = None
+                    init.feed(key.fd)
+                    if init.pidfd is not None or init.closed:
+                        sel.unregister(key.fd)
                 else:
                     try:
                         chunk = os.read(key.fd, 65536)
@@ -834,13 +843,9 @@ def _supervise(
                         key.data.feed(chunk)
     finally:
         sel.close()
-        if init_pidfd is None and launch.info_fd is not None:  # the run ended before we read bwrap's info
-            child = _read_info_pid(launch.info_fd)
-            if child is not None:
-                try:
-                    init_pidfd = os.pidfd_open(child)
-                except (AttributeError, OSError):
-                    init_pidfd = None  # already gone
+        if launch.info_fd is not None:
+            init.feed(launch.info_fd)  # the run may have ended before all of bwrap's info was read
+        init_pidfd = init.pidfd
         _terminate(proc, mode, interp, drop_uid, init_pidfd)
         for fd in (pidfd, init_pidfd):
             if fd is not None:
@@ -882,5 +887,12 @@ def _terminate(
         # bwrap's outer process exits as soon as the program does, while the namespace's init may still be killing
         # the rest (or dies now of --die-with-parent); once the init has exited, no process of the run is left.
         _wait_pidfd(init_pidfd, 5.0)
+        if init_pidfd is not None:
+            # That init was orphaned when bwrap exited first; if it came to us (we are PID 1 in a container, or a
+            # subreaper), reap it by pidfd, which cannot hit a recycled pid. Otherwise the system's init does.
+            try:
+                os.waitid(os.P_PIDFD, init_pidfd, os.WEXITED | os.WNOHANG)
+            except (AttributeError, OSError):
+                pass
     elif drop_uid is not None:
         _kill_uid(drop_uid, interp.executable)

@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -415,6 +416,37 @@ def test_detached_child_does_not_outlive_the_run(mode):
     result = run(mode, code)
     assert result.status == "passed", result.stderr
     assert _processes_with(marker) == []
+
+
+SUBREAPER_SCRIPT = """
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to us, as to PID 1 in a container
+from evaluation.sandbox import run_many
+results = run_many([("print(1)", None)] * 6 + [("while True: pass", None)], timeout_s=0.5, **eval(sys.argv[1]))
+assert [r.status for r in results] == ["passed"] * 6 + ["timeout"], [r.status for r in results]
+zombies = 0
+for entry in os.scandir("/proc"):
+    try:
+        fields = open(f"/proc/{entry.name}/stat").read().rpartition(")")[2].split()
+    except (OSError, ValueError):
+        continue
+    zombies += fields[0] == "Z" and int(fields[1]) == os.getpid()
+print("zombies", zombies)
+"""
+
+
+def test_nothing_is_left_for_a_subreaper_to_reap(mode):
+    # bwrap's outer process exits before the namespace's init; a host that is PID 1 (or a subreaper) inherits
+    # that init and, unless the sandbox reaps it, collects zombies until the pid table is full.
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBREAPER_SCRIPT, repr(mode.kwargs)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["zombies", "0"]
 
 
 def test_killing_the_parent_leaves_the_host_unharmed(mode):
