@@ -50,8 +50,9 @@ def main() -> None:
     torch.manual_seed(0)
     base = ForgeConfig.from_preset("cognate-25m")
     variants = {
-        "forge (TRM 3 steps + memory, deep supervision 25%)": {},
-        "forge, deep supervision on every position": {"deep_supervision_fraction": 1.0},
+        "forge (TRM 3 steps + memory, deep supervision)": {},
+        "forge, deep supervision on 25% of positions": {"deep_supervision_fraction": 0.25},
+        "forge, no detaching between TRM steps": {"trm_detach_between_steps": False},
         "forge, final-step supervision only": {"deep_supervision": False},
         "forge, no recursion (trm_max_steps=0)": {"trm_max_steps": 0},
         "forge, no memory (attention only)": {"memory_type": "none"},

@@ -74,12 +74,15 @@ class ForgeConfig(PreTrainedConfig):
         trm_intermediate_size (`int`, *optional*, defaults to 640):
             Hidden width of the (position-wise, hence causal) SwiGLU refiner shared by the `z` and `y` updates.
         deep_supervision (`bool`, *optional*, defaults to `True`):
-            Train on the logits of every recursion step with `trm_step_weights`, detaching `y`, `z` and `h` between
-            steps (on), or on the final step only, backpropagating through all steps (off).
+            Train on the logits of every recursion step with `trm_step_weights` (on), or on the final step only (off).
         deep_supervision_fraction (`float`, *optional*, defaults to 1.0):
             Share of label positions on which the intermediate steps' cross-entropy and the ACT targets are computed
             during training (rescaled, so the loss stays an unbiased estimate). Below 1 it skips most intermediate
             LM-head passes, which dominate compute and memory at large vocabularies. Evaluation always uses all.
+        trm_detach_between_steps (`bool`, *optional*):
+            Detach `y`, `z` and the backbone features between recursion steps, so later steps' losses train only the
+            refiner (the specification's rule). Unset means "detach when `deep_supervision` is on". Detaching with
+            deep supervision off is refused: the final-step loss would never reach the backbone.
         trm_step_weights (`list[float]`, *optional*):
             Loss weights of `y_0 .. y_T`; length `trm_max_steps + 1`. Defaults to `[0.33, 0.5, 0.75, 1.0]` for three
             steps and to a linear ramp from 0.33 to 1.0 otherwise.
@@ -137,6 +140,7 @@ class ForgeConfig(PreTrainedConfig):
     trm_intermediate_size: int = 640
     deep_supervision: bool = True
     deep_supervision_fraction: float = 1.0
+    trm_detach_between_steps: bool | None = None
     trm_step_weights: list[float] | None = None
     act_threshold: float = 0.5
     act_halting: bool = True
@@ -210,6 +214,15 @@ class ForgeConfig(PreTrainedConfig):
             )
         if any(w < 0 for w in self.trm_step_weights) or sum(self.trm_step_weights) <= 0:
             fail("trm_step_weights", "must be non-negative with a positive sum", "e.g. [0.33, 0.5, 0.75, 1.0]")
+        if self.trm_detach_between_steps is None:
+            self.trm_detach_between_steps = self.deep_supervision
+        if self.trm_detach_between_steps and not self.deep_supervision:
+            fail(
+                "trm_detach_between_steps",
+                "is True with deep_supervision=False, so the only loss (the final step's) would never reach the "
+                "backbone (measured: validation loss 5.5 vs 4.5 at the tiny preset)",
+                "leave it unset or set it to False",
+            )
         if not 0.0 < self.deep_supervision_fraction <= 1.0:
             fail("deep_supervision_fraction", f"must lie in (0, 1], got {self.deep_supervision_fraction}", "use 1.0")
         if not 0.0 < self.act_threshold < 1.0:

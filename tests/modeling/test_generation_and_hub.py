@@ -162,6 +162,8 @@ def test_presets_and_parameter_budget():
         ({"memory_decay": 1.0}, "memory_decay"),
         ({"trm_step_weights": [1.0, 2.0]}, "trm_step_weights"),
         ({"act_threshold": 1.5}, "act_threshold"),
+        ({"deep_supervision_fraction": 0.0}, "deep_supervision_fraction"),
+        ({"deep_supervision": False, "trm_detach_between_steps": True}, "trm_detach_between_steps"),
     ],
 )
 def test_invalid_fields_raise_naming_the_field(overrides, field):

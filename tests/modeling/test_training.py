@@ -137,13 +137,14 @@ def test_peft_lora_trains_and_merges(tiny_tokenizer, tiny_config, tmp_path):
 
 
 def test_recursion_gradient_paths_follow_the_supervision_mode(tiny_config):
-    """Deep supervision: y, z, h are detached between steps, so the last step's loss trains only the refiner.
-    Final-step-only supervision: the loss must reach the backbone, so the steps are backpropagated through."""
+    """Deep supervision (default): y, z, h are detached between steps, so the last step's loss trains only the
+    refiner. Final-step-only supervision, or detaching switched off: the loss reaches the backbone via the steps."""
     x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
     backbone = "model.layers.0.self_attn.q_proj.weight"
     refiner = "model.recursion.refiner.block.down_proj.weight"
-    for deep_supervision, reaches_backbone in ((True, False), (False, True)):
-        model = _model(tiny_config(deep_supervision=deep_supervision)).train()
+    cases = (({}, False), ({"deep_supervision": False}, True), ({"trm_detach_between_steps": False}, True))
+    for overrides, reaches_backbone in cases:
+        model = _model(tiny_config(**overrides)).train()
         out = model(x, output_step_logits=True)
         last = out.step_logits[-1][:, :-1]
         torch.nn.functional.cross_entropy(last.reshape(-1, 97), x[:, 1:].reshape(-1)).backward()
