@@ -154,6 +154,11 @@ class ForgeConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        self.check()
+        super().__post_init__(**kwargs)
+
+    def _derive(self) -> None:
+        """Fill the derived fields (head_dim, step weights, layer types) from the others."""
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.trm_step_weights is None and self.trm_max_steps >= 0:
@@ -164,11 +169,21 @@ class ForgeConfig(PreTrainedConfig):
                 self.trm_step_weights = [round(0.33 + (1.0 - 0.33) * t / max(steps, 1), 4) for t in range(steps + 1)]
         layer_type = "hybrid_sliding" if self.memory_type != "none" else "sliding_attention"
         self.layer_types = [layer_type] * self.num_hidden_layers
-        self.check()
-        super().__post_init__(**kwargs)
+
+    @property
+    def detach_between_steps(self) -> bool:
+        """`trm_detach_between_steps`, or by default: detach when deep supervision is on (the specification)."""
+        if self.trm_detach_between_steps is None:
+            return self.deep_supervision
+        return self.trm_detach_between_steps
 
     def check(self) -> None:
-        """Raise a `ValueError` naming the first invalid field and how to fix it."""
+        """Derive the dependent fields, then raise a `ValueError` naming the first invalid field and the fix.
+
+        Model construction calls it too, so fields overridden after loading (`from_pretrained(..., **overrides)`)
+        are validated and derived fields follow them (pass `trm_step_weights=None` to re-derive the weights).
+        """
+        self._derive()
 
         def fail(field: str, problem: str, fix: str) -> None:
             raise ValueError(f"ForgeConfig.{field} {problem}. Fix: {fix}.")
@@ -214,8 +229,6 @@ class ForgeConfig(PreTrainedConfig):
             )
         if any(w < 0 for w in self.trm_step_weights) or sum(self.trm_step_weights) <= 0:
             fail("trm_step_weights", "must be non-negative with a positive sum", "e.g. [0.33, 0.5, 0.75, 1.0]")
-        if self.trm_detach_between_steps is None:
-            self.trm_detach_between_steps = self.deep_supervision
         if self.trm_detach_between_steps and not self.deep_supervision:
             fail(
                 "trm_detach_between_steps",

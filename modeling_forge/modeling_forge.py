@@ -416,7 +416,7 @@ class ForgeRecursion(nn.Module):
         super().__init__()
         self.max_steps = config.trm_max_steps
         self.threshold = config.act_threshold
-        self.detach_between_steps = config.trm_detach_between_steps
+        self.detach_between_steps = config.detach_between_steps
         self.refiner = ForgeRefiner(config)
         self.norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.act_head = nn.Linear(config.hidden_size, 1)

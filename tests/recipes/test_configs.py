@@ -1,0 +1,25 @@
+"""Every shipped recipe config parses through its recipe's own parser, so configs cannot rot."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+CONFIG_DIR = Path(__file__).parents[2] / "recipes" / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert any(path.name.startswith("phase1_") for path in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_yaml_parses(path, tmp_path):
+    match = re.match(r"(phase\d|merge|eval)", path.name)
+    assert match, f"{path.name}: config names start with the recipe they belong to (phaseN_, merge_, eval_)"
+    recipe = importlib.import_module(f"recipes.{match.group(1)}")
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+    parsed = recipe.make_parser().parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
+    assert parsed, path.name

@@ -1,0 +1,257 @@
+"""Phase 1 (Cognate): curriculum, trainer metrics, health monitors, reproducibility, the three outputs, DDP."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from modeling_forge import ForgeConfig, ForgeForCausalLM
+from trainers.cognate_config import CognateConfig
+from trainers.cognate_trainer import CognateTrainer, run_phase1
+from trainers.data import CurriculumStage, build_curriculum
+from trainers.monitors import ACTHaltingMonitor, GateSaturationMonitor, LossSpikeRollback, check_parameter_budget
+
+STAGES = [
+    CurriculumStage("short", 0.4, 136, {"corpus": 0.5, "arithmetic": 0.5}, (1, 1)),
+    CurriculumStage("long", 1.0, 240, {"corpus": 0.25, "kv_recall": 0.75}, (1, 1)),
+]
+
+
+def _args(tmp_path, **overrides):
+    values = {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 10,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "logging_steps": 2,
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "prediction_loss_only": True,
+        "optimizer_type": "mugrokfast",
+        "mugrokfast_phase": 1,
+        "seed": 0,
+        "curriculum": [
+            {
+                "name": s.name,
+                "end": s.end,
+                "seq_len": s.seq_len,
+                "mixture": s.mixture,
+                "difficulty": list(s.difficulty),
+            }
+            for s in STAGES
+        ],
+    }
+    values.update(overrides)
+    return CognateConfig(**values)
+
+
+def _trainer(tiny_tokenizer, tmp_path, model=None, **overrides):
+    args = _args(tmp_path, **overrides)
+    if model is None:
+        torch.manual_seed(0)
+        model = ForgeForCausalLM(ForgeConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer)))
+    curriculum = build_curriculum(args.stages, tiny_tokenizer, max_steps=args.max_steps, global_batch_size=4, seed=0)
+    return CognateTrainer(
+        model=model,
+        args=args,
+        train_dataset=curriculum.dataset,
+        eval_dataset=curriculum.dataset.select(range(4)),
+        processing_class=tiny_tokenizer,
+        curriculum=curriculum,
+        eval_texts=["O Romeo, Romeo, wherefore art thou Romeo? " * 20],
+        eval_tokens=400,
+    )
+
+
+def test_curriculum_blocks_switch_at_the_configured_steps(tiny_tokenizer):
+    data = build_curriculum(STAGES, tiny_tokenizer, max_steps=10, global_batch_size=4, seed=0)
+    assert [(e["start_step"], e["end_step"], e["seq_len"]) for e in data.schedule] == [(0, 4, 136), (4, 10, 240)]
+    stages = data.dataset["stage"]
+    assert stages == [0] * 16 + [1] * 24  # steps x global batch blocks per stage, in training order
+    lengths = [len(ids) for ids in data.dataset["input_ids"]]
+    assert set(lengths[:16]) == {136} and set(lengths[16:]) == {240}
+    sources = data.dataset["source"]
+    assert sorted(sources[:16]).count("arithmetic") == 8 and sources[16:].count("kv_recall") == 18
+    assert data.stage_at(3)["name"] == "short" and data.stage_at(4)["name"] == "long"
+    for ids, labels in zip(data.dataset["input_ids"], data.dataset["labels"], strict=True):  # task blocks are padded
+        assert all(label in (token, -100) for token, label in zip(ids, labels, strict=True))
+
+
+def test_curriculum_validation_names_the_problem(tiny_tokenizer):
+    bad = [CurriculumStage("a", 0.5, 64, {"corpus": 1.0}), CurriculumStage("b", 0.9, 64, {"corpus": 1.0})]
+    with pytest.raises(ValueError, match="last stage must end at 1.0"):
+        build_curriculum(bad, tiny_tokenizer, max_steps=4, global_batch_size=2)
+    with pytest.raises(ValueError, match="unknown source 'wiki'"):
+        build_curriculum([CurriculumStage("a", 1.0, 64, {"wiki": 1.0})], tiny_tokenizer, max_steps=4,
+                         global_batch_size=2)  # fmt: skip
+    with pytest.raises(ValueError, match="longer than 16 tokens.*raise the stage's seq_len"):
+        build_curriculum([CurriculumStage("a", 1.0, 16, {"arithmetic": 1.0})], tiny_tokenizer, max_steps=2,
+                         global_batch_size=2)  # fmt: skip
+
+
+def test_cognate_trainer_follows_the_curriculum_and_logs_every_metric(tiny_tokenizer, tmp_path):
+    trainer = _trainer(tiny_tokenizer, tmp_path)
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        if model.training:
+            seen.append(inputs["input_ids"].shape[1])
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert seen == [136] * 4 + [240] * 6  # the stage (and its sequence length) switches at step 4
+    train_logs = [e for e in trainer.state.log_history if "loss" in e]
+    expected = {"loss/lm", "loss/act", "gate/entropy", "gate/m_usage", "act/avg_steps", "act/halt_prob_step0",
+                "memory/readout_rms", "memory/decay", "curriculum/stage", "curriculum/seq_len"}  # fmt: skip
+    expected |= {f"loss/step_{t}" for t in range(4)} | {f"act/ema_acc_step{t}" for t in range(4)}
+    assert expected <= set(train_logs[-1]), expected - set(train_logs[-1])
+    assert [e["curriculum/seq_len"] for e in train_logs] == [136, 136, 240, 240, 240]
+    assert any(key.startswith("optim/") for e in train_logs for key in e)  # MuGrokfast health metrics
+    stage_evals = [e for e in trainer.state.log_history if "eval_perplexity" in e]
+    assert [e["step"] for e in stage_evals] == [4, 10]  # validation perplexity at every stage end
+    assert all(1.0 < e["eval_perplexity"] < 10 * len(tiny_tokenizer) for e in stage_evals)
+
+
+def test_same_seed_gives_an_identical_loss_trace(tiny_tokenizer, tmp_path):
+    traces = []
+    for run in range(2):
+        trainer = _trainer(tiny_tokenizer, tmp_path / str(run), max_steps=20, logging_steps=1)
+        trainer.train()
+        traces.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
+    assert len(traces[0]) == 20 and traces[0] == traces[1]
+
+
+def test_act_monitor_fires_on_a_model_forced_to_always_halt(tiny_tokenizer, tmp_path):
+    trainer = _trainer(tiny_tokenizer, tmp_path)
+    with torch.no_grad():
+        trainer.model.model.recursion.act_head.bias.fill_(12.0)  # q_0 ~ 1: halts at step 0 everywhere
+    monitor = ACTHaltingMonitor(max_steps=3, warmup_fraction=0.0)
+    trainer.add_callback(monitor)
+    trainer.train()
+    assert [e["event"] for e in monitor.events][:1] == ["act_always_halts"]
+
+
+def test_gate_monitor_fires_when_the_memory_is_ignored(tiny_tokenizer, tmp_path):
+    trainer = _trainer(tiny_tokenizer, tmp_path)
+    with torch.no_grad():
+        for layer in trainer.model.model.layers:
+            layer.gate.fc2.bias.fill_(15.0)  # g ~ 1: attention only, memory unused, saturated
+    monitor = GateSaturationMonitor(warmup_fraction=0.0)
+    trainer.add_callback(monitor)
+    trainer.train()
+    assert {e["event"] for e in monitor.events} == {"gate_memory_unused", "gate_saturated"}
+
+
+def test_nan_loss_rolls_back_lowers_the_lr_and_training_continues(tiny_tokenizer, tmp_path):
+    trainer = _trainer(tiny_tokenizer, tmp_path, max_steps=12)
+    monitor = LossSpikeRollback(lambda: trainer.last_loss, snapshot_interval=2, sink=trainer._metrics["train"])
+    trainer.add_callback(monitor)
+    original = trainer.compute_loss
+
+    def poisoned(model, inputs, *args, **kwargs):
+        result = original(model, inputs, *args, **kwargs)
+        if model.training and trainer.state.global_step == 6:  # the 7th step's loss is NaN
+            loss = result[0] if isinstance(result, tuple) else result
+            loss = loss * float("nan")
+            return (loss, result[1]) if isinstance(result, tuple) else loss
+        return result
+
+    trainer.compute_loss = poisoned
+    lrs = []
+
+    class LrSpy(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    trainer.add_callback(LrSpy())
+    trainer.train()
+    assert [(e["event"], e["step"], e["restored_step"]) for e in monitor.events] == [("rollback", 7, 6)]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the NaN step was undone
+    assert trainer.state.global_step == 12 and math.isfinite(trainer.last_loss)  # and training went on
+    assert lrs[7] < lrs[5] * 0.6  # the learning rate was halved (on top of the schedule's own decay)
+    assert any("health/rollbacks" in e for e in trainer.state.log_history)
+
+
+def test_parameter_budget_check():
+    with torch.device("meta"):
+        model = ForgeForCausalLM(ForgeConfig.from_preset("cognate-25m"))
+    assert check_parameter_budget(model, [24_000_000, 26_000_000]) == 24_996_161
+    with pytest.raises(ValueError, match="outside the budget"):
+        check_parameter_budget(model, [1_000, 2_000])
+
+
+def test_config_rejects_shape_changes_and_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="change parameter shapes"):
+        _args(tmp_path, specializations={"wide": {"model": {"hidden_size": 128}}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        _args(tmp_path, specializations={"x": {"lr": 1.0}})
+    with pytest.raises(ValueError, match="param_budget"):
+        _args(tmp_path, param_budget=[10, 1])
+
+
+@pytest.mark.slow
+def test_phase1_writes_three_loadable_specialisations_from_one_init(corpus_ready, tmp_path):
+    config = _args(
+        tmp_path,
+        max_steps=12,
+        tokenizer_vocab_size=512,
+        tokenizer_chars=200_000,
+        eval_tokens=1000,
+        eval_task_examples=4,
+        logging_steps=4,
+    )
+    summary = run_phase1(config)
+    phase_dir = tmp_path / "run" / "phase1"
+    init = json.loads((phase_dir / "init" / "forge_lineage.json").read_text())
+    weights = {}
+    for name in ("reasoning", "memory", "speed"):
+        folder = phase_dir / name
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        lineage = json.loads((folder / "forge_lineage.json").read_text())
+        assert (
+            lineage["parents"][0]["phase_name"] == "cognate-init"
+            and lineage["parents"][0]["created"] == init["created"]
+        )
+        assert lineage["inputs"][0]["sha256"] is not None
+        assert (folder / "README.md").exists() and (folder / "plots" / "loss_per_trm_step.png").exists()
+        weights[name] = torch.cat([p.flatten() for p in model.parameters()])
+    assert ForgeForCausalLM.from_pretrained(phase_dir / "reasoning").config.trm_max_steps == 4
+    assert not torch.equal(weights["reasoning"], weights["memory"]) and not torch.equal(
+        weights["memory"], weights["speed"]
+    )
+    report = json.loads((phase_dir / "diversity_report.json").read_text())
+    assert set(report["models"]) == {"reasoning", "memory", "speed"} and len(report["pairs"]) == 3
+    assert summary["diversity"]["diverged"] == report["diverged"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_phase1(config)
+    # --resume with everything finished: nothing is retrained, the summary is read back
+    resumed = run_phase1(_args(tmp_path, max_steps=12, resume=True, eval_task_examples=4, eval_tokens=1000))
+    assert resumed["specializations"]["memory"] == summary["specializations"]["memory"]
+
+
+@pytest.mark.slow
+def test_cpu_ddp_keeps_replicas_identical(corpus_ready, tmp_path):
+    """Two real processes (torchrun, gloo): after a few steps every rank holds the same parameters."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(worker), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    digests = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert digests[0]["world_size"] == 2 and digests[1]["world_size"] == 2
+    assert digests[0]["params"] == digests[1]["params"]
+    assert digests[0]["steps"] == 4 and digests[0]["changed"]
