@@ -40,12 +40,13 @@ ACC_EMA_DECAY = 0.98  # SPEC: EMA (0.98) of per-step accuracy, for monitoring
 class CurriculumCallback(TrainerCallback):
     """Asks for an evaluation at the end of every curriculum stage."""
 
-    def __init__(self, curriculum: CurriculumData) -> None:
+    def __init__(self, curriculum: CurriculumData, evaluate: bool = True) -> None:
         self.curriculum = curriculum
+        self.evaluate = evaluate
         self.stage_ends = {entry["end_step"] for entry in curriculum.schedule}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.stage_ends:
+        if self.evaluate and state.global_step in self.stage_ends:
             control.should_evaluate = True
         return control
 
@@ -66,7 +67,7 @@ class CognateTrainer(ForgeTrainer):
         for module in self.model.modules():  # memory/* metrics: RMS of each memory readout while training
             if type(module).__name__ == "ForgeEMAMemory":
                 module.register_forward_hook(self._record_memory)
-        self.add_callback(CurriculumCallback(curriculum))
+        self.add_callback(CurriculumCallback(curriculum, evaluate=self.eval_dataset is not None))
 
     def _record_memory(self, module, inputs, output) -> None:
         if module.training:
