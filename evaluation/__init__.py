@@ -7,6 +7,7 @@ from .benchmarks import (
     BenchmarkUnavailableError,
     EvalDoc,
     EvalTask,
+    examples_task,
     get_eval_task,
     register_eval_task,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "SandboxUnavailableError",
     "composite_score",
     "evaluate_completions",
+    "examples_task",
     "evaluate_folder",
     "evaluate_model",
     "evaluate_task",

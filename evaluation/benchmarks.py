@@ -504,6 +504,19 @@ def get_eval_task(name: str | EvalTask, **options: Any) -> EvalTask:
     return task.with_options(**options) if options else task
 
 
+def examples_task(examples: Sequence[Any], name: str | None = None) -> EvalTask:
+    """An eval task over given built-in family `Example`s (e.g. Phase 5's variants), scored like the family's task."""
+    families = {example.family for example in examples}
+    if len(families) != 1 or next(iter(families)) not in EVAL_TASKS:
+        raise ValueError(f"examples_task needs examples of one built-in family; got families {sorted(families)}.")
+    family = families.pop()
+    docs = [
+        EvalDoc(id=f"{family}/{example.key}", prompt=example.prompt, answer=example.answer, meta={"example": example})
+        for example in examples
+    ]
+    return dataclasses.replace(EVAL_TASKS[family], name=name or family, loader=lambda *_: list(docs), options={})
+
+
 def register_eval_task(task: EvalTask, *, overwrite: bool = False) -> EvalTask:
     """Add `task` to the registry (so recipes and `evaluate_model` find it by name); refuses to replace silently."""
     if task.name in EVAL_TASKS and not overwrite:
@@ -520,6 +533,7 @@ __all__ = [
     "EvalDoc",
     "EvalTask",
     "arc_doc",
+    "examples_task",
     "extract_math_answer",
     "get_eval_task",
     "gsm8k_doc",

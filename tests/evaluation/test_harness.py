@@ -15,6 +15,7 @@ from evaluation.benchmarks import (
     BenchmarkUnavailableError,
     EvalDoc,
     EvalTask,
+    examples_task,
     extract_math_answer,
     get_eval_task,
 )
@@ -262,12 +263,19 @@ def test_pass_at_k_through_the_sandbox_matches_hand_computed_values(tiny_tokeniz
     assert result["metrics"]["pass@4"] == pytest.approx((1 + 0) / 2)
     assert result["samples"][0]["passed"] == [True, False, False, True]
     assert result["samples"][1]["status"][2] == "timeout" and result["samples"][1]["status"][3] == "empty"
-    # The built-in code family: its reference body passes, a wrong body fails.
-    code = get_eval_task("code")
-    (doc,) = code.docs(limit=1, seed=1)
-    metrics, samples = score_completions(code, [doc], [[doc.answer, "    return None\n"]], ks=(1, 2))
-    assert samples[0]["passed"] == [True, False]
-    assert metrics == {"pass@1": 0.5, "pass@2": 1.0}
+    # The built-in code family, on Phase 5-style given examples: a reference body passes, a wrong body fails.
+    from evaluation.tasks import get_task_family
+
+    family = get_task_family("code")
+    (example,) = family.generate("train", 1, seed=1, difficulty=3)
+    variant = family.make_variant(example, seed=0)
+    code = examples_task([example, variant], name="level-3")
+    docs = code.docs()
+    assert code.mode == "pass_at_k" and [d.meta["example"] for d in docs] == [example, variant]
+    completions = [[example.answer, "    return None\n"], ["    return None\n", "    return None\n"]]
+    metrics, samples = score_completions(code, docs, completions, ks=(2,))
+    assert samples[0]["passed"] == [True, False] and samples[1]["passed"] == [False, False]
+    assert metrics == {"pass@1": 0.25, "pass@2": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,6 +297,22 @@ def test_offline_hub_benchmark_fails_fast_with_the_fix_in_the_message(name):
     assert time.perf_counter() - started < 2.0
     message = str(error.value)
     assert name in message and "data_files" in message and "offline" in message
+
+
+def test_unreachable_hub_without_offline_mode_fails_fast(monkeypatch):
+    """Offline mode not set but no Hub: a quick connection probe answers instead of `datasets` retrying for ~23 s."""
+    import datasets
+    import huggingface_hub
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("went to the network"))
+    started = time.perf_counter()
+    with pytest.raises(BenchmarkUnavailableError, match="not reachable"):
+        get_eval_task("arc-challenge").docs(limit=2)
+    assert time.perf_counter() - started < 2.0
 
 
 def test_local_files_give_the_same_documents_as_the_hub_format(tmp_path, tiny_tokenizer):
