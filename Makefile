@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU wheel first: it satisfies the `torch` range in pyproject.toml, so nothing pulls a CUDA build.
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	touch $(STAMP)
 
 # bubblewrap isolates model-written code (evaluation/sandbox.py); installed when missing and possible.

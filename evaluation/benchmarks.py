@@ -213,7 +213,7 @@ def load_rows(
 
     # The Hub ids, configs and splits come from the training data registry, imported here rather than at module
     # level because evaluation/ must not depend on trainers/ (DESIGN.md); the registry should move to evaluation/.
-    from trainers.data_sources import get_data_source
+    from evaluation.data_sources import get_data_source
 
     spec = get_data_source(source)
     fields = tuple(required if required is not None else spec.fields)
@@ -255,7 +255,7 @@ def load_rows(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Row -> document: prompts as in lm-eval's zero-shot tasks (arc_easy, hellaswag, mmlu) and in trainers.data_sources.
+# Row -> document: prompts as in lm-eval's zero-shot tasks (arc_easy, hellaswag, mmlu) and in evaluation.data_sources.
 
 
 def arc_doc(row: dict[str, Any], index: int) -> EvalDoc:

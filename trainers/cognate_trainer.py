@@ -328,7 +328,13 @@ def _save_specialisation(final_dir, trainer, tokenizer, config, name, spec, over
         card_sections={"specialization": name, "spec": json.dumps(spec), "events": event_text,
                        "curriculum": trainer.curriculum.schedule},
         write_extras=write_extras, overwrite=config.resume,
+        push_to_hub=_hub_repo(config, name),
     )  # fmt: skip
+
+
+def _hub_repo(config: CognateConfig, name: str) -> str | None:
+    """`<hub_model_id or run name>-phase1-<name>` when `--push_to_hub` is set."""
+    return f"{config.hub_model_id or Path(config.output_dir).name}-phase1-{name}" if config.push_to_hub else None
 
 
 __all__ = ["CognateTrainer", "CurriculumCallback", "run_phase1"]

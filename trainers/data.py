@@ -3,7 +3,7 @@
 A *source* names where texts come from:
     "corpus"                     the built-in Shakespeare corpus (`evaluation.corpus`), packed contiguously
     "arithmetic" | "kv_recall" | "code"    a built-in task family (`evaluation.tasks`), one example per text
-    "hub:<name>"                 a dataset of the registry in `trainers.data_sources` (needs the network)
+    "hub:<name>"                 a dataset of the registry in `evaluation.data_sources` (needs the network)
     "file:<path>"                a local json/jsonl/parquet/csv/txt file with a text column
 A *curriculum* is a list of stages; each covers a fraction of the optimizer steps with its own sequence length,
 mixture weights and task difficulty range. `build_curriculum` materialises it as ONE dataset whose blocks are in
@@ -219,7 +219,7 @@ def _source_texts(source: str, split: str) -> list[str]:
         from evaluation.corpus import corpus_texts
 
         return corpus_texts(split)
-    from .data_sources import load_data_source
+    from evaluation.data_sources import load_data_source
 
     if source.startswith("hub:"):
         dataset = load_data_source(source[4:], split=split)

@@ -284,11 +284,10 @@ def test_pass_at_k_through_the_sandbox_matches_hand_computed_values(tiny_tokeniz
 
 @pytest.mark.parametrize("name", ["gsm8k", "math", "arc-easy", "arc-challenge", "hellaswag", "mmlu"])
 def test_offline_hub_benchmark_fails_fast_with_the_fix_in_the_message(name):
-    # Imported before timing: the failure itself must be fast. (The Hub ids come from trainers.data_sources, whose
-    # package import costs ~3 s once; moving that registry into evaluation/ removes it.)
+    # Imported before timing: the failure itself must be fast.
     import datasets  # noqa: F401
 
-    import trainers.data_sources  # noqa: F401
+    import evaluation.data_sources  # noqa: F401
 
     task = get_eval_task(name)
     started = time.perf_counter()

@@ -255,3 +255,19 @@ def test_cpu_ddp_keeps_replicas_identical(corpus_ready, tmp_path):
     assert digests[0]["world_size"] == 2 and digests[1]["world_size"] == 2
     assert digests[0]["params"] == digests[1]["params"]
     assert digests[0]["steps"] == 4 and digests[0]["changed"]
+
+
+def test_wandb_tracking_runs_offline_with_the_spec_metric_names(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = _trainer(tiny_tokenizer, tmp_path, max_steps=4, report_to="wandb")
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, list(tmp_path.iterdir())
+    history = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for name in (b"act/avg_steps", b"gate/m_usage", b"loss/step_0", b"curriculum/stage"):
+        assert name in history

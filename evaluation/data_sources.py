@@ -1,6 +1,6 @@
 """Real datasets a user trains on: a registry of Hugging Face Hub ids with their fields and plain-text formatting.
 
-    from trainers.data_sources import DATA_SOURCES, load_data_source
+    from evaluation.data_sources import DATA_SOURCES, load_data_source
 
     stories = load_data_source("tinystories", "train", streaming=True, max_examples=10_000)  # needs the Hub
     local = load_data_source("gsm8k", "train", data_files="gsm8k_train.jsonl")               # works offline

@@ -6,8 +6,8 @@ import time
 import datasets
 import pytest
 
-from trainers import data_sources
-from trainers.data_sources import (
+from evaluation import data_sources
+from evaluation.data_sources import (
     DATA_SOURCES,
     DataSourceUnavailableError,
     format_arc,
