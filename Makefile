@@ -1,4 +1,4 @@
-# Agent Forge: `make demo` runs the main job, `make test` runs the test suite.
+# Agent Forge: `make demo` runs the main job (Phase 1 on the tiny preset), `make test` runs the test suite.
 # Both create .venv on first use and install everything from this repository's own files.
 
 PYTHON ?= python3
@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system-deps data demo test test-quick lint format bench clean
+.PHONY: setup system-deps data demo quickstart test test-quick lint format clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,12 @@ system-deps:
 data: $(STAMP)
 	$(BIN)/python -m evaluation.corpus download
 
+# Phase 1 (Cognate) on the tiny preset; --resume makes a second `make demo` continue or just report.
 demo: setup system-deps data
+	$(BIN)/python recipes/phase1.py --config recipes/configs/phase1_tiny.yaml --resume
+
+# Two-minute smoke run: train, save, reload, sample one tiny model.
+quickstart: setup data
 	$(BIN)/python recipes/demo.py
 
 test: setup system-deps data
