@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 
 from transformers.utils import logging
 
+from evaluation.data_sources import hub_offline, local_builder
 from evaluation.tasks import get_task_family
 from evaluation.tasks.code import STOP_SEQUENCES as CODE_STOP_SEQUENCES
 
@@ -45,7 +46,6 @@ ScoringMode = Literal["multiple_choice", "exact_match", "pass_at_k"]
 SCORING_MODES = ("multiple_choice", "exact_match", "pass_at_k")
 DataFiles = str | Path | Sequence[str | Path]
 # `load_dataset` builder for each local file suffix.
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 HUB_PROBE_TIMEOUT_S = 3.0
 # Documents generated for a built-in family when no `limit` is given.
 DEFAULT_BUILTIN_N = 100
@@ -135,15 +135,6 @@ class EvalTask:
 # Loading rows: the Hub (fail fast offline) or local files.
 
 
-def _hub_offline() -> bool:
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").strip().lower() in {"1", "on", "yes", "true"}:
-            return True
-    import datasets
-
-    return bool(datasets.config.HF_HUB_OFFLINE)
-
-
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the Hub endpoint opens within `timeout` (True behind a proxy: not testable)."""
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -180,22 +171,6 @@ def _unavailable(task: str, hub_id: str, config: str | None, split: str, fields:
     )
 
 
-def _local_files(data_files: DataFiles) -> tuple[str, list[str]]:
-    files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
-    if not files:
-        raise ValueError("data_files is empty. Fix: pass a path or a list of paths.")
-    missing = [str(file) for file in files if not Path(file).exists()]
-    if missing:
-        raise FileNotFoundError(f"Local benchmark files not found: {missing}.")
-    builders = {LOCAL_BUILDERS.get(Path(file).suffix.lower()) for file in files}
-    if None in builders or len(builders) != 1:
-        raise ValueError(
-            f"Cannot infer one file format from {[str(f) for f in files]}; use files of one kind among "
-            f"{', '.join(sorted(LOCAL_BUILDERS))}."
-        )
-    return builders.pop(), [str(file) for file in files]
-
-
 def load_rows(
     task: str,
     source: str,
@@ -211,14 +186,12 @@ def load_rows(
     """
     import datasets
 
-    # The Hub ids, configs and splits come from the training data registry, imported here rather than at module
-    # level because evaluation/ must not depend on trainers/ (DESIGN.md); the registry should move to evaluation/.
-    from evaluation.data_sources import get_data_source
+    from evaluation.data_sources import get_data_source  # the Hub ids, configs and splits of the registry
 
     spec = get_data_source(source)
     fields = tuple(required if required is not None else spec.fields)
     if data_files is not None:
-        builder, files = _local_files(data_files)
+        builder, files = local_builder(data_files)
         dataset = datasets.load_dataset(builder, data_files={"test": files}, split="test")
         origin = f"local files {files}"
     else:
@@ -227,7 +200,7 @@ def load_rows(
         kwargs: dict[str, Any] = {"split": split}
         if spec.revision:
             kwargs["revision"] = spec.revision
-        if _hub_offline():
+        if hub_offline():
             if not datasets.config.HF_HUB_OFFLINE:
                 # Offline was switched on after `datasets` was imported, so `datasets` would still try the network.
                 raise _unavailable(task, spec.hub_id, spec.config, split, fields, "offline mode was set too late")

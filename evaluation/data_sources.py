@@ -231,7 +231,8 @@ def _offline_error(source: DataSource, split: str, reason: str) -> DataSourceUna
     )
 
 
-def _local_builder(data_files: str | Path | Sequence[str | Path]) -> tuple[str, list[str]]:
+def local_builder(data_files: str | Path | Sequence[str | Path]) -> tuple[str, list[str]]:
+    """The `datasets` builder name (json, parquet, csv, text) and file list for local files of one format."""
     files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
     if not files:
         raise ValueError("data_files is empty. Fix: pass a path or a list of paths.")
@@ -242,6 +243,9 @@ def _local_builder(data_files: str | Path | Sequence[str | Path]) -> tuple[str, 
             f"Cannot infer one file format from suffixes {sorted(suffixes)}; use files of one kind among "
             f"{', '.join(sorted(LOCAL_BUILDERS))}."
         )
+    missing = [str(file) for file in files if not Path(file).exists()]
+    if missing:
+        raise FileNotFoundError(f"Local data files not found: {missing}.")
     return builders.pop(), [str(file) for file in files]
 
 
@@ -267,7 +271,7 @@ def load_data_source(
         raise ValueError(f"max_examples must be >= 0, got {max_examples}.")
     cache = str(cache_dir) if cache_dir is not None else None
     if data_files is not None:
-        builder, files = _local_builder(data_files)
+        builder, files = local_builder(data_files)
         dataset = datasets.load_dataset(
             builder, data_files={split: files}, split=split, streaming=streaming, cache_dir=cache
         )
