@@ -21,8 +21,9 @@ decay `p *= 1 - lr*wd`) is torch's, and a test checks this optimizer against `to
 pieces are not reused as code because (a) `torch.optim.Muon` is one optimizer per parameter set with no hook for a
 gradient filter, an AdamW group, metrics or QK-clip, (b) its Newton-Schulz helper and lr adjustment are private
 (`torch.optim._muon._zeropower_via_newtonschulz`, `_adjust_lr`), and (c) that helper always runs in bfloat16, which
-is ~100x slower than fp32 on CPUs without bf16 matmul units (FACTS.md) and is not what STE mode wants. So
-`zeropower_via_newtonschulz` and `muon_lr_scale` below are small hand-written equivalents with a selectable dtype.
+FACTS.md measured ~100x slower than fp32 on CPUs without bf16 matmul units (on a host with AMX it is ~3x faster) and
+which STE mode must avoid. So `zeropower_via_newtonschulz` and `muon_lr_scale` below are small hand-written
+equivalents with a selectable dtype (fp32 by default).
 """
 
 import math
