@@ -182,3 +182,20 @@ def test_unknown_preset_and_wrong_model_type(tmp_path):
     with pytest.raises(ValueError, match="model_type 'llama'.*'forge'"):
         ForgeForCausalLM.from_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "llama"  # Auto classes still route it correctly
+
+
+@pytest.mark.parametrize("memory_type", ["ema", "none"])
+def test_multi_token_continuation_from_the_cache_equals_one_forward(tiny_config, memory_type):
+    """Chunked prefill: feeding the sequence in pieces of 1-12 tokens through the cache (window 8, so the window
+    slides inside and across pieces) gives the logits of one uncached forward, exactly in float64."""
+    model = _model(tiny_config(memory_type=memory_type, initializer_range=0.3)).double()
+    x = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(x).logits
+        out = model(x[:, :13], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for start, end in ((13, 20), (20, 21), (21, 33), (33, 40)):
+            out = model(x[:, start:end], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+            cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
