@@ -104,6 +104,14 @@ class ForgeConfig(PreTrainedConfig):
             Special token ids, normally taken from the tokenizer.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Tie the LM head to the input embedding.
+        bitnet (`dict`, *optional*):
+            Set by Phase 4 (BitNet b1.58, `modeling_forge/bitnet.py`), never by hand: which linear layers are ternary
+            and how they are stored. Keys: `format` (`"packed"`: 2-bit weights, the checkpoint form; `"shadow"`:
+            full-precision shadow weights for STE training), `packing` (the 2-bit layout, transformers' BitNet one),
+            `modules` (backbone-relative names of the ternary layers), `activation_bits` (per-token absmax, 8),
+            `embedding_bits` (32, 16, 8 or 4: storage of the tied embedding / LM head) and `embedding_group_size`
+            (columns per scale of an 8-/4-bit embedding). The model constructors rebuild those layers from it, so
+            `from_pretrained` loads a packed checkpoint. `None`: an ordinary full-precision model.
 
     Example:
     ```python
@@ -152,6 +160,7 @@ class ForgeConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = True
+    bitnet: dict | None = None
 
     def __post_init__(self, **kwargs):
         self.check()
@@ -243,6 +252,10 @@ class ForgeConfig(PreTrainedConfig):
         for name in ("act_loss_weight", "gate_entropy_weight", "attention_dropout"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0", f"set {name} to 0 to disable it")
+        if self.bitnet is not None:
+            from .bitnet import validate_bitnet_spec
+
+            validate_bitnet_spec(self.bitnet, self.hidden_size)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "ForgeConfig":

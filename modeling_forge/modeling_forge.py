@@ -33,6 +33,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 
+from .bitnet import BitLinear, QuantizedEmbedding, apply_bitnet_layout
 from .configuration_forge import ForgeConfig
 
 logger = logging.get_logger(__name__)
@@ -551,6 +552,15 @@ class ForgePreTrainedModel(PreTrainedModel):
     # The memory state cannot be rolled back to an earlier token, so assisted decoding is refused by `generate`.
     _is_stateful = True
 
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' initialisation, except for BitNet layers (Phase 4): after loading, a packed layer unpacks its
+        stored ternary weights here, once (as rotary frequencies are derived here), see `bitnet.py`."""
+        if isinstance(module, (BitLinear, QuantizedEmbedding)):
+            module.init_from_checkpoint(self.config.initializer_range)
+            return
+        super()._init_weights(module)
+
 
 class ForgeModel(ForgePreTrainedModel):
     """Embedding, decoder layers and final norm (the backbone), then TRM recursion with ACT; `last_hidden_state` is
@@ -566,6 +576,7 @@ class ForgeModel(ForgePreTrainedModel):
         self.rotary_emb = ForgeRotaryEmbedding(config)
         self.recursion = ForgeRecursion(config)
         self.gradient_checkpointing = False
+        apply_bitnet_layout(self)  # a BitNet checkpoint (config.bitnet): rebuild its ternary layers before loading
         self.post_init()
 
     @can_return_tuple
@@ -668,6 +679,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         self.model = ForgeModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        apply_bitnet_layout(self)  # a BitNet checkpoint with a low-bit tied embedding: the head reads its weights
         self.post_init()
 
     @can_return_tuple
