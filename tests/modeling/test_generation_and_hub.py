@@ -199,3 +199,13 @@ def test_multi_token_continuation_from_the_cache_equals_one_forward(tiny_config,
             pieces.append(out.logits)
             cache = out.past_key_values
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_beam_search_reorders_the_memory_state_with_the_cache(tiny_config):
+    model = _model(tiny_config(initializer_range=0.3, pad_token_id=0, eos_token_id=None)).double()
+    x = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    kwargs = {"num_beams": 3, "max_new_tokens": 20, "do_sample": False}
+    with torch.no_grad():
+        cached = model.generate(x, use_cache=True, **kwargs)
+        uncached = model.generate(x, use_cache=False, **kwargs)
+    assert cached.shape == (2, 30) and torch.equal(cached, uncached)
