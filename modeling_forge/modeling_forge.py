@@ -202,10 +202,7 @@ class ForgeAttention(nn.Module):
 
         logit_max = None
         if output_attention_logit_max:  # for QK-clip: the largest pre-softmax logit per head over allowed pairs
-            with torch.no_grad():
-                scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling  # (B, H, T, S)
-                allowed = _allowed_keys(attention_mask, query.shape[2], key.shape[2], self.sliding_window, key.device)
-                logit_max = scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))  # (H,)
+            logit_max = self._logit_max(query, key, attention_mask)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -223,6 +220,20 @@ class ForgeAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), logit_max
+
+    @torch.no_grad()
+    def _logit_max(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, chunk: int = 256
+    ) -> torch.Tensor:
+        """(H,) max of q.k*scale over allowed pairs, computed over query chunks so memory stays O(B*H*chunk*S)."""
+        q_len, kv_len = query.shape[2], key.shape[2]
+        allowed = _allowed_keys(attention_mask, q_len, kv_len, self.sliding_window, key.device)  # (B|1, 1, T, S)
+        best = torch.full((query.shape[1],), float("-inf"), device=query.device, dtype=query.dtype)
+        for start in range(0, q_len, chunk):
+            scores = torch.matmul(query[:, :, start : start + chunk], key.transpose(2, 3)) * self.scaling
+            scores = scores.masked_fill(~allowed[:, :, start : start + chunk], float("-inf"))
+            best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+        return best
 
 
 # ----------------------------------------------------------------------------------------------------------------
