@@ -98,6 +98,12 @@ class ForgeConfig(PreTrainedConfig):
         layer_types (`list[str]`, *optional*):
             Derived, do not set: `"hybrid_sliding"` per layer with memory (sliding-window KV + a recurrent state in
             the transformers `DynamicCache`), `"sliding_attention"` without.
+        layer_input_scales (`list[float]`, *optional*):
+            One positive factor per decoder layer: layer `i` receives the residual stream multiplied by
+            `layer_input_scales[i]`. Set by Phase 2's data-flow-space merges (DFS), which stack, repeat and reorder
+            layers and scale each one's input (Akiba et al., "Evolutionary Optimization of Model Merging Recipes",
+            2024). Each layer starts with an RMS norm, so the factor shifts the balance between the incoming stream and
+            the layer's update, which no rescaling of the weights can express. `None`: no scaling.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether forwards return the cache for generation.
         pad_token_id / bos_token_id / eos_token_id (`int`, *optional*):
@@ -155,6 +161,7 @@ class ForgeConfig(PreTrainedConfig):
     act_loss_weight: float = 0.01
     gate_entropy_weight: float = 0.001
     layer_types: list[str] | None = None
+    layer_input_scales: list[float] | None = None
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -208,6 +215,16 @@ class ForgeConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}", "use an even head size")
+        if self.layer_input_scales is not None and (
+            len(self.layer_input_scales) != self.num_hidden_layers
+            or not all(isinstance(v, (int, float)) and 0.0 < v < float("inf") for v in self.layer_input_scales)
+        ):
+            fail(
+                "layer_input_scales",
+                f"must hold one positive finite factor per layer ({self.num_hidden_layers}), got "
+                f"{self.layer_input_scales}",
+                "give num_hidden_layers positive numbers, or None for no scaling",
+            )
         if self.sliding_window <= 0:
             fail("sliding_window", f"must be >= 1, got {self.sliding_window}", "set a positive window, e.g. 1024")
         if self.max_position_embeddings <= 0:

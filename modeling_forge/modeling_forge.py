@@ -643,9 +643,11 @@ class ForgeModel(ForgePreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         gate_means, gate_entropies, logit_maxes = [], [], []
-        for layer in self.layers:
+        for layer_idx, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+            if self.config.layer_input_scales is not None:  # DFS merges (Phase 2) scale each layer's input stream
+                hidden_states = hidden_states * self.config.layer_input_scales[layer_idx]
             hidden_states, gate_mean, gate_entropy, logit_max = layer(
                 hidden_states,
                 attention_mask=sliding_mask,
