@@ -118,6 +118,12 @@ class ForgeConfig(PreTrainedConfig):
             `embedding_bits` (32, 16, 8 or 4: storage of the tied embedding / LM head) and `embedding_group_size`
             (columns per scale of an 8-/4-bit embedding). The model constructors rebuild those layers from it, so
             `from_pretrained` loads a packed checkpoint. `None`: an ordinary full-precision model.
+        thought_mixing_hidden_size (`int`, *optional*):
+            Set by Phase 3 (Quiet-STaR): hidden width of the thought mixing head, which reads the answer states
+            without and with a thought (`[h_base; h_thought]`) and outputs `w = sigmoid(MLP(.))` per position to blend
+            the two next-token distributions (`w * logp_thought + (1 - w) * logp_base`, renormalised). Only
+            thought-aware decoding (`trainers.quietstar_trainer.generate_with_thoughts`) uses it; plain `forward` and
+            `generate` ignore it. `None`: no mixing head.
 
     Example:
     ```python
@@ -168,6 +174,7 @@ class ForgeConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = True
     bitnet: dict | None = None
+    thought_mixing_hidden_size: int | None = None
 
     def __post_init__(self, **kwargs):
         self.check()
@@ -273,6 +280,14 @@ class ForgeConfig(PreTrainedConfig):
             from .bitnet import validate_bitnet_spec
 
             validate_bitnet_spec(self.bitnet, self.hidden_size)
+        if self.thought_mixing_hidden_size is not None and (
+            not isinstance(self.thought_mixing_hidden_size, int) or self.thought_mixing_hidden_size < 1
+        ):
+            fail(
+                "thought_mixing_hidden_size",
+                f"must be a positive integer or None, got {self.thought_mixing_hidden_size!r}",
+                "use e.g. hidden_size // 2, or None for no thought mixing head",
+            )
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "ForgeConfig":

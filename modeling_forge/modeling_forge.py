@@ -484,6 +484,33 @@ class ForgeRecursion(nn.Module):
         return RecursionOutput(out.view(shape), None, None, halt_steps.view(shape[:-1]))
 
 
+class ForgeThoughtMixer(nn.Module):
+    """Quiet-STaR mixing head (Phase 3): `w = sigmoid(MLP([h_base; h_thought]))` per position blends the next-token
+    log-probs predicted without and with a thought, `log_softmax(w * logp_thought + (1 - w) * logp_base)`
+    (Zelikman et al., "Quiet-STaR", 2024). Built only when `config.thought_mixing_hidden_size` is set."""
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * config.hidden_size, config.thought_mixing_hidden_size)
+        self.fc2 = nn.Linear(config.thought_mixing_hidden_size, 1)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self,
+        base_hidden: torch.Tensor,
+        thought_hidden: torch.Tensor,
+        base_logits: torch.Tensor,
+        thought_logits: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed log-probs (..., V) and the weight `w` (...,) from answer states (..., D) and logits (..., V)."""
+        features = torch.cat([base_hidden, thought_hidden], dim=-1)  # (..., 2D)
+        weight = torch.sigmoid(self.fc2(self.act_fn(self.fc1(features)))).squeeze(-1)  # (...,)
+        base = F.log_softmax(base_logits.float(), dim=-1)
+        thought = F.log_softmax(thought_logits.float(), dim=-1)
+        mixed = weight[..., None] * thought + (1.0 - weight[..., None]) * base
+        return F.log_softmax(mixed, dim=-1), weight
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------
@@ -692,6 +719,8 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         self.model = ForgeModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Phase 3's Quiet-STaR mixing head; unused by forward/generate (see `ForgeThoughtMixer`).
+        self.thought_mixer = ForgeThoughtMixer(config) if config.thought_mixing_hidden_size else None
         apply_bitnet_layout(self)  # a BitNet checkpoint with a low-bit tied embedding: the head reads its weights
         self.post_init()
 
@@ -863,5 +892,6 @@ __all__ = [
     "ForgePreTrainedModel",
     "ForgeCausalLMOutputWithPast",
     "ForgeModelOutputWithPast",
+    "ForgeThoughtMixer",
     "ema_scan",
 ]
