@@ -3,6 +3,7 @@
     python recipes/phase4.py --config recipes/configs/phase4_tiny.yaml
     accelerate launch recipes/phase4.py --config recipes/configs/phase4_tiny.yaml
     python recipes/phase4.py --config recipes/configs/phase4_cognate25m.yaml --model_name_or_path outputs/25m/phase3
+    python recipes/phase4.py --config ... --resume_from_checkpoint outputs/25m/.phase4-work/checkpoint-500  # continue
 
 Reads `--model_name_or_path` (a previous phase's folder or Hub id), quantizes its linear layers one at a time to
 {-1, 0, +1} (layers that hurt the calibration loss beyond the threshold stay in full precision), fine-tunes the

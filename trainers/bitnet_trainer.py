@@ -83,7 +83,7 @@ class BitNetTrainer(ForgeTrainer):
         distill_temperature: float = 1.0, **kwargs,
     ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False) if teacher is not None else None
+        self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None  # used under no_grad
         self.distill_weight = distill_weight if teacher is not None else 0.0
         self.distill_temperature = distill_temperature
 
@@ -419,6 +419,18 @@ def run_phase4(config: BitNetConfig) -> dict:
     ptq = layerwise_quantize(student, candidates, calibration,
                              config.sensitivity_threshold if config.layerwise_validation else None,
                              config.activation_bits)  # fmt: skip
+    embedding_bits_first = embedding_bits
+    if config.embedding_bits is None and ptq["accepted"] != candidates:
+        # Fallback layers stay fp32, so the choice made before them may now miss the target: choose again with the
+        # accepted layers (coarser only; the PTQ quality below is measured after this re-snap).
+        bits, projected = choose_embedding_bits(student, ptq["accepted"], config.compression_target,
+                                                config.embedding_group_size)  # fmt: skip
+        if bits < embedding_bits:
+            fallbacks = len(candidates) - len(ptq["accepted"])
+            logger.info("Phase 4: %d fallback layer(s); embedding bits lowered %d -> %d to meet %.1fx", fallbacks,
+                        embedding_bits, bits, config.compression_target)  # fmt: skip
+            embedding_bits = bits
+            snap_embedding(student, embedding_bits, config.embedding_group_size)
     layout = BitNetLayout(modules=ptq["accepted"], activation_bits=config.activation_bits,
                           embedding_bits=embedding_bits, embedding_group_size=config.embedding_group_size)  # fmt: skip
     convert_to_bitnet(student, layout)
@@ -439,7 +451,7 @@ def run_phase4(config: BitNetConfig) -> dict:
             teacher=teacher if config.distill_weight > 0 else None, distill_weight=config.distill_weight,
             distill_temperature=config.distill_temperature,
         )  # fmt: skip
-        trainer.train()
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # PTQ above is deterministic
         student = trainer.model
         train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
 
@@ -462,7 +474,8 @@ def run_phase4(config: BitNetConfig) -> dict:
                      "packed_vs_fp32": tps["packed"] / tps["fp32"], "batch_size": 1,
                      "new_tokens": config.speed_new_tokens, "kernel": config.kernel,
                      "threads": torch.get_num_threads()}  # fmt: skip
-        report = _report(config, defaults, filled, n_params, ptq, embedding_bits, projected, base_loss,
+        report = _report(config, defaults, filled, n_params, ptq, (embedding_bits_first, embedding_bits), projected,
+                         base_loss,
                          embedding_loss, quality, storage, input_bytes, speed, train_logs)  # fmt: skip
         _save(config, output_dir, student, tokenizer, report, train_logs, time.time() - started)
         summary.update(report=report, wall_time_s=time.time() - started)
@@ -470,9 +483,10 @@ def run_phase4(config: BitNetConfig) -> dict:
     return summary
 
 
-def _report(config, defaults, filled, n_params, ptq, embedding_bits, projected, base_loss, embedding_loss,
+def _report(config, defaults, filled, n_params, ptq, embedding_choice, projected, base_loss, embedding_loss,
             quality, storage, input_bytes, speed, train_logs) -> dict:  # fmt: skip
     """The `bitnet_report.json` content; every number here was measured in this run."""
+    embedding_bits_first, embedding_bits = embedding_choice
     layers = ptq["layers"]
     ternary = [r for r in layers if r["status"] == "ternary"]
     ternary_params = sum(r["parameters"] for r in ternary)
@@ -502,6 +516,7 @@ def _report(config, defaults, filled, n_params, ptq, embedding_bits, projected, 
             "compression_target": config.compression_target,
             "target_met": n_params * 4 / file_bytes >= config.compression_target,
             "embedding_bits": embedding_bits,
+            "embedding_bits_before_fallbacks": embedding_bits_first,
             "embedding_bits_projected_ratios": {str(k): v for k, v in projected.items()},
         },
         "ternary": {
