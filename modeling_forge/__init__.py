@@ -7,6 +7,7 @@ folder also loads with `trust_remote_code=True` on machines without this package
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .bitnet import BitLinear, BitNetLayout, QuantizedEmbedding, bitnet_to_shadow, convert_to_bitnet, pack_bitnet
 from .configuration_forge import ForgeConfig, available_presets
 from .modeling_forge import (
     ForgeCausalLMOutputWithPast,
@@ -25,12 +26,18 @@ ForgeModel.register_for_auto_class("AutoModel")
 ForgeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "BitLinear",
+    "BitNetLayout",
     "ForgeCausalLMOutputWithPast",
     "ForgeConfig",
     "ForgeForCausalLM",
     "ForgeModel",
     "ForgeModelOutputWithPast",
     "ForgePreTrainedModel",
+    "QuantizedEmbedding",
     "available_presets",
+    "bitnet_to_shadow",
+    "convert_to_bitnet",
     "ema_scan",
+    "pack_bitnet",
 ]
