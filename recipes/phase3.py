@@ -1,7 +1,8 @@
 """Phase 3 (Quiet-STaR): bake reasoning with thoughts into a model, then train it to use its thoughts.
 
     python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml
-    python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml --model_name_or_path outputs/tiny/phase1/reasoning
+    python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml \
+        --model_name_or_path outputs/tiny/phase1/reasoning                     # skip Phase 2
     python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml --teacher model \
         --teacher_model_name_or_path path/to/causal-lm                       # a local LM writes the thoughts
     python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml --teacher openai \

@@ -53,7 +53,8 @@ def _contiguous_blocks(
     _check_packing(tokenizer, block_size)
     stream: list[int] = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
+        # Whole documents are tokenized on purpose and cut into blocks below: no "longer than max length" warning.
+        stream.extend(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
         stream.append(tokenizer.eos_token_id)
     n_blocks = len(stream) // block_size if drop_last else -(-len(stream) // block_size)
     return [stream[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]

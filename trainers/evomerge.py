@@ -429,7 +429,8 @@ class MergeFitness:
             self.requests[family] = pairs
             self.target_tokens[family] = [max(len(encode_pair(tokenizer, c, t)[1]), 1) for c, t in pairs]
         shape = (settings.speed_batch_size, settings.speed_seq_len)
-        ids = tokenizer("\n".join(self.texts), add_special_tokens=False)["input_ids"][: shape[0] * shape[1]]
+        ids = tokenizer("\n".join(self.texts), add_special_tokens=False, verbose=False)["input_ids"]  # cut below
+        ids = ids[: shape[0] * shape[1]]
         if len(ids) < shape[0] * shape[1]:
             raise ValueError(f"The {split} text has fewer than {shape[0] * shape[1]} tokens for the speed batch.")
         self.speed_batch = torch.tensor(ids).view(shape)  # (B, T) held-out text
