@@ -110,7 +110,7 @@ class BitNetConfig(ForgeTrainingArguments):
         default="float",
         metadata={"help": f"Matmul of the packed layers during evaluation, one of {KERNELS} (same outputs)."},
     )
-    overwrite_output_dir: bool = field(
+    overwrite: bool = field(
         default=False, metadata={"help": "Replace an existing phase folder at output_dir instead of refusing."}
     )
     # Phase 4 defaults of inherited fields.

@@ -377,9 +377,9 @@ def run_phase4(config: BitNetConfig) -> dict:
     started = time.time()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and not config.overwrite_output_dir:
+    if output_dir.exists() and not config.overwrite:
         raise FileExistsError(f"{output_dir} already holds a finished Phase 4. Fix: choose another output_dir or "
-                              "pass --overwrite_output_dir true.")  # fmt: skip
+                              "pass --overwrite.")  # fmt: skip
 
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path or config.model_name_or_path)
     teacher = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32).eval()
@@ -592,7 +592,7 @@ def _save(config: BitNetConfig, output_dir: Path, model, tokenizer, report: dict
         wall_time_s=wall_time, datasets=sorted(config.data_mixture), tags=["bitnet", "ternary", "1.58-bit"],
         card_sections={"report": report}, card_template="phase4_bitnet",
         model_name=f"forge-phase4-bitnet-{Path(config.model_name_or_path).name}", write_extras=write_extras,
-        overwrite=config.overwrite_output_dir,
+        overwrite=config.overwrite,
         push_to_hub=(config.hub_model_id or f"{output_dir.parent.name}-phase4") if config.push_to_hub else None,
     )  # fmt: skip
 

@@ -126,7 +126,7 @@ class QuietStarConfig(ForgeTrainingArguments):
         metadata={"help": "Thought length at evaluation and in generate_with_thoughts; default as training."},
     )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Generated tokens per evaluation answer."})
-    overwrite_output: bool = field(default=False, metadata={"help": "Replace an existing <output_dir>/phase3."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing <output_dir>/phase3."})
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str, fix: str) -> None:

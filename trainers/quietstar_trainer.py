@@ -1048,8 +1048,8 @@ def run_phase3(config: QuietStarConfig) -> dict:
 
     started = time.time()
     output = Path(config.output_dir) / "phase3"
-    if output.exists() and not config.overwrite_output:
-        raise FileExistsError(f"{output} already exists. Fix: pass --overwrite_output or choose another output_dir.")
+    if output.exists() and not config.overwrite:
+        raise FileExistsError(f"{output} already exists. Fix: pass --overwrite or choose another output_dir.")
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
@@ -1236,7 +1236,7 @@ def _save_phase3(
             "samples": samples,
         },
         write_extras=write_extras,
-        overwrite=config.overwrite_output,
+        overwrite=config.overwrite,
         push_to_hub=f"{config.hub_model_id or Path(config.output_dir).name}-phase3" if config.push_to_hub else None,
     )
 

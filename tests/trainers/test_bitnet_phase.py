@@ -270,7 +270,7 @@ def test_phase4_recipe_makes_a_loadable_smaller_working_model(phase1_checkpoint,
     assert f"{quality['bitnet']['perplexity']:.3f}" in card
     heatmap = output / "plots" / "bitnet_layers.png"
     assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and heatmap.stat().st_size > 5000
-    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+    with pytest.raises(FileExistsError, match="--overwrite"):
         _run_recipe(phase1_checkpoint, output, *fast)
 
 
