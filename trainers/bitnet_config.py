@@ -4,27 +4,16 @@ Fields left unset (`None`, or `max_steps=-1`) take the model-size-aware defaults
 input model's parameter count is known (`resolve_size_defaults`); an explicit value always wins.
 """
 
-import json
 from dataclasses import dataclass, field
 
 from modeling_forge.bitnet import EMBEDDING_BITS, KERNELS, QUANTIZABLE_GROUPS
 
 from .base import ForgeTrainingArguments
+from .config_fields import json_field
 from .data import TASK_SOURCES
 from .size_aware import SizeDefaults
 
 DEFAULT_MIXTURE = {"corpus": 0.5, "arithmetic": 0.25, "kv_recall": 0.25}
-
-
-def _json_field(value, name: str):
-    """YAML gives mappings/lists; the command line gives JSON strings."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as error:
-            message = f"BitNetConfig.{name} is not valid JSON ({error}). Fix: pass a YAML mapping or list."
-            raise ValueError(message) from None
-    return value
 
 
 @dataclass
@@ -127,10 +116,14 @@ class BitNetConfig(ForgeTrainingArguments):
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints during fine-tuning ('no')."})
 
     def __post_init__(self) -> None:
-        self.data_mixture = _json_field(self.data_mixture, "data_mixture") or dict(DEFAULT_MIXTURE)
-        self.task_difficulty = list(_json_field(self.task_difficulty, "task_difficulty") or [1, 3])
-        self.quantize_groups = list(_json_field(self.quantize_groups, "quantize_groups") or QUANTIZABLE_GROUPS)
-        self.keep_full_precision = list(_json_field(self.keep_full_precision, "keep_full_precision") or [])
+        self.data_mixture = json_field(self.data_mixture, "BitNetConfig", "data_mixture") or dict(DEFAULT_MIXTURE)
+        self.task_difficulty = list(json_field(self.task_difficulty, "BitNetConfig", "task_difficulty") or [1, 3])
+        self.quantize_groups = list(
+            json_field(self.quantize_groups, "BitNetConfig", "quantize_groups") or QUANTIZABLE_GROUPS
+        )
+        self.keep_full_precision = list(
+            json_field(self.keep_full_precision, "BitNetConfig", "keep_full_precision") or []
+        )
         self._explicit_lr = self.learning_rate is not None  # the size-aware lr applies only when none was given
         checks = [
             (self.model_name_or_path, "model_name_or_path", "is required",

@@ -1,10 +1,10 @@
 """Configuration of Phase 1 (Cognate): three specialised models from one initialisation, on a staged curriculum."""
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from .base import ForgeTrainingArguments
+from .config_fields import json_field
 from .data import CurriculumStage, default_curriculum, validate_curriculum
 
 # What makes each specialisation different. Only fields that keep every parameter's shape may differ, so the
@@ -38,17 +38,6 @@ SHAPE_FIELDS = (
     "gate_hidden_size",
     "trm_intermediate_size",
 )
-
-
-def _json_field(value, name: str):
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"CognateConfig.{name} is not valid JSON ({error}). Fix: pass a YAML mapping/list."
-            ) from error
-    return value
 
 
 @dataclass
@@ -95,12 +84,12 @@ class CognateConfig(ForgeTrainingArguments):
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run in the same output_dir."})
 
     def __post_init__(self) -> None:
-        self.model_overrides = _json_field(self.model_overrides, "model_overrides") or {}
-        self.specializations = _json_field(self.specializations, "specializations") or {
+        self.model_overrides = json_field(self.model_overrides, "CognateConfig", "model_overrides") or {}
+        self.specializations = json_field(self.specializations, "CognateConfig", "specializations") or {
             name: dict(values) for name, values in DEFAULT_SPECIALIZATIONS.items()
         }
-        curriculum = _json_field(self.curriculum, "curriculum")
-        self.param_budget = _json_field(self.param_budget, "param_budget")
+        curriculum = json_field(self.curriculum, "CognateConfig", "curriculum")
+        self.param_budget = json_field(self.param_budget, "CognateConfig", "param_budget")
         if not isinstance(self.specializations, dict) or not self.specializations:
             raise ValueError("CognateConfig.specializations must map names to settings. Fix: see the YAML presets.")
         for name, spec in self.specializations.items():

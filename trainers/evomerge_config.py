@@ -6,9 +6,10 @@ A plain dataclass (the phase does not train, so no `TrainingArguments`); `recipe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .config_fields import json_field
 
 # Parts of the composite fitness and their default weights (normalised to sum 1 when used). Each part is "higher is
 # better" and relative to the best parent on that metric: perplexity best/candidate, answer-token probability
@@ -23,17 +24,6 @@ DEFAULT_FITNESS_WEIGHTS = {
 }
 FITNESS_PARTS = tuple(DEFAULT_FITNESS_WEIGHTS)
 DEFAULT_PARENTS = ("reasoning", "memory", "speed")
-
-
-def _json_field(value, name: str):
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"EvoMergeConfig.{name} is not valid JSON ({error}). Fix: pass a YAML mapping."
-            ) from error
-    return value
 
 
 @dataclass
@@ -113,7 +103,7 @@ class EvoMergeConfig:
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to upload the champion to."})
 
     def __post_init__(self) -> None:
-        weights = _json_field(self.fitness_weights, "fitness_weights")
+        weights = json_field(self.fitness_weights, "EvoMergeConfig", "fitness_weights")
         weights = dict(DEFAULT_FITNESS_WEIGHTS) if weights is None else dict(weights)
         unknown = sorted(set(weights) - set(FITNESS_PARTS))
         if unknown:

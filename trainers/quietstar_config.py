@@ -1,27 +1,16 @@
 """Configuration of Phase 3 (Quiet-STaR): reasoning baking with thoughts, then REINFORCE on thoughts, mixing head."""
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from .baking_config import PromptBakingConfig
 from .base import ForgeTrainingArguments
+from .config_fields import json_field
 from .teachers import TEACHERS
 
 # Step 1's supervised baking defaults (a PromptBakingConfig): LoRA r 16 as for every bake, more steps than a prompt
 # bake because it teaches a new output format (thought spans), and the thought tokens' embedding rows train too.
 DEFAULT_REASONING_BAKE = {"steps": 200, "learning_rate": 2e-3, "batch_size": 16, "logging_steps": 20}
-
-
-def _json_field(value, name: str):
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"QuietStarConfig.{name} is not valid JSON ({error}). Fix: pass a YAML mapping."
-            ) from error
-    return value
 
 
 @dataclass
@@ -132,8 +121,8 @@ class QuietStarConfig(ForgeTrainingArguments):
         def fail(name: str, problem: str, fix: str) -> None:
             raise ValueError(f"QuietStarConfig.{name} {problem}. Fix: {fix}.")
 
-        self.difficulty = _json_field(self.difficulty, "difficulty") or [1, 2]
-        bake = _json_field(self.reasoning_bake, "reasoning_bake")
+        self.difficulty = json_field(self.difficulty, "QuietStarConfig", "difficulty") or [1, 2]
+        bake = json_field(self.reasoning_bake, "QuietStarConfig", "reasoning_bake")
         self.reasoning_bake = {**DEFAULT_REASONING_BAKE, **(bake or {})}
         PromptBakingConfig.from_dict(self.reasoning_bake)  # validates the keys and values now, not after step 1
         if self.mugrokfast_phase is None and self.optimizer_type != "adamw":

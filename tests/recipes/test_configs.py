@@ -23,3 +23,21 @@ def test_shipped_yaml_parses(path, tmp_path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)
     parsed = recipe.make_parser().parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
     assert parsed, path.name
+
+
+@pytest.mark.parametrize(
+    ("recipe", "flag", "field"),
+    [
+        ("phase1", "--specializations", "CognateConfig.specializations"),
+        ("phase2", "--fitness_weights", "EvoMergeConfig.fitness_weights"),
+        ("phase3", "--reasoning_bake", "QuietStarConfig.reasoning_bake"),
+        ("phase4", "--data_mixture", "BitNetConfig.data_mixture"),
+    ],
+)
+def test_a_malformed_json_field_on_the_command_line_names_the_field_and_the_fix(recipe, flag, field, tmp_path):
+    config = next(path for path in CONFIGS if path.name.startswith(f"{recipe}_"))
+    parser = importlib.import_module(f"recipes.{recipe}").make_parser()
+    args = ["--config", str(config), "--output_dir", str(tmp_path), flag, "{corpus: 1"]
+    with pytest.raises(ValueError, match=re.escape(f"{field} is not valid JSON")) as error:
+        parser.parse_args_and_config(args)
+    assert "Fix:" in str(error.value)
