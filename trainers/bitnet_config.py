@@ -58,7 +58,7 @@ class BitNetConfig(ForgeTrainingArguments):
         default=None,
         metadata={
             "help": "A layer falls back to full precision when quantizing it raises the calibration loss by more "
-            "than this fraction (0.05 = 5%) over the loss before it. Default: size-aware."
+            "than this fraction (0.05 = 5 percent) over the loss before it. Default: size-aware."
         },
     )
     compression_target: float | None = field(

@@ -41,3 +41,16 @@ def test_a_malformed_json_field_on_the_command_line_names_the_field_and_the_fix(
     with pytest.raises(ValueError, match=re.escape(f"{field} is not valid JSON")) as error:
         parser.parse_args_and_config(args)
     assert "Fix:" in str(error.value)
+
+
+PARSED_RECIPES = sorted(p.stem for p in CONFIG_DIR.parent.glob("*.py") if "def make_parser" in p.read_text())
+
+
+def test_the_argument_parsing_recipes_are_found():
+    assert {"phase1", "phase2", "phase3", "phase4", "merge", "eval"} <= set(PARSED_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", PARSED_RECIPES)
+def test_every_recipe_prints_its_help(recipe):
+    """`--help` formats every field's help text (a bare `%` in one breaks argparse for the whole recipe)."""
+    assert "--" in importlib.import_module(f"recipes.{recipe}").make_parser().format_help()
