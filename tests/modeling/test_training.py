@@ -105,7 +105,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
     for checkpointing in (False, True):
         model = _model(tiny_config()).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
+            assert model.is_activation_checkpointing
         model(x, labels=x).loss.backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     for name, grad in grads[0].items():
