@@ -58,6 +58,14 @@ class QuietStarConfig(ForgeTrainingArguments):
         metadata={"help": f"Step 1 PromptBakingConfig fields (supervised baking); default {DEFAULT_REASONING_BAKE}."},
     )
     skip_reasoning_bake: bool = field(default=False, metadata={"help": "Skip step 1 (the input already thinks)."})
+    reasoning_bake_plain_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of step-1 bake examples given without thoughts (the task's own target), so the bake "
+            "keeps the model's thought-free answers; 0 bakes thought-laden examples only (measured in "
+            "benchmarks/quietstar_base.py: 0.5 beat 0 on every answer metric)."
+        },
+    )
 
     n_thoughts: int = field(default=4, metadata={"help": "Thoughts sampled per position (REINFORCE group)."})
     thought_length: int = field(default=8, metadata={"help": "Most tokens per thought, between <think> and </think>."})
@@ -139,6 +147,8 @@ class QuietStarConfig(ForgeTrainingArguments):
             and 1 <= self.difficulty[0] <= self.difficulty[1] <= 10
         ):
             fail("difficulty", f"must be [min, max] within 1..10, got {self.difficulty}", "use e.g. [1, 2]")
+        if not 0.0 <= self.reasoning_bake_plain_fraction < 1.0:
+            fail("reasoning_bake_plain_fraction", f"is {self.reasoning_bake_plain_fraction}", "use a value in [0, 1)")
         if self.teacher not in TEACHERS:
             fail("teacher", f"is {self.teacher!r}", f"use one of {sorted(TEACHERS)}")
         if self.teacher == "model" and not self.teacher_model_name_or_path:

@@ -28,6 +28,7 @@ Trainer provides the loop, optimizer (MuGrokfast), logging and callbacks; `gener
 import copy
 import json
 import math
+import random
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -1041,6 +1042,18 @@ def _task_examples(config: QuietStarConfig) -> tuple[list, list]:
     return train, evaluation
 
 
+def plain_bake_pairs(examples: Sequence, n_thought_pairs: int, config: QuietStarConfig) -> list[tuple[str, str]]:
+    """Thought-free (prompt, target) pairs to mix into the step-1 bake: `reasoning_bake_plain_fraction` of the mix.
+
+    Baking thought-laden completions alone teaches the model to expect a thought before every answer, which costs
+    its direct answers (measured in benchmarks/quietstar_base.py); plain examples keep them."""
+    fraction = config.reasoning_bake_plain_fraction
+    n_plain = round(n_thought_pairs * fraction / (1.0 - fraction))
+    rng = random.Random(config.seed)
+    chosen = rng.sample(list(examples), min(n_plain, len(examples)))
+    return [(e.prompt, e.target) for e in chosen]
+
+
 def run_phase3(config: QuietStarConfig) -> dict:
     """Run Phase 3 end to end and write `<output_dir>/phase3/`; returns a summary of the measurements."""
     from .baking_trainer import bake_examples
@@ -1074,8 +1087,9 @@ def run_phase3(config: QuietStarConfig) -> dict:
             )
         held = max(1, len(reasoning) // 10)
         pairs = [(r.prompt, r.completion) for r in reasoning]
+        train_pairs = pairs[held:] + plain_bake_pairs(train_examples, len(pairs) - held, config)
         bake_config = replace(config.reasoning_bake_config, trainable_token_indices=list(tokens.all_ids))
-        baked = bake_examples(model, tokenizer, pairs[held:], pairs[:held], bake_config)
+        baked = bake_examples(model, tokenizer, train_pairs, pairs[:held], bake_config)
         model = baked.model
         bake_summary = baked.metrics("bake")
         metrics.update(bake_summary)

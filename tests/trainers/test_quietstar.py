@@ -28,6 +28,7 @@ from trainers.quietstar_trainer import (
     collate_thought_batch,
     generate_with_thoughts,
     generate_without_thoughts,
+    plain_bake_pairs,
     policy_gradient_loss,
     strip_thoughts,
     thought_forward,
@@ -392,6 +393,26 @@ def test_procedural_teacher_writes_thoughts_from_the_worked_steps():
         assert strip_thoughts(reasoning.completion) == example.target  # the visible text is the reference target
     with pytest.raises(ValueError, match="meta"):
         ProceduralTeacher().annotate(get_task_family("kv_recall").generate("train", 1, seed=0))
+
+
+def test_plain_bake_pairs_make_the_configured_share_of_the_step1_bake_without_thoughts(tmp_path):
+    from trainers.quietstar_config import QuietStarConfig
+
+    examples = get_task_family("arithmetic").generate("train", 40, seed=0, difficulty=2)
+
+    def config(fraction):
+        return QuietStarConfig(
+            output_dir=str(tmp_path), model_name_or_path="unused", max_steps=1, reasoning_bake_plain_fraction=fraction
+        )
+
+    half = plain_bake_pairs(examples, 12, config(0.5))
+    assert len(half) == 12 and half == plain_bake_pairs(examples, 12, config(0.5))  # seeded
+    targets = {(e.prompt, e.target) for e in examples}
+    assert all(pair in targets and THOUGHT_START not in pair[1] for pair in half)
+    assert len(plain_bake_pairs(examples, 12, config(0.75))) == 36
+    assert plain_bake_pairs(examples, 12, config(0.0)) == []
+    with pytest.raises(ValueError, match="reasoning_bake_plain_fraction"):
+        config(1.0)
 
 
 class _ChatHandler(BaseHTTPRequestHandler):
