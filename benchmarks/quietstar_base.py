@@ -7,6 +7,10 @@ with and without thoughts, before and after RL, and the anti-theater checks (the
 
     OMP_NUM_THREADS=1 python benchmarks/quietstar_base.py                  # 3,000 base steps, ~13 min on 2 CPU cores
     OMP_NUM_THREADS=1 python benchmarks/quietstar_base.py --steps 300      # a smoke run
+
+Measured (3,000 steps): the base answers 78% of the validation problems; after Phase 3, 91% with thoughts. With
+`--reasoning_bake_plain_fraction 0` (step 1 bakes thought-laden examples only) it ended at 78% and the bake alone
+raised the thought-free answer NLL from 0.007 to 2.25, which is why the default mixes in plain examples.
 """
 
 import argparse
