@@ -9,7 +9,7 @@ with and without thoughts, before and after RL, and the anti-theater checks (the
     OMP_NUM_THREADS=1 python benchmarks/quietstar_base.py --steps 300      # a smoke run
 
 Measured (3,000 steps): the base answers 78% of the validation problems; after Phase 3, 91% with thoughts. With
-`--reasoning_bake_plain_fraction 0` (step 1 bakes thought-laden examples only) it ended at 78% and the bake alone
+`--plain-fraction 0` (step 1 bakes thought-laden examples only) it ended at 78% and the bake alone
 raised the thought-free answer NLL from 0.007 to 2.25, which is why the default mixes in plain examples.
 """
 
@@ -63,6 +63,7 @@ def train_base(steps: int, folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000, help="base training steps (batch 16 x 192 tokens)")
+    parser.add_argument("--plain-fraction", type=float, default=None, help="Phase 3 reasoning_bake_plain_fraction")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -72,6 +73,7 @@ def main() -> None:
         (config,) = phase3.make_parser().parse_args_and_config(
             ["--config", "recipes/configs/phase3_tiny.yaml", "--model_name_or_path", str(folder / "base"),
              "--output_dir", str(folder / "run"), "--report_to", "none"]
+            + ([] if args.plain_fraction is None else ["--reasoning_bake_plain_fraction", str(args.plain_fraction)])
         )  # fmt: skip
         phase3.main(config)  # prints answer NLL / accuracy with and without thoughts and the anti-theater checks
 
