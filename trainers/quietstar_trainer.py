@@ -1087,7 +1087,9 @@ def run_phase3(config: QuietStarConfig) -> dict:
             )
         held = max(1, len(reasoning) // 10)
         pairs = [(r.prompt, r.completion) for r in reasoning]
-        train_pairs = pairs[held:] + plain_bake_pairs(train_examples, len(pairs) - held, config)
+        held_prompts = {prompt for prompt, _ in pairs[:held]}  # their plain versions must not leak into training
+        plain_pool = [e for e in train_examples if e.prompt not in held_prompts]
+        train_pairs = pairs[held:] + plain_bake_pairs(plain_pool, len(pairs) - held, config)
         bake_config = replace(config.reasoning_bake_config, trainable_token_indices=list(tokens.all_ids))
         baked = bake_examples(model, tokenizer, train_pairs, pairs[:held], bake_config)
         model = baked.model
