@@ -6,7 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ASSETS := $(VENV)/.test-assets-stamp
-RUN    ?= outputs/tiny
+# The output_dir of the tiny YAMLs (recipes/configs/phase*_tiny.yaml), where `make demo` looks for finished phases.
+RUN    := outputs/tiny
 
 # Tests and CI: one torch thread (two threads on a shared 2-core box measured 20-50x slower),
 # never wait on the Hugging Face Hub, keep wandb local.
@@ -54,7 +55,7 @@ pipeline: setup system-deps data
 	@for model in $(RUN)/phase1/reasoning $(RUN)/phase2/champion $(RUN)/phase3 $(RUN)/phase4; do \
 	  echo "== $$model"; \
 	  $(BIN)/python recipes/eval.py --model $$model --tasks arithmetic,kv_recall --limit 64 --no_write_to_model \
-	    2>/dev/null | grep '^|' || exit 1; \
+	    2>$(RUN)/eval.log | grep '^|' || { cat $(RUN)/eval.log; exit 1; }; \
 	done
 
 # Two-minute smoke run: train, save, reload, sample one tiny model.
