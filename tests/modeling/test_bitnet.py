@@ -14,17 +14,16 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from modeling_forge import ForgeConfig, ForgeForCausalLM
-from modeling_forge import bitnet
+from modeling_forge import ForgeConfig, ForgeForCausalLM, bitnet
 from modeling_forge.bitnet import (
     BitLinear,
     BitNetLayout,
     QuantizedEmbedding,
     TiedLMHead,
+    bitlinear_product,
     bitnet_candidates,
     bitnet_to_shadow,
     convert_to_bitnet,
-    bitlinear_product,
     dequantize_embedding,
     lane_pack,
     load_packed_kernel,
