@@ -310,6 +310,105 @@ at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& lanes, const at::Ten
   return out;
 }
 
+// ---- The tied LM head of a packed model with an 8- or 4-bit embedding, read from its codes -------------------------
+// logits[n, v] = sum_k (code[v, k] * scale[v, k / G]) * h[n, k]: code * scale is exactly the fp32 dequantized weight
+// (at most 8 + 11 significant bits), so this is F.linear(h, dequantized) up to the order of the fp32 sums, which is
+// fixed here (16 lanes over k, then a tree), the same for every batch size. 4 vocabulary rows x up to 4 tokens.
+
+// 16 codes of row `v` starting at column k (a multiple of 16) as fp32, times the group scale.
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 lowbit_weights(const uint8_t* codes,
+                                                                                      int64_t k, __m512 scale) {
+  __m512i ints;
+  if constexpr (BITS == 8) {
+    ints = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
+  } else {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k / 2));
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+    ints = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), _mm512_set1_epi32(8));
+  }
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(ints), scale);
+}
+
+template <int BITS, int NT>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void lowbit_tile(const float* x, int64_t D,
+                                                                          const uint8_t* codes, int64_t ldc,
+                                                                          const at::Half* scales, int64_t groups,
+                                                                          int64_t G, int rows, float* out,
+                                                                          int64_t ldo) {
+  __m512 acc[NT][kRows];
+  for (int n = 0; n < NT; ++n)
+    for (int r = 0; r < kRows; ++r) acc[n][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 scale[kRows];
+    for (int r = 0; r < kRows; ++r)
+      scale[r] = _mm512_set1_ps(r < rows ? static_cast<float>(scales[r * groups + g]) : 0.f);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      __m512 w[kRows];
+      for (int r = 0; r < kRows; ++r) w[r] = lowbit_weights<BITS>(codes + std::min(r, rows - 1) * ldc, k, scale[r]);
+      for (int n = 0; n < NT; ++n) {
+        const __m512 xv = _mm512_loadu_ps(x + n * D + k);
+        for (int r = 0; r < kRows; ++r) acc[n][r] = _mm512_fmadd_ps(w[r], xv, acc[n][r]);
+      }
+    }
+  }
+  for (int n = 0; n < NT; ++n)
+    for (int r = 0; r < rows; ++r) out[n * ldo + r] = _mm512_reduce_add_ps(acc[n][r]);
+}
+
+template <int BITS>
+void lowbit_tile_dispatch(int nt, const float* x, int64_t D, const uint8_t* codes, int64_t ldc, const at::Half* scales,
+                          int64_t groups, int64_t G, int rows, float* out, int64_t ldo) {
+  switch (nt) {
+    case 1:
+      return lowbit_tile<BITS, 1>(x, D, codes, ldc, scales, groups, G, rows, out, ldo);
+    case 2:
+      return lowbit_tile<BITS, 2>(x, D, codes, ldc, scales, groups, G, rows, out, ldo);
+    case 3:
+      return lowbit_tile<BITS, 3>(x, D, codes, ldc, scales, groups, G, rows, out, ldo);
+    default:
+      return lowbit_tile<BITS, 4>(x, D, codes, ldc, scales, groups, G, rows, out, ldo);
+  }
+}
+
+// x: (N, D) fp32; codes: (V, D) int8 (8 bits) or (V, D / 2) uint8 nibbles (4 bits, even column low); scales:
+// (V, D / G) fp16. Needs AVX-512 and G % 16 == 0 (bitnet.py checks `lowbit_supported` first).
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t bits,
+                         int64_t group_size) {
+  TORCH_CHECK(best_isa() == kAvx512, "forge_bitnet.lowbit_linear needs AVX-512");
+  TORCH_CHECK(bits == 8 || bits == 4, "forge_bitnet.lowbit_linear: bits must be 8 or 4");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "forge_bitnet.lowbit_linear: x must be a contiguous 2-D fp32 CPU tensor");
+  const int64_t N = x.size(0), D = x.size(1), V = codes.size(0), G = group_size, groups = D / std::max<int64_t>(G, 1);
+  TORCH_CHECK(G > 0 && G % 16 == 0 && D % G == 0, "forge_bitnet.lowbit_linear: group size must divide D and be a "
+              "multiple of 16");
+  TORCH_CHECK(codes.is_contiguous() && codes.size(1) == (bits == 8 ? D : D / 2), "forge_bitnet.lowbit_linear: codes "
+              "have shape ", codes.sizes(), " for D = ", D);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == V &&
+                  scales.size(1) == groups,
+              "forge_bitnet.lowbit_linear: scales must be contiguous fp16 (V, D / group_size)");
+  at::Tensor out = at::empty({N, V}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldc = codes.size(1), row_tiles = (V + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, kRows * D * N));
+  at::parallel_for(0, row_tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t v0 = t * kRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, V - v0));
+      for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const int nt = static_cast<int>(std::min<int64_t>(4, N - n0));
+        auto fn = bits == 8 ? lowbit_tile_dispatch<8> : lowbit_tile_dispatch<4>;
+        fn(nt, xp + n0 * D, D, cp + v0 * ldc, ldc, sp + v0 * groups, groups, G, rows, op + n0 * V + v0, V);
+      }
+    }
+  });
+  return out;
+}
+
 std::string isa_name() {
   switch (best_isa()) {
     case kAvx512:
@@ -326,7 +425,11 @@ std::string isa_name() {
 TORCH_LIBRARY(forge_bitnet, m) {
   m.def("bitlinear(Tensor x, Tensor lanes, Tensor w_scale, Tensor? bias, int out_features, int qmax, float eps, "
         "int isa=-1) -> Tensor");
+  m.def("lowbit_linear(Tensor x, Tensor codes, Tensor scales, int bits, int group_size) -> Tensor");
   m.def("isa() -> str", &isa_name);
 }
 
-TORCH_LIBRARY_IMPL(forge_bitnet, CPU, m) { m.impl("bitlinear", &bitlinear); }
+TORCH_LIBRARY_IMPL(forge_bitnet, CPU, m) {
+  m.impl("bitlinear", &bitlinear);
+  m.impl("lowbit_linear", &lowbit_linear);
+}

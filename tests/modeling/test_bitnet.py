@@ -365,6 +365,27 @@ def test_packed_kernel_model_matches_the_other_kernels_bit_for_bit(tiny_config, 
         assert torch.equal(loaded(x).logits, logits["packed"])
 
 
+@needs_packed_kernel
+@pytest.mark.parametrize("embedding_bits", [8, 4])
+def test_lm_head_reads_the_embedding_codes_when_decoding(tiny_config, embedding_bits):
+    if torch.ops.forge_bitnet.isa() != "avx512-vnni":
+        pytest.skip("the LM head kernel needs AVX-512")
+    model, _, _ = _packed_model(tiny_config, embedding_bits)
+    head, embedding = model.lm_head, model.model.embed_tokens
+    h = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        assert head._reads_codes(h) and not head._reads_codes(torch.randn(1, 17, model.config.hidden_size))
+        fast = head(h)
+        single = torch.cat([head(h[:, i : i + 1]) for i in range(5)], dim=1)
+        head.read_codes = False
+        assert not head._reads_codes(h)
+        reference = head(h)
+    assert torch.equal(reference, F.linear(h, embedding.weight))
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)  # the same products, another fp32 sum order
+    assert not torch.equal(fast, reference)  # so the codes path really ran
+    assert torch.equal(single, fast)  # a fixed order: a position's logits do not depend on the batch
+
+
 def test_models_load_and_fall_back_when_the_packed_kernel_cannot_build(tiny_config, tmp_path, monkeypatch, caplog):
     model, x, _ = _packed_model(tiny_config)
     set_bitnet_kernel(model, "float")
