@@ -559,7 +559,7 @@ class TiedLMHead(nn.Module):
             and ops is not None
             and isinstance(embedding, QuantizedEmbedding)
             and embedding.bits in (8, 4)
-            and embedding.group_size % 16 == 0
+            and embedding.group_size % 32 == 0
             and hidden_states.device.type == "cpu"
             and hidden_states[..., 0].numel() <= LOWBIT_HEAD_MAX_POSITIONS
             and not (torch.is_grad_enabled() and hidden_states.requires_grad)

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -253,28 +254,38 @@ at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& lanes, const at::Ten
   const int64_t Mp = (M + kRows - 1) / kRows * kRows;
   TORCH_CHECK(lanes.size(0) == Mp && lanes.size(1) == ldw, "forge_bitnet.bitlinear: lanes has shape ",
               lanes.sizes(), ", expected (", Mp, ", ", ldw, ") for ", M, " x ", K);
-  const float scale_w = w_scale.item<float>();
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == 1, "forge_bitnet.bitlinear: w_scale must be "
+              "one fp32 value");
+  const float scale_w = *w_scale.data_ptr<float>();
   const float* bias_ptr = nullptr;
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
-    bias_f = bias->to(at::kFloat).contiguous();
+    bias_f = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
     TORCH_CHECK(bias_f.numel() == M, "forge_bitnet.bitlinear: bias has ", bias_f.numel(), " values, not ", M);
     bias_ptr = bias_f.data_ptr<float>();
   }
   const Isa isa = isa_request < 0 ? best_isa() : std::min(static_cast<Isa>(isa_request), best_isa());
 
   // 1. Per-token absmax quantization (the same fp32 operations as bitnet.py `quantize_activations`).
-  at::Tensor xq = at::zeros({N, Kp}, x.options().dtype(at::kChar));
-  std::vector<float> out_scale(N);
-  std::vector<int32_t> row_sum(N);
+  // Scratch reused across calls (decoding calls this ~100 times per token; fresh tensors cost more than the math).
+  // The lambdas below run on other threads, so they must use these pointers, never the thread_local names.
+  thread_local std::vector<int8_t> xq_buffer;
+  thread_local std::vector<float> scale_buffer;
+  thread_local std::vector<int32_t> sum_buffer;
+  xq_buffer.resize(N * Kp);
+  scale_buffer.resize(N);
+  sum_buffer.resize(N);
+  int8_t* qp = xq_buffer.data();
+  float* out_scale = scale_buffer.data();
+  int32_t* row_sum = sum_buffer.data();
   const float* xp = x.data_ptr<float>();
-  int8_t* qp = xq.data_ptr<int8_t>();
   const float eps_f = static_cast<float>(eps), qmax_f = static_cast<float>(qmax);
   const QuantFn quantize = quant_fn(isa);
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       float x_scale;
       row_sum[n] = quantize(xp + n * K, K, eps_f, qmax_f, qp + n * Kp, &x_scale);
+      std::fill(qp + n * Kp + K, qp + (n + 1) * Kp, int8_t{0});  // padding columns: activation 0
       out_scale[n] = scale_w / x_scale;
     }
   });
@@ -315,41 +326,51 @@ at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& lanes, const at::Ten
 // (at most 8 + 11 significant bits), so this is F.linear(h, dequantized) up to the order of the fp32 sums, which is
 // fixed here (16 lanes over k, then a tree), the same for every batch size. 4 vocabulary rows x up to 4 tokens.
 
-// 16 codes of row `v` starting at column k (a multiple of 16) as fp32, times the group scale.
-template <int BITS>
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 lowbit_weights(const uint8_t* codes,
-                                                                                      int64_t k, __m512 scale) {
-  __m512i ints;
-  if constexpr (BITS == 8) {
-    ints = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
-  } else {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k / 2));
-    const __m128i nib = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
-    ints = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), _mm512_set1_epi32(8));
-  }
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(ints), scale);
-}
-
+// Tile of 4 vocabulary rows x NT tokens. 8 bits: 16 codes -> fp32 -> times the group scale. 4 bits: 16 bytes = 32
+// nibbles; each nibble indexes a 16-entry table (c - 8) * scale of its row and group (one VPERMPS per 16 weights).
 template <int BITS, int NT>
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void lowbit_tile(const float* x, int64_t D,
                                                                           const uint8_t* codes, int64_t ldc,
                                                                           const at::Half* scales, int64_t groups,
                                                                           int64_t G, int rows, float* out,
                                                                           int64_t ldo) {
+  constexpr int64_t kStep = BITS == 8 ? 16 : 32;  // columns per step
+  const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const uint8_t* row_codes[kRows];
+  for (int r = 0; r < kRows; ++r) row_codes[r] = codes + std::min(r, rows - 1) * ldc;
   __m512 acc[NT][kRows];
   for (int n = 0; n < NT; ++n)
     for (int r = 0; r < kRows; ++r) acc[n][r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 scale[kRows];
-    for (int r = 0; r < kRows; ++r)
-      scale[r] = _mm512_set1_ps(r < rows ? static_cast<float>(scales[r * groups + g]) : 0.f);
-    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
-      __m512 w[kRows];
-      for (int r = 0; r < kRows; ++r) w[r] = lowbit_weights<BITS>(codes + std::min(r, rows - 1) * ldc, k, scale[r]);
-      for (int n = 0; n < NT; ++n) {
-        const __m512 xv = _mm512_loadu_ps(x + n * D + k);
-        for (int r = 0; r < kRows; ++r) acc[n][r] = _mm512_fmadd_ps(w[r], xv, acc[n][r]);
+    __m512 table[kRows];  // 8 bits: the broadcast scale; 4 bits: (c - 8) * scale for c = 0..15 (exact products)
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 scale = _mm512_set1_ps(r < rows ? static_cast<float>(scales[r * groups + g]) : 0.f);
+      table[r] = BITS == 8 ? scale : _mm512_mul_ps(centred, scale);
+    }
+    for (int64_t k = g * G; k < (g + 1) * G; k += kStep) {
+      if constexpr (BITS == 8) {
+        __m512 w[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row_codes[r] + k));
+          w[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), table[r]);
+        }
+        for (int n = 0; n < NT; ++n) {
+          const __m512 xv = _mm512_loadu_ps(x + n * D + k);
+          for (int r = 0; r < kRows; ++r) acc[n][r] = _mm512_fmadd_ps(w[r], xv, acc[n][r]);
+        }
+      } else {
+        __m512 w0[kRows], w1[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row_codes[r] + k / 2));
+          const __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+          w0[r] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), table[r]);
+          w1[r] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), table[r]);
+        }
+        for (int n = 0; n < NT; ++n) {
+          const __m512 x0 = _mm512_loadu_ps(x + n * D + k), x1 = _mm512_loadu_ps(x + n * D + k + 16);
+          for (int r = 0; r < kRows; ++r) acc[n][r] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[n][r]));
+        }
       }
     }
   }
@@ -373,7 +394,7 @@ void lowbit_tile_dispatch(int nt, const float* x, int64_t D, const uint8_t* code
 }
 
 // x: (N, D) fp32; codes: (V, D) int8 (8 bits) or (V, D / 2) uint8 nibbles (4 bits, even column low); scales:
-// (V, D / G) fp16. Needs AVX-512 and G % 16 == 0 (bitnet.py checks `lowbit_supported` first).
+// (V, D / G) fp16. Needs AVX-512 and G % 32 == 0 (bitnet.py checks `lowbit_supported` first).
 at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t bits,
                          int64_t group_size) {
   TORCH_CHECK(best_isa() == kAvx512, "forge_bitnet.lowbit_linear needs AVX-512");
@@ -381,8 +402,8 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "forge_bitnet.lowbit_linear: x must be a contiguous 2-D fp32 CPU tensor");
   const int64_t N = x.size(0), D = x.size(1), V = codes.size(0), G = group_size, groups = D / std::max<int64_t>(G, 1);
-  TORCH_CHECK(G > 0 && G % 16 == 0 && D % G == 0, "forge_bitnet.lowbit_linear: group size must divide D and be a "
-              "multiple of 16");
+  TORCH_CHECK(G > 0 && G % 32 == 0 && D % G == 0, "forge_bitnet.lowbit_linear: group size must divide D and be a "
+              "multiple of 32");
   TORCH_CHECK(codes.is_contiguous() && codes.size(1) == (bits == 8 ? D : D / 2), "forge_bitnet.lowbit_linear: codes "
               "have shape ", codes.sizes(), " for D = ", D);
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == V &&

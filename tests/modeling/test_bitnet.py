@@ -332,6 +332,22 @@ def test_packed_kernel_gives_the_reference_bits_on_awkward_shapes(out_features, 
 
 
 @needs_packed_kernel
+def test_packed_kernel_splits_rows_across_threads_with_the_same_bits():
+    torch.manual_seed(0)
+    w_int = torch.randint(-1, 2, (1090, 320)).float()  # 273 row tiles: several tasks per thread
+    lanes, scale, bias = lane_pack(pack_ternary(w_int), 1090), torch.tensor([0.02]), torch.randn(1090)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for batch in (1, 7, 40):
+            x = torch.randn(batch, 320)
+            out = torch.ops.forge_bitnet.bitlinear(x, lanes, scale, bias, 1090, 127, 1e-5)
+            assert torch.equal(out, bitlinear_product(x, w_int, scale, bias, 8)[0]), batch
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_packed_kernel
 def test_packed_kernel_model_matches_the_other_kernels_bit_for_bit(tiny_config, tmp_path, caplog):
     model, x, shadow_logits = _packed_model(tiny_config, embedding_bits=4)
     layer = model.model.layers[1].mlp.down_proj
