@@ -113,26 +113,27 @@ def unpack_ternary(packed: torch.Tensor, out_features: int, dtype: torch.dtype =
         return unpack_weights(packed, dtype=dtype)[:out_features]
 
 
-LANE_BLOCK = 64  # columns per block of the "packed" kernel's lane layout (16 bytes per row)
-LANE_ROWS = 4  # the lane layout pads rows to a multiple of this
+LANE_ROWS = 16  # the "packed" kernel's lane layout: tiles of 16 rows x groups of 4 columns, 16 bytes each
+LANE_COLS = 4
 
 
 def lane_pack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """Repack transformers' 2-bit layout into the lane layout the "packed" kernel reads (still 2 bits per weight).
 
-    Codes `w + 1` in {0, 1, 2}; rows padded to a multiple of 4 and columns to a multiple of 64 (code 1, weight 0);
-    per row and block of 64 columns, byte `j` holds column `16 * L + j` in bits `2L` (L = 0..3), so that one 16-byte
-    load shifted by 0/2/4/6 per 128-bit lane gives 64 codes in column order (see kernels/bitnet_packed.cpp).
-    Shape (ceil(out / 4) * 4, ceil(in / 64) * 16) uint8; done once per load.
+    Codes `w + 1` in {0, 1, 2}; rows padded to a multiple of 16 and columns to a multiple of 4 (code 1, weight 0);
+    per tile of 16 rows and group of 4 columns, byte `b` holds row `4L + b // 4`, column `b % 4` in bits `2L`
+    (L = 0..3), so that one 16-byte load shifted by 0/2/4/6 per 128-bit lane gives the 16 rows x 4 columns operand
+    of one VPDPBUSD (see kernels/bitnet_packed.cpp). Shape (ceil(out / 16), ceil(in / 4) * 16) uint8; once per load.
     """
     w_int = unpack_ternary(packed, out_features, torch.int8)
     rows, cols = w_int.shape
-    padded_rows, blocks = -(-rows // LANE_ROWS) * LANE_ROWS, -(-cols // LANE_BLOCK)
-    codes = torch.ones(padded_rows, blocks * LANE_BLOCK, dtype=torch.uint8, device=packed.device)
+    tiles, groups = -(-rows // LANE_ROWS), -(-cols // LANE_COLS)
+    codes = torch.ones(tiles * LANE_ROWS, groups * LANE_COLS, dtype=torch.uint8, device=packed.device)
     codes[:rows, :cols] = (w_int + 1).to(torch.uint8)
-    codes = codes.view(padded_rows, blocks, 4, 16)
+    # (tile, L, row in lane, group, column in group) -> (tile, group, L, 16 bytes)
+    codes = codes.view(tiles, 4, 4, groups, LANE_COLS).permute(0, 3, 1, 2, 4).reshape(tiles, groups, 4, 16)
     lanes = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
-    return lanes.reshape(padded_rows, blocks * 16).contiguous()
+    return lanes.reshape(tiles, groups * 16).contiguous()
 
 
 _PACKED_KERNEL_SOURCE = Path(__file__).with_name("kernels") / "bitnet_packed.cpp"
@@ -429,7 +430,7 @@ class BitLinear(nn.Module):
 
     def _empty_cache(self, device: torch.device | str | None) -> torch.Tensor:
         if self.kernel == "packed":
-            shape = (-(-self.out_features // LANE_ROWS) * LANE_ROWS, -(-self.in_features // LANE_BLOCK) * 16)
+            shape = (-(-self.out_features // LANE_ROWS), -(-self.in_features // LANE_COLS) * 16)
             return torch.zeros(shape, dtype=torch.uint8, device=device)
         dtype = torch.int8 if self.kernel == "int8" else torch.float32
         return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
