@@ -12,6 +12,14 @@ the layers from `config.bitnet` (the hook `apply_bitnet_layout`, called by the m
 layer once, in `_init_weights`, into a non-persistent buffer: the same place transformers derives rotary
 frequencies after loading. The embedding (tied to the LM head) may be stored in 16, 8 or 4 bits.
 
+Kernels (`set_bitnet_kernel`; the packed layers' cache is made once per load for the one chosen): "float" (fp32
+ternary matrix, F.linear), "int8" (int8 matrix, bitsandbytes' int8 GEMM), "packed" (kernels/bitnet_packed.cpp, a C++
+CPU kernel built on first use with torch.utils.cpp_extension: per-token int8 activations times the 2-bit weights,
+repacked once into a VNNI-friendly 2-bit layout, with integer dot products; AVX-512 VNNI, AVX2 or scalar). All three
+give the same bits. "auto" (the default of `from_pretrained` and `pack_bitnet`) takes "packed" where it builds and
+"float" otherwise (no compiler, or a trust_remote_code folder, which has no C++ source). With a 4/8-bit embedding
+and the extension built, the tied LM head reads the codes when decoding (`TiedLMHead`).
+
 References:
     - Ma et al. "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits", 2024 (BitNet b1.58).
     - Wang et al. "BitNet: Scaling 1-bit Transformers for Large Language Models", 2023 (per-token absmax, STE).
@@ -137,7 +145,8 @@ def lane_pack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 
 
 _PACKED_KERNEL_SOURCE = Path(__file__).with_name("kernels") / "bitnet_packed.cpp"
-_packed_kernel_state: dict[str, object] = {}  # "ops" (torch.ops.forge_bitnet) or "error" (why it is unavailable)
+# "ops" (torch.ops.forge_bitnet) and "bitlinear" (its op), or "error" (why it is unavailable)
+_packed_kernel_state: dict[str, object] = {}
 
 
 def load_packed_kernel() -> object | None:
@@ -157,6 +166,7 @@ def load_packed_kernel() -> object | None:
         error = "no C++ compiler was found (CXX or c++ on PATH); install g++ (Debian: apt-get install g++)"
     elif hasattr(torch.ops, "forge_bitnet") and hasattr(torch.ops.forge_bitnet, "bitlinear"):
         _packed_kernel_state["ops"] = torch.ops.forge_bitnet  # already loaded in this process
+        _packed_kernel_state["bitlinear"] = torch.ops.forge_bitnet.bitlinear.default
     else:
         path = os.environ.get("PATH", "")
         try:
@@ -171,6 +181,7 @@ def load_packed_kernel() -> object | None:
                                extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)  # fmt: skip
             _register_fake_kernels()
             _packed_kernel_state["ops"] = torch.ops.forge_bitnet
+            _packed_kernel_state["bitlinear"] = torch.ops.forge_bitnet.bitlinear.default
         except Exception as exc:  # a failed build must not stop a model from loading: it falls back to "float"
             error = f"building it failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
         finally:
@@ -378,16 +389,19 @@ class BitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return BitLinearSTE.apply(x, self.weight, self.bias, self.activation_bits)
-        if self.kernel == "packed":
-            if x.device.type != "cpu":
+        if self.kernel == "packed" and not (x.requires_grad and torch.is_grad_enabled()):  # the C++ op has no backward
+            if not x.is_cpu:
                 raise ValueError(f"BitLinear kernel 'packed' runs on CPU only, got an input on {x.device}. Fix: "
                                  "set_bitnet_kernel(model, 'float') after moving the model.")  # fmt: skip
-            if not (torch.is_grad_enabled() and x.requires_grad):  # the C++ kernel has no backward
-                flat = x.reshape(-1, self.in_features).float().contiguous()
-                qmax = 2 ** (self.activation_bits - 1) - 1
-                out = torch.ops.forge_bitnet.bitlinear(flat, self.weight_lanes, self.weight_scale, self.bias,
-                                                       self.out_features, qmax, ACTIVATION_EPS)  # fmt: skip
-                return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            # Decoding calls this ~100 times per token: only the conversions that are needed, the op looked up once.
+            flat = x.reshape(-1, self.in_features)
+            if flat.dtype != torch.float32 or not flat.is_contiguous():
+                flat = flat.float().contiguous()
+            qmax = 2 ** (self.activation_bits - 1) - 1
+            out = _packed_kernel_state["bitlinear"](flat, self.weight_lanes, self.weight_scale, self.bias,
+                                                    self.out_features, qmax, ACTIVATION_EPS)  # fmt: skip
+            out = out.view(*x.shape[:-1], self.out_features)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         weight = self.weight_ternary
         if weight is None:  # kernel "packed" under autograd: the reference product on the unpacked weight
             weight = unpack_ternary(self.weight_packed, self.out_features, torch.float32)
