@@ -145,7 +145,7 @@ def lane_pack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 
 
 _PACKED_KERNEL_SOURCE = Path(__file__).with_name("kernels") / "bitnet_packed.cpp"
-# "ops" (torch.ops.forge_bitnet) and "bitlinear" (its op), or "error" (why it is unavailable)
+# "ops" (torch.ops.forge_bitnet), "bitlinear" (its op) and "isa" (the CPU path it takes), or "error" (why not)
 _packed_kernel_state: dict[str, object] = {}
 
 
@@ -166,7 +166,6 @@ def load_packed_kernel() -> object | None:
         error = "no C++ compiler was found (CXX or c++ on PATH); install g++ (Debian: apt-get install g++)"
     elif hasattr(torch.ops, "forge_bitnet") and hasattr(torch.ops.forge_bitnet, "bitlinear"):
         _packed_kernel_state["ops"] = torch.ops.forge_bitnet  # already loaded in this process
-        _packed_kernel_state["bitlinear"] = torch.ops.forge_bitnet.bitlinear.default
     else:
         path = os.environ.get("PATH", "")
         try:
@@ -181,16 +180,17 @@ def load_packed_kernel() -> object | None:
                                extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)  # fmt: skip
             _register_fake_kernels()
             _packed_kernel_state["ops"] = torch.ops.forge_bitnet
-            _packed_kernel_state["bitlinear"] = torch.ops.forge_bitnet.bitlinear.default
         except Exception as exc:  # a failed build must not stop a model from loading: it falls back to "float"
             error = f"building it failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
         finally:
             os.environ["PATH"] = path
-    if error is not None:
+    if error is None:
+        _packed_kernel_state["bitlinear"] = torch.ops.forge_bitnet.bitlinear.default
+        _packed_kernel_state["isa"] = torch.ops.forge_bitnet.isa()
+    else:
         _packed_kernel_state["error"] = error
         log = logger.info if not _PACKED_KERNEL_SOURCE.exists() else logger.warning  # expected in remote-code folders
-        log(f"The BitNet 'packed' CPU kernel is unavailable: {error}. Using kernel 'float' (same outputs, "
-                       "slower).")  # fmt: skip
+        log(f"The BitNet 'packed' CPU kernel is unavailable: {error}. Using kernel 'float' (same outputs, slower).")
     return _packed_kernel_state.get("ops")
 
 
@@ -578,7 +578,7 @@ class TiedLMHead(nn.Module):
             and hidden_states.device.type == "cpu"
             and hidden_states[..., 0].numel() <= LOWBIT_HEAD_MAX_POSITIONS
             and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-            and _packed_kernel_state.setdefault("isa", ops.isa()) == "avx512-vnni"
+            and _packed_kernel_state["isa"] == "avx512-vnni"
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
