@@ -33,6 +33,7 @@ below are hand-written (~60 lines): bitsandbytes' 4-/8-bit codecs would make loa
 bitsandbytes, which the remote-code route should not need.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -176,7 +177,10 @@ def load_packed_kernel() -> object | None:
 
                 os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
             logger.info("Building the BitNet 'packed' kernel (once; cached by torch.utils.cpp_extension).")
-            cpp_extension.load(name="forge_bitnet_packed", sources=[str(_PACKED_KERNEL_SOURCE)],
+            # The cache folder is named by the source's hash: checkouts with other versions never share (and rebuild)
+            # one folder, and a process never loads a library built from another version of the source.
+            digest = hashlib.sha256(_PACKED_KERNEL_SOURCE.read_bytes()).hexdigest()[:16]
+            cpp_extension.load(name=f"forge_bitnet_packed_{digest}", sources=[str(_PACKED_KERNEL_SOURCE)],
                                extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)  # fmt: skip
             _register_fake_kernels()
             _packed_kernel_state["ops"] = torch.ops.forge_bitnet
