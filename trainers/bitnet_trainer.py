@@ -594,6 +594,7 @@ def _save(config: BitNetConfig, output_dir: Path, model, tokenizer, report: dict
         model_name=f"forge-phase4-bitnet-{Path(config.model_name_or_path).name}", write_extras=write_extras,
         overwrite=config.overwrite,
         push_to_hub=(config.hub_model_id or f"{output_dir.parent.name}-phase4") if config.push_to_hub else None,
+        hub_token=config.hub_token, hub_private=config.hub_private_repo,
     )  # fmt: skip
 
 

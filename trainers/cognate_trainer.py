@@ -328,7 +328,7 @@ def _save_specialisation(final_dir, trainer, tokenizer, config, name, spec, over
         card_sections={"specialization": name, "spec": json.dumps(spec), "events": event_text,
                        "curriculum": trainer.curriculum.schedule},
         write_extras=write_extras, overwrite=config.resume,
-        push_to_hub=_hub_repo(config, name),
+        push_to_hub=_hub_repo(config, name), hub_token=config.hub_token, hub_private=config.hub_private_repo,
     )  # fmt: skip
 
 

@@ -1254,6 +1254,8 @@ def _save_phase3(
         write_extras=write_extras,
         overwrite=config.overwrite,
         push_to_hub=f"{config.hub_model_id or Path(config.output_dir).name}-phase3" if config.push_to_hub else None,
+        hub_token=config.hub_token,
+        hub_private=config.hub_private_repo,
     )
 
 
