@@ -41,6 +41,7 @@ from modeling_forge.bitnet import (
 
 from .base import ForgeTrainer
 from .bitnet_config import BitNetConfig
+from .checkpointing import remove_work_dir
 from .data import CurriculumStage, build_curriculum, source_blocks
 from .phase_output import save_phase_output
 from .size_aware import size_defaults
@@ -479,6 +480,7 @@ def run_phase4(config: BitNetConfig) -> dict:
                          embedding_loss, quality, storage, input_bytes, speed, train_logs)  # fmt: skip
         _save(config, output_dir, student, tokenizer, report, train_logs, time.time() - started)
         summary.update(report=report, wall_time_s=time.time() - started)
+        remove_work_dir(work_dir)
     state.wait_for_everyone()
     return summary
 

@@ -26,6 +26,7 @@ from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.tokenization import build_tokenizer
 
 from .base import ForgeTrainer
+from .checkpointing import remove_work_dir
 from .cognate_config import CognateConfig
 from .data import CurriculumData, build_curriculum
 from .diversity import diversity_report, write_diversity_report
@@ -244,6 +245,7 @@ def run_phase1(config: CognateConfig) -> dict:
             _save_specialisation(final_dir, trainer, tokenizer, config, name, spec, overrides, init_dir, metrics,
                                  eval_results, events, time.time() - spec_started)  # fmt: skip
             summary["specializations"][name] = metrics
+            remove_work_dir(args.output_dir)  # its checkpoints are superseded by the finished folder
         state.wait_for_everyone()
 
     if state.is_main_process:
@@ -254,6 +256,7 @@ def run_phase1(config: CognateConfig) -> dict:
         )  # fmt: skip
         write_diversity_report(report, phase_dir)
         summary["diversity"] = {"diverged": report["diverged"], "pairs": report["pairs"]}
+        remove_work_dir(work_dir)
     summary["wall_time_s"] = time.time() - started
     return summary
 

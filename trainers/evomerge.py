@@ -55,6 +55,7 @@ from transformers.utils import logging
 
 from evaluation.tasks.base import stable_hash
 
+from .checkpointing import current_umask
 from .evomerge_config import EvoMergeConfig
 from .merging import Checkpoint, MergeRecipe, build_model, load_checkpoint, run_recipe
 
@@ -612,6 +613,9 @@ def write_atomic(path: Path, text: str) -> None:
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w") as stream:
         stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; read like any other written file
     os.replace(tmp, path)
 
 

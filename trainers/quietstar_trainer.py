@@ -47,6 +47,7 @@ from modeling_forge.modeling_forge import ForgeThoughtMixer
 from modeling_forge.tokenization import STRATEGY_TOKENS, THOUGHT_END, THOUGHT_START, THOUGHT_TOKENS
 
 from .base import ForgeTrainer
+from .checkpointing import remove_work_dir
 from .phase_output import save_phase_output
 from .quietstar_config import QuietStarConfig
 
@@ -1155,6 +1156,7 @@ def run_phase3(config: QuietStarConfig) -> dict:
     _save_phase3(
         output, config, model, tokenizer, trainer, metrics, teacher, reasoning, bake_summary, theater, samples, wall
     )
+    remove_work_dir(args.output_dir)
     return {"output_dir": str(output), "metrics": metrics, "anti_theater": theater.reports, "wall_time_s": wall}
 
 
