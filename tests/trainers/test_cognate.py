@@ -297,3 +297,30 @@ def test_wandb_tracking_runs_offline_with_the_spec_metric_names(tiny_tokenizer, 
     history = next(runs[0].glob("run-*.wandb")).read_bytes()
     for name in (b"act/avg_steps", b"gate/m_usage", b"loss/step_0", b"curriculum/stage"):
         assert name in history
+
+
+def _perturbed(init, seed, scale=0.05):
+    model = ForgeForCausalLM(init.config)
+    model.load_state_dict(init.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("seeds, diverged", [((1, 2, 3), True), ((1, 1, 1), False), ((1, 2, 2), False)])
+def test_diversity_check_in_both_directions(tiny_config, tiny_tokenizer, seeds, diverged):
+    """Differently perturbed models pass the divergence check; clones (or one cloned pair) fail it."""
+    from trainers.diversity import diversity_report
+
+    torch.manual_seed(0)
+    init = ForgeForCausalLM(tiny_config(vocab_size=len(tiny_tokenizer))).eval()
+    models = {name: _perturbed(init, seed) for name, seed in zip(("reasoning", "memory", "speed"), seeds, strict=True)}
+    blocks = torch.randint(0, len(tiny_tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    report = diversity_report(models, init, tiny_tokenizer, text_blocks=blocks)
+    assert report["diverged"] is diverged
+    for pair, values in report["pairs"].items():
+        a, b = pair.split("|")
+        same = seeds[["reasoning", "memory", "speed"].index(a)] == seeds[["reasoning", "memory", "speed"].index(b)]
+        assert values["different"] is (not same), (pair, values)
