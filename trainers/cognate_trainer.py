@@ -16,7 +16,6 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import SequentialSampler
 from transformers import AutoTokenizer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from evaluation.corpus import corpus_texts
@@ -26,7 +25,7 @@ from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.tokenization import build_tokenizer
 
 from .base import ForgeTrainer
-from .checkpointing import remove_work_dir
+from .checkpointing import finished_output, last_complete_checkpoint, remove_work_dir
 from .cognate_config import CognateConfig
 from .data import CurriculumData, build_curriculum
 from .diversity import diversity_report, write_diversity_report
@@ -166,7 +165,7 @@ def run_phase1(config: CognateConfig) -> dict:
     work_dir = phase_dir / ".work"
     init_dir = phase_dir / "init"
     names = list(config.specializations)
-    finished = [name for name in names if (phase_dir / name).exists()]
+    finished = [name for name in names if finished_output(phase_dir / name)]
     if finished and not config.resume:
         raise FileExistsError(
             f"{phase_dir} already holds finished specialisations {finished}. Fix: pass --resume to continue this "
@@ -176,7 +175,7 @@ def run_phase1(config: CognateConfig) -> dict:
         os.environ.setdefault("WANDB_MODE", "offline")  # offline unless the user chose a mode
 
     # 1. Tokenizer and the one shared initialisation (main process writes, everyone reads).
-    if state.is_main_process and not init_dir.exists():
+    if state.is_main_process and not finished_output(init_dir):
         tokenizer = _load_or_build_tokenizer(config, init_dir)
         vocab = config.model_vocab_size or -(-len(tokenizer) // 64) * 64
         model_config = ForgeConfig.from_preset(
@@ -202,7 +201,7 @@ def run_phase1(config: CognateConfig) -> dict:
     summary = {"output_dir": str(phase_dir), "specializations": {}}
     for name in names:
         final_dir = phase_dir / name
-        if final_dir.exists():
+        if finished_output(final_dir):
             logger.info("Phase 1 %s already finished at %s; skipping it.", name, final_dir)
             summary["specializations"][name] = json.loads((final_dir / "metrics.json").read_text())["metrics"]
             continue
@@ -235,7 +234,8 @@ def run_phase1(config: CognateConfig) -> dict:
         ]
         for monitor in monitors:
             trainer.add_callback(monitor)
-        checkpoint = get_last_checkpoint(args.output_dir) if config.resume and Path(args.output_dir).exists() else None
+        # The newest checkpoint Trainer wrote to the end (one cut by a kill is removed, not resumed from).
+        checkpoint = last_complete_checkpoint(args.output_dir) if config.resume else None
         spec_started = time.time()
         trainer.train(resume_from_checkpoint=checkpoint)
         final_eval = trainer.evaluate()
