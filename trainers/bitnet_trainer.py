@@ -466,8 +466,7 @@ def run_phase4(config: BitNetConfig) -> dict:
 
     # 3. Pack to 2 bits, measure, write.
     pack_bitnet(student, kernel=config.kernel)
-    if config.kernel != "float":
-        set_bitnet_kernel(student, config.kernel)
+    kernel = set_bitnet_kernel(student, config.kernel)  # checks the kernel's requirements; what "auto" chose
     student.eval()
     summary = {"output_dir": str(output_dir)}
     if state.is_main_process:
@@ -481,7 +480,7 @@ def run_phase4(config: BitNetConfig) -> dict:
                                        tokenizer.pad_token_id)  # fmt: skip
             speed = {"fp32_tokens_per_s": tps["fp32"], "packed_tokens_per_s": tps["packed"],
                      "packed_vs_fp32": tps["packed"] / tps["fp32"], "batch_size": 1,
-                     "new_tokens": config.speed_new_tokens, "kernel": config.kernel,
+                     "new_tokens": config.speed_new_tokens, "kernel": kernel,
                      "threads": torch.get_num_threads()}  # fmt: skip
         report = _report(config, defaults, filled, n_params, ptq, (embedding_bits_first, embedding_bits), projected,
                          base_loss,
