@@ -673,16 +673,30 @@ def truncate_completion(completion: str) -> str:
     return completion[:end]
 
 
+class SandboxFailedError(RuntimeError):
+    """The sandbox failed as a whole (not one program): e.g. bubblewrap missing where isolation is required."""
+
+
 class CodeFamily(TaskFamily):
     """HumanEval-style function completion, scored by running the tests in the sandbox."""
 
     name = "code"
 
-    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 256, max_workers: int | None = None) -> None:
-        """Sandbox limits used when scoring (per program) and the parallelism of `score_batch`."""
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        memory_mb: int = 256,
+        max_workers: int | None = None,
+        isolation: str = "auto",
+        require_isolation: bool = False,
+    ) -> None:
+        """Sandbox limits used when scoring (per program), the parallelism of `score_batch`, and the isolation
+        `evaluation.sandbox.run_code` must use (`require_isolation=True` refuses the rlimits fallback)."""
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.max_workers = max_workers
+        self.isolation = isolation
+        self.require_isolation = require_isolation
 
     # -- generation ------------------------------------------------------------------------------------------------
 
@@ -759,7 +773,12 @@ class CodeFamily(TaskFamily):
         return None if body is None else example.prompt + body
 
     def _limits(self) -> dict[str, Any]:
-        return {"timeout_s": self.timeout_s, "memory_mb": self.memory_mb}
+        return {
+            "timeout_s": self.timeout_s,
+            "memory_mb": self.memory_mb,
+            "isolation": self.isolation,
+            "require_isolation": self.require_isolation,
+        }
 
     def run(self, examples: Sequence[Example], completions: Sequence[str]) -> list[ExecutionResult | None]:
         """Sandbox results for aligned examples and completions (None where a completion has no body)."""
@@ -784,13 +803,16 @@ class CodeFamily(TaskFamily):
 
     def score_batch(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
         """Scores of many completions, run in parallel in the sandbox."""
+        if len(examples) != len(completions):
+            raise ValueError(f"Got {len(examples)} examples but {len(completions)} completions.")
         try:
             results = self.run(examples, completions)
-        except ValueError:
-            raise
-        except Exception:  # the sandbox failing as a whole is a zero score, never a crash of the training loop
-            logger.warning("code: sandbox run failed; scoring the batch as 0", exc_info=True)
-            return [0.0] * len(examples)
+        except Exception as error:  # the sandbox failing as a whole: scoring zeros would hide it and train on noise
+            raise SandboxFailedError(
+                f"code: the sandbox could not run the batch ({type(error).__name__}: {error}); no program was scored. "
+                "Fix: install bubblewrap (`apt-get install bubblewrap`, or `make system-deps`) and check that user "
+                "namespaces are allowed, or pass require_isolation=False to accept the weaker rlimits fallback."
+            ) from error
         return [1.0 if result is not None and result.passed else 0.0 for result in results]
 
     # -- hints -----------------------------------------------------------------------------------------------------
