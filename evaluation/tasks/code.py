@@ -781,7 +781,8 @@ class CodeFamily(TaskFamily):
         }
 
     def run(self, examples: Sequence[Example], completions: Sequence[str]) -> list[ExecutionResult | None]:
-        """Sandbox results for aligned examples and completions (None where a completion has no body)."""
+        """Sandbox results for aligned examples and completions (None where a completion has no body); raises
+        `SandboxFailedError` when the sandbox cannot run the batch at all (never a silent zero score)."""
         from evaluation.sandbox import run_many
 
         if len(examples) != len(completions):
@@ -792,27 +793,27 @@ class CodeFamily(TaskFamily):
         results: list[ExecutionResult | None] = [None] * len(programs)
         if todo:
             jobs = [(programs[i], examples[i].meta["tests"]) for i in todo]
-            ran = run_many(jobs, max_workers=self.max_workers, **self._limits())
+            try:
+                ran = run_many(jobs, max_workers=self.max_workers, **self._limits())
+            except Exception as error:  # the sandbox failing as a whole: zeros would hide it and train on noise
+                raise SandboxFailedError(
+                    f"code: the sandbox could not run the batch ({type(error).__name__}: {error}); no program was "
+                    "scored. Fix: install bubblewrap (`apt-get install bubblewrap`, or `make system-deps`) and check "
+                    "that user namespaces are allowed, or pass require_isolation=False to accept the weaker rlimits "
+                    "fallback."
+                ) from error
             for i, result in zip(todo, ran, strict=True):
                 results[i] = result
         return results
 
     def score(self, example: Example, completion: str) -> float:
-        """1.0 when prompt + completion passes every test in the sandbox, else 0.0 (never raises)."""
+        """1.0 when prompt + completion passes every test in the sandbox, else 0.0 (`SandboxFailedError` when the
+        sandbox cannot run at all)."""
         return self.score_batch([example], [completion])[0]
 
     def score_batch(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
         """Scores of many completions, run in parallel in the sandbox."""
-        if len(examples) != len(completions):
-            raise ValueError(f"Got {len(examples)} examples but {len(completions)} completions.")
-        try:
-            results = self.run(examples, completions)
-        except Exception as error:  # the sandbox failing as a whole: scoring zeros would hide it and train on noise
-            raise SandboxFailedError(
-                f"code: the sandbox could not run the batch ({type(error).__name__}: {error}); no program was scored. "
-                "Fix: install bubblewrap (`apt-get install bubblewrap`, or `make system-deps`) and check that user "
-                "namespaces are allowed, or pass require_isolation=False to accept the weaker rlimits fallback."
-            ) from error
+        results = self.run(examples, completions)  # raises SandboxFailedError when the sandbox fails as a whole
         return [1.0 if result is not None and result.passed else 0.0 for result in results]
 
     # -- hints -----------------------------------------------------------------------------------------------------
