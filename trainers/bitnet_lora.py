@@ -44,6 +44,9 @@ class BitLinearLora(LoraLinear):
             )
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
+    def _get_in_out_features(self, module: torch.nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features  # peft's generic lookup warns on layer types it does not know
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         active = [a for a in self.active_adapters if a in self.lora_A]
