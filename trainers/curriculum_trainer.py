@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
@@ -52,13 +53,14 @@ from evaluation.tasks.base import Example
 from evaluation.tasks.code import STOP_SEQUENCES, CodeFamily, truncate_completion
 from hub_cards import line_plot
 from modeling_forge.bitnet import bitnet_to_shadow, pack_bitnet
-from modeling_forge.tokenization import THOUGHT_END, THOUGHT_START, THOUGHT_TOKENS
+from modeling_forge.tokenization import THOUGHT_START
 
 from .baking_trainer import run_prompt_baking
 from .base import ForgeTrainer
 from .checkpointing import atomic_directory
 from .curriculum_config import CurriculumConfig
 from .phase_output import save_phase_output
+from .quietstar_trainer import strip_thoughts  # spans and stray thought tokens removed: the code that runs
 from .teachers import Teacher, get_teacher
 
 logger = logging.get_logger(__name__)
@@ -66,16 +68,6 @@ logger = logging.get_logger(__name__)
 REPORT_FILE = "curriculum_report.json"
 STATE_FILE = "curriculum_state.json"
 MASK_NOTE = "the pad token stands in for a masked token"
-
-
-def strip_thoughts(text: str) -> str:
-    """The code part of an attempt: `<think> ... </think>` spans (and an unclosed one at the end) removed."""
-    text = text.split(THOUGHT_START)[0] + "".join(
-        part.split(THOUGHT_END, 1)[1] if THOUGHT_END in part else "" for part in text.split(THOUGHT_START)[1:]
-    )
-    for token in THOUGHT_TOKENS:
-        text = text.replace(token, "")
-    return text
 
 
 def with_hint(prompt: str, hint: str) -> str:
@@ -666,7 +658,8 @@ def run_phase5(config: CurriculumConfig) -> dict:
         items = [completion_item(tokenizer, p.prompt, p.completion, config.max_length) for p in pairs]
         return train_items(model, items, config, tokenizer.pad_token_id, work_dir, config.train_epochs)
 
-    for level in levels[len(records) :]:
+    todo = levels[len(records) :]
+    for level in tqdm(todo, desc="Phase 5 levels", disable=config.disable_tqdm or not state.is_main_process):
         level_started = time.time()
         pool_examples = family.generate("train", config.pool_size, seed=config.seed, difficulty=level)
         pool = TaskPool(pool_examples, family, config.successes_to_remove)
