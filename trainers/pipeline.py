@@ -91,10 +91,15 @@ class PhaseSpec:
     name: str
     config: str  # "module:Class"
     run: str  # "module:function"
-    chain: Callable[[Path], dict[str, Any]]  # run folder -> config fields (input and output)
+    chain: Callable[[Path, Path], dict[str, Any]]  # (run folder, input model folder) -> config fields
     output: Callable[[Path], Path]  # run folder -> the folder whose existence means "finished"
     models: Callable[[Path], dict[str, Path]]  # run folder -> the models this phase hands over (label -> folder)
     resume: Callable[[Path], dict[str, Any]] = lambda run: {}  # run folder -> fields that resume a cut run
+    handover: Callable[[Path], Path] | None = None  # run folder -> the model the next phase reads (default: output)
+
+    def next_input(self, run: Path) -> Path:
+        """The folder the next phase reads."""
+        return self.handover(run) if self.handover else self.output(run)
 
     def load(self, attribute: str):
         """Import `config` or `run` lazily (Phase 5 may not be installed; peft and trl import slowly)."""
@@ -118,28 +123,28 @@ PHASES: dict[int, PhaseSpec] = {
     spec.number: spec
     for spec in (
         PhaseSpec(1, "cognate", "trainers.cognate_config:CognateConfig", "trainers.cognate_trainer:run_phase1",
-                  chain=lambda run: {"output_dir": str(run)}, output=_phase1_finished,
+                  chain=lambda run, source: {"output_dir": str(run)}, output=_phase1_finished,
                   models=lambda run: {f"1 cognate ({n})": run / "phase1" / n for n in PHASE1_MODELS},
-                  resume=lambda run: {"resume": True}),
+                  resume=lambda run: {"resume": True}, handover=lambda run: run / "phase1" / PHASE1_MODELS[0]),
         PhaseSpec(2, "evomerge", "trainers.evomerge_config:EvoMergeConfig", "trainers.evomerge:run_phase2",
-                  chain=lambda run: {"output_dir": str(run), "phase1_dir": str(run / "phase1")},
+                  chain=lambda run, source: {"output_dir": str(run), "phase1_dir": str(run / "phase1")},
                   output=lambda run: run / "phase2" / "champion",
                   models=lambda run: {"2 evomerge (champion)": run / "phase2" / "champion"},
                   resume=lambda run: {"resume": True} if (run / "phase2").exists() else {}),
         PhaseSpec(3, "quietstar", "trainers.quietstar_config:QuietStarConfig", "trainers.quietstar_trainer:run_phase3",
-                  chain=lambda run: {"output_dir": str(run), "model_name_or_path": str(run / "phase2" / "champion")},
+                  chain=lambda run, source: {"output_dir": str(run), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase3", models=lambda run: {"3 quietstar": run / "phase3"}),
         PhaseSpec(4, "bitnet", "trainers.bitnet_config:BitNetConfig", "trainers.bitnet_trainer:run_phase4",
-                  chain=lambda run: {"output_dir": str(run / "phase4"), "model_name_or_path": str(run / "phase3")},
+                  chain=lambda run, source: {"output_dir": str(run / "phase4"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase4", models=lambda run: {"4 bitnet": run / "phase4"},
                   resume=_phase4_resume),
         PhaseSpec(5, "curriculum", "trainers.curriculum_config:CurriculumConfig",
                   "trainers.curriculum_trainer:run_phase5",
-                  chain=lambda run: {"output_dir": str(run / "phase5"), "model_name_or_path": str(run / "phase4")},
+                  chain=lambda run, source: {"output_dir": str(run / "phase5"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase5", models=lambda run: {"5 curriculum": run / "phase5"},
                   resume=lambda run: {"resume": True}),
         PhaseSpec(6, "persona", "trainers.persona_config:PersonaConfig", "trainers.persona_trainer:run_phase6",
-                  chain=lambda run: {"output_dir": str(run / "phase6"), "model_name_or_path": str(run / "phase5")},
+                  chain=lambda run, source: {"output_dir": str(run / "phase6"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase6", models=lambda run: {"6 persona": run / "phase6"},
                   resume=lambda run: {"resume": True}),
     )
@@ -164,6 +169,10 @@ class PipelineConfig:
     )
     from_phase: int = field(default=1, metadata={"help": "First phase to run (earlier ones must be finished)."})
     to_phase: int = field(default=6, metadata={"help": "Last phase to run."})
+    skip_phases: list | str | None = field(
+        default=None,
+        metadata={"help": "Phases (2-5) left out of the chain: the next phase reads the one before (e.g. [5])."},
+    )
     evaluation: dict | str | None = field(
         default=None,
         metadata={"help": f"The shared evaluation of every phase's model; default {DEFAULT_EVALUATION}."},
@@ -190,6 +199,12 @@ class PipelineConfig:
                     setattr(self, name, value)
         self.phases = json_field(self.phases, "PipelineConfig", "phases") or {}
         self.phases = {int(k): dict(v or {}) for k, v in self.phases.items()}
+        self.skip_phases = sorted(
+            int(n) for n in (json_field(self.skip_phases, "PipelineConfig", "skip_phases") or [])
+        )
+        if not set(self.skip_phases) <= {2, 3, 4, 5}:
+            raise ValueError(f"PipelineConfig.skip_phases is {self.skip_phases}. Fix: only phases 2-5 can be left out "
+                             "(Phase 1 starts the chain, Phase 6 ends it).")  # fmt: skip
         self.evaluation = {**DEFAULT_EVALUATION, **(json_field(self.evaluation, "PipelineConfig", "evaluation") or {})}
         if not self.output_dir:
             raise ValueError("PipelineConfig.output_dir is not set. Fix: set output_dir (the run folder) in the YAML.")
@@ -202,6 +217,8 @@ class PipelineConfig:
                 f"{self.to_phase}. Fix: e.g. --from_phase 3 --to_phase 4."
             )
         for number in range(self.from_phase, self.to_phase + 1):
+            if number in self.skip_phases:
+                continue
             entry = self.phases.get(number)
             if not entry or not entry.get("config"):
                 raise ValueError(f"PipelineConfig.phases[{number}] has no `config`. Fix: name its YAML, e.g. "
@@ -221,13 +238,23 @@ class PipelineConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir)
 
+    def previous(self, number: int) -> int | None:
+        """The phase whose model phase `number` reads: the closest earlier phase not in `skip_phases`."""
+        earlier = [n for n in range(1, number) if n not in self.skip_phases]
+        return earlier[-1] if earlier else None
+
+    def input_of(self, number: int) -> Path | None:
+        """The folder phase `number` reads (None for Phase 1)."""
+        previous = self.previous(number)
+        return PHASES[previous].next_input(self.run_dir) if previous else None
+
     def phase_config(self, number: int, resume: bool = False):
         """Phase `number`'s config object: its YAML, then the pipeline's overrides, then the run folder's chaining."""
         spec = PHASES[number]
         entry = self.phases[number]
         values = yaml.safe_load(Path(entry["config"]).read_text()) or {}
         values.update(entry.get("overrides") or {})
-        values.update(spec.chain(self.run_dir))
+        values.update(spec.chain(self.run_dir, self.input_of(number)))
         if resume:
             values.update(spec.resume(self.run_dir))
         config_class = spec.load("config")
@@ -304,14 +331,18 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[int, Callable] | None 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "phases": {}}
     try:
         for number, spec in PHASES.items():
+            if number in config.skip_phases:
+                state.phase(number, status="skipped", note="left out by skip_phases")
+                continue
             if not config.from_phase <= number <= config.to_phase:
                 note = "already finished" if phase_finished(run_dir, number) else "outside the requested range"
                 state.phase(number, status="skipped", note=note)
                 continue
-            if number > 1 and not phase_finished(run_dir, number - 1):
-                raise RuntimeError(f"Phase {number} ({spec.name}) needs the finished Phase {number - 1} at "
-                                   f"{PHASES[number - 1].output(run_dir)}. Fix: run from phase {number - 1} "
-                                   f"(--from_phase {number - 1}).")  # fmt: skip
+            previous = config.previous(number)
+            if previous is not None and not phase_finished(run_dir, previous):
+                raise RuntimeError(f"Phase {number} ({spec.name}) needs the finished Phase {previous} at "
+                                   f"{PHASES[previous].output(run_dir)}. Fix: run from phase {previous} "
+                                   f"(--from_phase {previous}).")  # fmt: skip
             if phase_finished(run_dir, number):
                 logger.info("Phase %d (%s) is finished at %s: skipped", number, spec.name, spec.output(run_dir))
                 state.phase(number, status="skipped", note="already finished")

@@ -169,3 +169,15 @@ def test_the_report_puts_every_phase_on_the_same_tasks_and_reuses_cached_scores(
     finally:
         harness.evaluate_folder = original
     assert calls == []  # unchanged weights and settings: scores come from the cache
+
+
+def test_a_phase_left_out_by_skip_phases_hands_its_input_to_the_next_phase(tmp_path):
+    recorder = Recorder()
+    config = _config(tmp_path, to_phase=4, skip_phases=[2, 3])
+    run_pipeline(config, runners=recorder.runners())
+    assert [n for n, _ in recorder.calls] == [1, 4]
+    assert recorder.calls[1][1].model_name_or_path == str(tmp_path / "phase1" / "reasoning")
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert state["phases"]["2"]["note"] == "left out by skip_phases"
+    with pytest.raises(ValueError, match="skip_phases"):
+        _config(tmp_path, skip_phases=[1])
