@@ -199,9 +199,8 @@ class PipelineConfig:
                     setattr(self, name, value)
         self.phases = json_field(self.phases, "PipelineConfig", "phases") or {}
         self.phases = {int(k): dict(v or {}) for k, v in self.phases.items()}
-        self.skip_phases = sorted(
-            int(n) for n in (json_field(self.skip_phases, "PipelineConfig", "skip_phases") or [])
-        )
+        skip = json_field(self.skip_phases, "PipelineConfig", "skip_phases") or []
+        self.skip_phases = sorted(int(n) for n in ([skip] if isinstance(skip, int) else skip))
         if not set(self.skip_phases) <= {2, 3, 4, 5}:
             raise ValueError(f"PipelineConfig.skip_phases is {self.skip_phases}. Fix: only phases 2-5 can be left out "
                              "(Phase 1 starts the chain, Phase 6 ends it).")  # fmt: skip
