@@ -177,3 +177,34 @@ def test_config_errors_name_the_field(tmp_path):
         PersonaConfig(model_name_or_path="x", output_dir=str(tmp_path), bake={"fraction": 2.0})
     with pytest.raises(ValueError, match="PersonaConfig.first_cycle"):
         PersonaConfig(model_name_or_path="x", output_dir=str(tmp_path), first_cycle="C")
+
+
+def test_task_scorer_scores_each_fixed_item_and_passes_the_persona_prefix(monkeypatch, tmp_path):
+    """The real scorer's plumbing: reference answers score 1 on every item (code runs in the sandbox), garbage 0, the
+    prefix reaches every prompt, and the items are validation-split (never the test split the report uses)."""
+    import trainers.persona_trainer as persona
+    from trainers.persona_trainer import TaskScorer
+
+    config = PersonaConfig(model_name_or_path="x", output_dir=str(tmp_path / "o"), code_examples=3,
+                           suite={"kv_recall": 1.0, "code": 1.0}, suite_examples=2)  # fmt: skip
+    scorer = TaskScorer(config)
+    assert len(scorer.items["A"]) == 3 and len(scorer.items["B"]) == 4
+    assert all(item.doc.meta["example"].meta["split"] == "validation" for k in "AB" for item in scorer.items[k])
+    assert scorer.weights("B").sum() == pytest.approx(1.0)
+    targets = {item.doc.prompt: item.doc.meta["example"].target for k in "AB" for item in scorer.items[k]}
+    seen = []
+
+    def right(model, tokenizer, prompts, **kwargs):
+        seen.extend(prompts)
+        return [[targets[p.removeprefix("PERSONA ")]] for p in prompts]
+
+    monkeypatch.setattr(persona, "generate_completions", right)
+    assert scorer.score("A", None, None).tolist() == [1.0] * 3
+    assert scorer.score("B", None, None, prefix="PERSONA ").tolist() == [1.0] * 4
+    assert all(p.startswith("PERSONA ") for p in seen[3:])
+    monkeypatch.setattr(
+        persona, "generate_completions", lambda m, t, prompts, **k: [["    return None\n"]] * len(prompts)
+    )
+    assert scorer.score("A", None, None).tolist() == [0.0] * 3
+    assert scorer.score("B", None, None).tolist() == [0.0] * 4
+    assert len(scorer.bake_inputs("A", 4)) == 4
