@@ -1,4 +1,4 @@
-# Agent Forge: `make demo` runs the main job (Phases 1-4 on the tiny preset), `make test` runs the test suite.
+# Agent Forge: `make demo` runs the main job (Phases 1-6 on the tiny preset), `make test` runs the test suite.
 # Both create .venv on first use and install everything from this repository's own files.
 
 PYTHON ?= python3
@@ -41,22 +41,15 @@ system-deps:
 data: $(STAMP)
 	$(BIN)/python -m evaluation.corpus download
 
-# The pipeline on the tiny preset, each phase reading the previous phase's folder under $(RUN):
-# Phase 1 (Cognate: 3 specialised models) -> Phase 2 (EvoMerge champion) -> Phase 3 (Quiet-STaR) -> Phase 4 (BitNet).
-# A phase whose folder is finished (outputs are written atomically) is skipped; Phase 1 --resume continues a cut run.
+# The pipeline on the tiny preset (recipes/configs/pipeline_tiny.yaml): Phase 1 (Cognate) -> 2 (EvoMerge) ->
+# 3 (Quiet-STaR) -> 4 (BitNet) -> 5 (Curriculum) -> 6 (tool and persona baking), each reading the previous phase's
+# folder under $(RUN); finished phases are skipped, a cut one resumes. The runner then evaluates every phase's model
+# on the same test-split tasks and writes $(RUN)/pipeline_report.md; the export is the Phase 7 hand-off folder.
 demo: pipeline
 
 pipeline: setup system-deps data
-	$(BIN)/python recipes/phase1.py --config recipes/configs/phase1_tiny.yaml --resume
-	test -f $(RUN)/phase2/champion/config.json || \
-	  $(BIN)/python recipes/phase2.py --config recipes/configs/phase2_tiny.yaml --resume
-	test -f $(RUN)/phase3/config.json || $(BIN)/python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml
-	test -f $(RUN)/phase4/config.json || $(BIN)/python recipes/phase4.py --config recipes/configs/phase4_tiny.yaml
-	@for model in $(RUN)/phase1/reasoning $(RUN)/phase2/champion $(RUN)/phase3 $(RUN)/phase4; do \
-	  echo "== $$model"; \
-	  $(BIN)/python recipes/eval.py --model $$model --tasks arithmetic,kv_recall --limit 64 --no_write_to_model \
-	    2>$(RUN)/eval.log | grep '^|' || { cat $(RUN)/eval.log; exit 1; }; \
-	done
+	$(BIN)/python recipes/pipeline.py --config recipes/configs/pipeline_tiny.yaml
+	test -f $(RUN)/export/config.json || $(BIN)/python recipes/export.py --model $(RUN)/phase6 --output_dir $(RUN)/export
 
 # Two-minute smoke run: train, save, reload, sample one tiny model.
 quickstart: setup data
