@@ -64,8 +64,9 @@ function buildPhase(number, info) {
       error.textContent = "";
       try {
         const result = await api(`/api/phases/${number}/configure`, {method: "POST", body: textarea.value || "{}"});
+        error.className = "error";
         error.textContent = `kept: ${JSON.stringify(result.overrides)}`;
-      } catch (e) { error.textContent = e.message; }
+      } catch (e) { error.className = "error refused"; error.textContent = e.message; }
     }}), error);
   section.append(charts, view, models, configure);
   document.getElementById("phases").append(section);
