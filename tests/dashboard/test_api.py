@@ -50,7 +50,7 @@ def client(run_dir):
 def test_pipeline_and_phase_status_read_from_the_run_folder(client):
     status = client.get("/api/pipeline/status").json()
     assert [(p["phase"], p["status"]) for p in status["phases"]] == [
-        (1, "finished"), (2, "pending"), (3, "pending"), (4, "pending"),
+        (1, "finished"), (2, "pending"), (3, "pending"), (4, "pending"), (5, "pending"), (6, "pending"),
     ]  # fmt: skip
     assert status["token_required"] is False and status["last_event_id"] == 0
     phase1 = client.get("/api/phases/1/status").json()
