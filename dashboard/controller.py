@@ -359,7 +359,13 @@ class Controller:
             }
 
     def pipeline_status(self) -> dict:
-        return {"run_dir": str(self.run_dir), "phases": [self.phase_status(n) for n in sorted(PHASES)]}
+        """Every phase's status, the pipeline runner's own state (when it has run here) and its report."""
+        state = read_report(self.run_dir / PIPELINE_STATE_FILE)
+        keys = ("status", "current_phase", "evaluation", "updated")
+        runner = {k: state.get(k) for k in keys} if isinstance(state, dict) else None
+        report = self.run_dir / "pipeline_report.md"
+        return {"run_dir": str(self.run_dir), "phases": [self.phase_status(n) for n in sorted(PHASES)],
+                "runner": runner, "report": "pipeline_report.md" if report.exists() else None}  # fmt: skip
 
 
 def _pipeline_status(entry: dict | None) -> str | None:
