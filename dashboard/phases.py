@@ -114,7 +114,10 @@ PHASES: dict[int, PhaseSpec] = {
         paths=lambda run: {"output_dir": str(run / "phase5"), "model_name_or_path": str(run / "phase4")},
         resume=None,
         reports=("phase5/curriculum_report.json",),
-        charts=(("training loss", ("train/loss",)),),
+        charts=(
+            ("held-out pass@1 after each level", ("curriculum/pass@1_this_level", "curriculum/pass@1_levels_so_far")),
+            ("training loss", ("train/loss",)),
+        ),
     ),
     6: PhaseSpec(
         number=6,
@@ -126,8 +129,7 @@ PHASES: dict[int, PhaseSpec] = {
         paths=lambda run: {"output_dir": str(run / "phase6"), "model_name_or_path": str(run / "phase5")},
         resume=None,
         reports=("phase6/ab_history.json",),
-        charts=(),
-        tracking=False,
+        charts=(("A/B scores after each cycle", ("ab/score_A", "ab/score_B")), ("winner gain", ("ab/gain",))),
     ),
 }
 
