@@ -78,7 +78,7 @@ def test_page_follows_and_controls_a_tiny_run(served_run, tmp_path):
         phase.locator("details.configure textarea").fill('{"max_stepz": 5}')
         phase.locator("details.configure button").click()
         expect(phase.locator("details.configure .error")).to_contain_text("max_stepz", timeout=60_000)
-        phase.locator("details.configure textarea").fill('{"max_steps": 120}')  # long enough to pause mid-run
+        phase.locator("details.configure textarea").fill('{"max_steps": 80}')  # long enough to pause mid-run
         phase.locator("details.configure button").click()
         expect(phase.locator("details.configure .error")).to_contain_text("kept", timeout=30_000)
 
