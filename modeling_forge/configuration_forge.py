@@ -75,6 +75,9 @@ class ForgeConfig(PreTrainedConfig):
             in `[memory_dt_min, memory_dt_max]` (Mamba2's dt initialisation), so the memory starts slow
             (`a_t ~ exp(-dt)`, about 0.99-0.999 per token); fast initial forgetting (`a_t ~ 0.5`) left the recall
             benchmark at chance.
+        memory_forget_scale (`float`, *optional*, defaults to 1.0):
+            Multiplies the neural memory's forgetting rate `-g_t` (below 1 remembers longer) without changing a
+            parameter; Phase 1's memory specialisation sets it (`memory_decay_scale`), Phase 2 merges average it.
         memory_decay (`float`, *optional*, defaults to 0.99):
             EMA decay (`memory_type="ema"` only): `m_t = decay * m_{t-1} + (1 - decay) * W_down x_t`. Closer to 1
             remembers longer.
@@ -171,6 +174,7 @@ class ForgeConfig(PreTrainedConfig):
     memory_conv_size: int = 4
     memory_dt_min: float = 0.001
     memory_dt_max: float = 0.01
+    memory_forget_scale: float = 1.0
     memory_decay: float = 0.99
     memory_chunk_size: int = 64
     gate_hidden_size: int = 160
@@ -267,6 +271,10 @@ class ForgeConfig(PreTrainedConfig):
                         "memory_num_heads",
                         f"({heads}) must be positive and divide memory_size ({self.memory_size})",
                         "choose memory_num_heads that divides memory_size, or leave it unset",
+                    )
+                if not 0.0 < self.memory_forget_scale < float("inf"):
+                    fail(
+                        "memory_forget_scale", f"must be a positive number, got {self.memory_forget_scale}", "use 1.0"
                     )
                 if self.memory_conv_size < 2:
                     fail("memory_conv_size", f"must be >= 2, got {self.memory_conv_size}", "use 4")

@@ -305,8 +305,8 @@ def ema_scan(
     local = torch.matmul(intra, x)  # (B, n, C, M): sums within each chunk
     carry = torch.zeros(batch, width, dtype=dtype, device=inputs.device) if initial_state is None else initial_state
     states = []
-    for c in range(n_chunks):  # n = T / C steps, each a (B, C, M) update
-        states.append(local[:, c] + into[:, c, :, None] * carry[:, None])
+    for local_c, into_c in zip(local.unbind(1), into.unbind(1), strict=True):  # n = T / C updates of (B, C, M)
+        states.append(local_c + into_c[..., None] * carry[:, None])
         carry = states[-1][:, -1]
     states = torch.stack(states, 1).reshape(batch, n_chunks * chunk, width)[:, :length]
     return states, states[:, -1]
@@ -379,15 +379,16 @@ def gated_delta_rule_recurrent(
         else initial_state.to(dtype)
     )
     outputs = []
-    for t in range(length):
+    if segments is not None:
+        starts = (segments != F.pad(segments, (1, 0))[:, :-1]).to(dtype)  # (B, T) 1 where a document starts
+    per_token = zip(*(x.unbind(2) for x in (query, key, value, g, beta)), strict=True)  # unbind: O(T) backward
+    for t, (q_t, k_t, v_t, g_t, beta_t) in enumerate(per_token):
         if segments is not None:
-            previous = segments[:, t - 1] if t > 0 else torch.zeros_like(segments[:, 0])
-            state = state * (segments[:, t] == previous).to(dtype)[:, None, None, None]
-        state = state * g[:, :, t].exp()[..., None, None]
-        k_t = key[:, :, t]
-        delta = beta[:, :, t, None] * (value[:, :, t] - torch.einsum("bhkv,bhk->bhv", state, k_t))  # (B, H, Dv)
+            state = state * (1.0 - starts[:, t, None, None, None])
+        state = state * g_t.exp()[..., None, None]
+        delta = beta_t[..., None] * (v_t - (state * k_t[..., :, None]).sum(-2))  # (B, H, Dv)
         state = state + k_t[..., :, None] * delta[..., None, :]
-        outputs.append(torch.einsum("bhkv,bhk->bhv", state, query[:, :, t]))
+        outputs.append((state * q_t[..., :, None]).sum(-2))
     return torch.stack(outputs, 2), state
 
 
@@ -434,11 +435,10 @@ def gated_delta_rule_chunked(
 
     k_beta = key * beta[..., None]
     system = (k_beta @ key.transpose(-1, -2)) * decay  # its strictly lower part defines the UT system
-    new_values = torch.linalg.solve_triangular(system, value * beta[..., None], upper=False, unitriangular=True)
     start_decay = cum.exp() * from_start  # (B, H, n, C)
-    k_cumdecay = torch.linalg.solve_triangular(
-        system, k_beta * start_decay[..., None], upper=False, unitriangular=True
-    )
+    rhs = torch.cat([value * beta[..., None], k_beta * start_decay[..., None]], -1)  # one solve for both
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    new_values, k_cumdecay = solved[..., :d_v], solved[..., d_v:]
     intra = (query @ key.transpose(-1, -2)) * decay  # (B, H, n, C, C)
     query_in = query * start_decay[..., None]
     key_out = key * ((cum[..., -1:] - cum).exp() * to_end)[..., None]
@@ -450,10 +450,12 @@ def gated_delta_rule_chunked(
         else initial_state.to(dtype)
     )
     outputs = []
-    for c in range(n_chunks):
-        corrected = new_values[:, :, c] - k_cumdecay[:, :, c] @ state  # (B, H, C, Dv): what S does not yet predict
-        outputs.append(query_in[:, :, c] @ state + intra[:, :, c] @ corrected)
-        state = state * chunk_decay[:, :, c, None, None] + key_out[:, :, c].transpose(-1, -2) @ corrected
+    # unbind, not [:, :, c]: the backward of indexing in a loop would fill a full-size zero tensor per chunk
+    per_chunk = (x.unbind(2) for x in (new_values, k_cumdecay, query_in, intra, key_out, chunk_decay))
+    for values_c, k_cumdecay_c, query_c, intra_c, key_c, decay_c in zip(*per_chunk, strict=True):
+        corrected = values_c - k_cumdecay_c @ state  # (B, H, C, Dv): what S does not yet predict
+        outputs.append(query_c @ state + intra_c @ corrected)
+        state = state * decay_c[..., None, None] + key_c.transpose(-1, -2) @ corrected
     out = torch.stack(outputs, 2).reshape(batch, heads, n_chunks * chunk, d_v)[:, :, :length]
     return out, state
 
@@ -572,6 +574,7 @@ class ForgeNeuralMemory(nn.Module):
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
         beta = torch.sigmoid(self.b_proj(hidden_states).to(dtype))  # (B, T, H)
         g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(hidden_states).to(dtype) + self.dt_bias.to(dtype))
+        g = g * self.config.memory_forget_scale  # (B, T, H) log forgetting, <= 0
         if memory_mask is not None:  # a padded position reads zeros, writes nothing and forgets nothing
             keep = memory_mask[..., None]
             qkv, beta, g = qkv * keep.to(qkv.dtype), beta * keep.to(dtype), g * keep.to(dtype)
