@@ -105,6 +105,12 @@ class BitNetConfig(ForgeTrainingArguments):
     overwrite: bool = field(
         default=False, metadata={"help": "Replace an existing phase folder at output_dir instead of refusing."}
     )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "A finished output_dir is kept and reported; an unfinished run continues from the newest "
+                  "complete STE checkpoint in its work folder (.<output_dir name>-work), redoing the deterministic "
+                  "quantization first."},
+    )  # fmt: skip
     # Phase 4 defaults of inherited fields.
     max_steps: int = field(
         default=-1, metadata={"help": "STE fine-tuning optimizer steps; -1: size-aware (0: quantize only)."}
