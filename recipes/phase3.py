@@ -27,6 +27,8 @@ def make_parser() -> TrlParser:
 
 def main(config: QuietStarConfig) -> dict:
     summary = run_phase3(config)
+    if not summary.get("main_process", True):  # another rank measured and wrote
+        return summary
     metrics = summary["metrics"]
     print(f"\nPhase 3 (Quiet-STaR) written to {summary['output_dir']} in {summary['wall_time_s']:.0f} s")
     if "bake/strength" in metrics:

@@ -175,7 +175,10 @@ class ForgeTrainer(Trainer):
                     "QK-clip is on but the model returned no `attention_logit_max`. Fix: use a model whose forward "
                     "supports output_attention_logit_max=True, or turn QK-clip off (qk_clip=False)."
                 )
-            qk_optimizer.record_attention_logit_max(outputs.attention_logit_max)
+            logit_max = outputs.attention_logit_max
+            if self.accelerator.num_processes > 1:  # every rank clips by the same (global) maximum, so replicas agree
+                logit_max = self.accelerator.gather(logit_max[None]).amax(0)
+            qk_optimizer.record_attention_logit_max(logit_max)
         if outputs.loss is None:
             raise ValueError(
                 f"The model returned no loss; the batch has keys {sorted(inputs)}. Fix: the data collator must "

@@ -374,7 +374,7 @@ def _relative_drop(after: float, before: float, higher_is_better: bool) -> float
 
 def run_phase4(config: BitNetConfig) -> dict:
     """Run Phase 4 end to end and return a summary (the report plus where it was written)."""
-    state = PartialState()
+    state = PartialState(cpu=config.use_cpu)  # as the Trainer below will (gloo on CPU)
     started = time.time()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)

@@ -159,7 +159,7 @@ def _validation_blocks(tokenizer, seq_len: int, n_blocks: int = 8) -> torch.Tens
 
 def run_phase1(config: CognateConfig) -> dict:
     """Run Phase 1 end to end (resumable) and return a summary; see the module docstring."""
-    state = PartialState()
+    state = PartialState(cpu=config.use_cpu)  # as the Trainer below will (gloo on CPU)
     started = time.time()
     phase_dir = Path(config.output_dir) / "phase1"
     work_dir = phase_dir / ".work"

@@ -869,14 +869,16 @@ def run_phase2(config: EvoMergeConfig) -> dict[str, Any]:
     phase_dir = config.phase_dir
     champion_dir = phase_dir / "champion"
     state_path = phase_dir / STATE_FILE
-    if not PartialState().is_main_process:
+    # On a machine without a GPU the processes talk over gloo (cpu=True), as Trainer's `use_cpu` does.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not state.is_main_process:
         # The search and the writing run once, on the main process (a search is not data-parallel); the others wait.
-        PartialState().wait_for_everyone()
+        state.wait_for_everyone()
         return {"output_dir": str(champion_dir), "main_process": False}
     try:
         return _run_phase2_main(config, champion_dir, state_path, started)
     finally:
-        PartialState().wait_for_everyone()
+        state.wait_for_everyone()
 
 
 def _finished_phase2(champion_dir: Path, state_path: Path) -> dict[str, Any]:
