@@ -17,6 +17,7 @@ forge_lineage.json; anti_theater.json). `--push_to_hub true` uploads it to `<hub
 
 from trl import TrlParser
 
+from trainers.config_fields import parse_recipe_config
 from trainers.quietstar_config import QuietStarConfig
 from trainers.quietstar_trainer import run_phase3
 
@@ -55,5 +56,5 @@ def main(config: QuietStarConfig) -> dict:
 
 
 if __name__ == "__main__":
-    (config,) = make_parser().parse_args_and_config()
+    (config,) = parse_recipe_config(make_parser())
     main(config)

@@ -53,6 +53,11 @@ def forge_metrics(outputs) -> dict[str, float]:
 
 
 OPTIMIZER_TYPES = ("mugrokfast", "muon", "adamw")
+# MuGrokfastConfig field -> the ForgeTrainingArguments field that sets it (for error messages)
+OPTIMIZER_ARGUMENTS = {"lr": "learning_rate", "weight_decay": "weight_decay", "fallback_lr": "fallback_lr",
+                       "grokfast_alpha": "grokfast_alpha", "grokfast_lambda": "grokfast_lambda",
+                       "qk_clip_tau": "qk_clip_tau", "ste_mode": "ste_mode",
+                       "metrics_interval": "optim_metrics_interval"}  # fmt: skip
 TRAINER_DEFAULT_LR = 5e-5  # TrainingArguments' own default, kept for optimizer_type="adamw"
 
 
@@ -107,7 +112,15 @@ class ForgeTrainingArguments(TrainingArguments):
             self.learning_rate = TRAINER_DEFAULT_LR if self.learning_rate is None else self.learning_rate
             self.weight_decay = 0.0 if self.weight_decay is None else self.weight_decay
         else:
-            config = self.mugrokfast_config()
+            try:
+                config = self.mugrokfast_config()
+            except (TypeError, ValueError) as error:  # name the argument the user set, not the optimizer's field
+                message = str(error)
+                for name, argument in OPTIMIZER_ARGUMENTS.items():
+                    message = message.replace(f"MuGrokfastConfig.{name} ", f"{argument} (MuGrokfastConfig.{name}) ")
+                if "preset for phase" in message:
+                    message = f"mugrokfast_phase={self.mugrokfast_phase}: {message}"
+                raise ValueError(message) from None
             self.learning_rate, self.weight_decay = config.lr, config.weight_decay
         super().__post_init__()
 

@@ -29,6 +29,7 @@ from .checkpointing import finished_output, last_complete_checkpoint, remove_wor
 from .cognate_config import CognateConfig
 from .data import CurriculumData, build_curriculum
 from .diversity import diversity_report, write_diversity_report
+from .inputs import check_checkpoint_folder
 from .monitors import ACTHaltingMonitor, GateSaturationMonitor, LossSpikeRollback, check_parameter_budget
 from .phase_output import save_phase_output
 
@@ -194,6 +195,7 @@ def run_phase1(config: CognateConfig) -> dict:
         )  # fmt: skip
     state.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    check_checkpoint_folder(init_dir, tokenizer=tokenizer)  # a resumed run's init must be intact
     init_model = ForgeForCausalLM.from_pretrained(init_dir)
     check_parameter_budget(init_model, config.param_budget)
     eval_texts = corpus_texts("validation")

@@ -57,6 +57,7 @@ from evaluation.tasks.base import stable_hash
 
 from .checkpointing import current_umask
 from .evomerge_config import EvoMergeConfig
+from .inputs import check_checkpoint_folder
 from .merging import Checkpoint, MergeRecipe, build_model, load_checkpoint, run_recipe
 
 logger = logging.get_logger(__name__)
@@ -920,6 +921,7 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
     for parent in parents:
         if not Path(parent).is_dir():
             raise FileNotFoundError(f"Parent checkpoint {parent} does not exist. Fix: run Phase 1 or pass --parents.")
+        check_checkpoint_folder(parent, expect_forge=False)  # cut weights or a broken config.json: file, field, fix
     base = str(config.base_model or find_common_base(parents))
     logger.info("Phase 2: parents %s, common base %s", parents, base)
     checkpoints: dict[str, Checkpoint] = {path: load_checkpoint(path) for path in [*parents, base]}

@@ -49,6 +49,7 @@ from modeling_forge.tokenization import STRATEGY_TOKENS, THOUGHT_END, THOUGHT_ST
 
 from .base import ForgeTrainer
 from .checkpointing import finished_output, remove_work_dir
+from .inputs import check_checkpoint_folder
 from .phase_output import save_phase_output
 from .quietstar_config import QuietStarConfig
 
@@ -1100,7 +1101,9 @@ def run_phase3(config: QuietStarConfig) -> dict:
             f"{output} already exists. Fix: pass --resume to keep it, --overwrite or choose another output_dir."
         )
     set_seed(config.seed)
+    check_checkpoint_folder(config.model_name_or_path)  # a cut or foreign folder fails here, naming the file and fix
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    check_checkpoint_folder(config.model_name_or_path, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
     tokens = add_thought_tokens(model, tokenizer)
     settings = ThoughtSettings.from_config(config)
@@ -1143,7 +1146,7 @@ def run_phase3(config: QuietStarConfig) -> dict:
     )
     args = replace(
         config,
-        output_dir=str(Path(config.output_dir) / "phase3.work"),
+        output_dir=str(Path(config.output_dir) / ".phase3-work"),  # hidden, as Phase 1's .work, Phase 4's .phase4-work
         remove_unused_columns=False,
         push_to_hub=False,
         hub_model_id=None,
