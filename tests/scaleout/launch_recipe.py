@@ -54,14 +54,18 @@ def main() -> None:
             for name, param in sorted(model.named_parameters()):
                 digest.update(name.encode())
                 digest.update(param.detach().float().cpu().numpy().tobytes())
+            wrapper = type(self.trainer.model_wrapped).__name__
             record["trained"].append({"run": Path(args.output_dir).name.split("-")[0], "steps": state.global_step,
-                                      "params": digest.hexdigest()})  # fmt: skip
+                                      "params": digest.hexdigest(), "parallel": wrapper,
+                                      "param_class": type(next(model.parameters())).__name__})  # fmt: skip
 
     original_init = transformers.Trainer.__init__
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.add_callback(Digest())
+        digest = Digest()
+        digest.trainer = self
+        self.add_callback(digest)
 
     transformers.Trainer.__init__ = init
 
