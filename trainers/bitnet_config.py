@@ -6,7 +6,7 @@ input model's parameter count is known (`resolve_size_defaults`); an explicit va
 
 from dataclasses import dataclass, field
 
-from modeling_forge.bitnet import EMBEDDING_BITS, KERNELS, QUANTIZABLE_GROUPS
+from modeling_forge.bitnet import EMBEDDING_BITS, KERNEL_CHOICES, QUANTIZABLE_GROUPS
 
 from .base import ForgeTrainingArguments
 from .config_fields import check_own_field_types, json_field
@@ -96,8 +96,11 @@ class BitNetConfig(ForgeTrainingArguments):
         default=32, metadata={"help": "Tokens generated per decode-speed measurement (fp32 vs packed); 0 skips it."}
     )
     kernel: str = field(
-        default="float",
-        metadata={"help": f"Matmul of the packed layers during evaluation, one of {KERNELS} (same outputs)."},
+        default="auto",
+        metadata={
+            "help": f"Matmul of the packed layers during evaluation, one of {KERNEL_CHOICES} (same outputs; "
+            "'auto': the fastest available)."
+        },
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Replace an existing phase folder at output_dir instead of refusing."}
@@ -161,7 +164,7 @@ class BitNetConfig(ForgeTrainingArguments):
             (self.embedding_group_size >= 1, "embedding_group_size", "must be >= 1", "use a divisor of hidden_size"),
             (0.0 <= self.distill_weight <= 1.0, "distill_weight", f"is {self.distill_weight}", "use one in [0, 1]"),
             (self.distill_temperature > 0, "distill_temperature", "must be > 0", "use 1.0"),
-            (self.kernel in KERNELS, "kernel", f"is {self.kernel!r}", f"use one of {KERNELS}"),
+            (self.kernel in KERNEL_CHOICES, "kernel", f"is {self.kernel!r}", f"use one of {KERNEL_CHOICES}"),
             (self.max_steps >= -1, "max_steps", f"is {self.max_steps}", "use -1 (size-aware), 0 or a step count"),
             (self.ste_mode or self.optimizer_type == "adamw", "ste_mode", "is off",
              "leave it on: the optimizer must update the shadow weights of the ternary layers"),

@@ -324,6 +324,8 @@ def compare_decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int, pa
 COLUMNS = (
     ("q_proj", r"self_attn.q_proj"), ("k_proj", r"self_attn.k_proj"), ("v_proj", r"self_attn.v_proj"),
     ("o_proj", r"self_attn.o_proj"), ("mem.down", r"memory.down_proj"), ("mem.up", r"memory.up_proj"),
+    ("mem.q", r"memory.q_proj"), ("mem.k", r"memory.k_proj"), ("mem.v", r"memory.v_proj"),
+    ("mem.g", r"memory.g_proj"), ("mem.o", r"memory.o_proj"),
     ("gate.fc1", r"gate.fc1"), ("gate.fc2", r"gate.fc2"), ("mlp.gate", r"mlp.gate_proj"), ("mlp.up", r"mlp.up_proj"),
     ("mlp.down", r"mlp.down_proj"), ("z_init", r"refiner.z_init"), ("y_init", r"refiner.y_init"),
     ("trm.gate", r"block.gate_proj"), ("trm.up", r"block.up_proj"), ("trm.down", r"block.down_proj"),
@@ -469,8 +471,7 @@ def run_phase4(config: BitNetConfig) -> dict:
 
     # 3. Pack to 2 bits, measure, write.
     pack_bitnet(student, kernel=config.kernel)
-    if config.kernel != "float":
-        set_bitnet_kernel(student, config.kernel)
+    kernel = set_bitnet_kernel(student, config.kernel)  # checks the kernel's requirements; what "auto" chose
     student.eval()
     summary = {"output_dir": str(output_dir)}
     if state.is_main_process:
@@ -484,7 +485,7 @@ def run_phase4(config: BitNetConfig) -> dict:
                                        tokenizer.pad_token_id)  # fmt: skip
             speed = {"fp32_tokens_per_s": tps["fp32"], "packed_tokens_per_s": tps["packed"],
                      "packed_vs_fp32": tps["packed"] / tps["fp32"], "batch_size": 1,
-                     "new_tokens": config.speed_new_tokens, "kernel": config.kernel,
+                     "new_tokens": config.speed_new_tokens, "kernel": kernel,
                      "threads": torch.get_num_threads()}  # fmt: skip
         report = _report(config, defaults, filled, n_params, ptq, (embedding_bits_first, embedding_bits), projected,
                          base_loss,

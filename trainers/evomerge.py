@@ -56,9 +56,11 @@ from transformers.utils import logging
 from evaluation.tasks.base import stable_hash
 
 from .checkpointing import current_umask
+from .control import pause_point
 from .evomerge_config import EvoMergeConfig
 from .inputs import check_checkpoint_folder
 from .merging import Checkpoint, MergeRecipe, build_model, load_checkpoint, run_recipe
+from .tracking import LoopTracker
 
 logger = logging.get_logger(__name__)
 
@@ -680,11 +682,13 @@ def evolve(
     key_of: Callable[[Genome], str] | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
+    on_generation: Callable[[EvolutionState], None] | None = None,
 ) -> EvolutionState:
     """Run (or resume) the search; `fitness(genome)` returns at least `{"fitness": float}`.
 
     Results are cached by `key_of(genome)` (default: the genome's JSON; Phase 2 passes the recipe hash). With
-    `state_path` the state is written after every generation; `resume=True` continues from it.
+    `state_path` the state is written after every generation; `resume=True` continues from it. `on_generation(state)`
+    runs after each generation's state is saved (tracking, pause requests).
     """
     key_of = key_of or (lambda genome: json.dumps(genome.to_dict(), sort_keys=True))
     state_path = Path(state_path) if state_path else None
@@ -772,6 +776,8 @@ def evolve(
             state.stopped = "generations"
         if state_path is not None:
             state.save(state_path)
+        if on_generation is not None:
+            on_generation(state)
     return state
 
 
@@ -944,7 +950,18 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
         model = build_model(run_recipe(genome.recipe(parents, base), checkpoints))
         return evaluator.evaluate(model)
 
-    state = evolve(fitness, space, search_settings(config), key_of=key_of, state_path=state_path, resume=config.resume)
+    tracker = LoopTracker(config.report_to, project=config.project, run_name=f"{Path(config.output_dir).name}-phase2",
+                          config=asdict(config))  # fmt: skip
+
+    def on_generation(state: EvolutionState) -> None:
+        tracker.log({f"evomerge/{k}": float(v) for k, v in state.history[-1].items() if k != "generation"},
+                    step=state.generation)  # fmt: skip
+        pause_point(f"generation {state.generation}", run_name="phase2", step=state.generation,
+                    max_steps=config.generations - 1)  # fmt: skip
+
+    state = evolve(fitness, space, search_settings(config), key_of=key_of, state_path=state_path, resume=config.resume,
+                   on_generation=on_generation)  # fmt: skip
+    tracker.finish()
     write_atomic(phase_dir / RECORDS_FILE, "".join(json.dumps(r) + "\n" for r in state.records))
     plot_path = phase_dir / "plots" / "fitness.png"
     generations = [h["generation"] for h in state.history]
