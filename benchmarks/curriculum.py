@@ -72,10 +72,14 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args) -> dict:
             "level1_after_level1": report["records"][0]["success_after"].get("1")}  # fmt: skip
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-steps", type=int, default=600, help="base training steps (batch 16 x 256 tokens)")
-    parser.add_argument("--base-examples", type=int, default=150, help="reference solutions per level in the base")
+    parser.add_argument("--base-steps", type=int, default=400, help="base training steps (batch 16 x 256 tokens)")
+    parser.add_argument("--base-examples", type=int, default=1000, help="reference solutions per level in the base")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=4, help="Phase 5 rounds per level")
     parser.add_argument("--pool", type=int, default=16, help="tasks per level pool (all attempted each round)")
@@ -97,13 +101,16 @@ def main() -> None:
             pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
             totals = result["totals"]
             print(f"seed {seed} dreams {'on ' if dreams else 'off'}: held-out pass@1 {success}; pool per round "
-                  f"{pools}; BWT(level 1) {result['bwt']:+.3f}; {result['wall_s']:.0f} s; "
+                  f"{pools}; BWT(level 1) {_signed(result['bwt'])}; {result['wall_s']:.0f} s; "
                   f"{totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} programs/s "
                   "(generation included)", flush=True)  # fmt: skip
     print("\nBWT on level 1, dreams on minus off, per seed (positive = dreams forgot less):")
     for seed in args.seeds:
         on = next(r for r in results if r["seed"] == seed and r["dreams"])
         off = next(r for r in results if r["seed"] == seed and not r["dreams"])
+        if on["bwt"] is None or off["bwt"] is None:
+            print(f"  seed {seed}: placement did not start at level 1, no BWT on level 1")
+            continue
         print(f"  seed {seed}: {on['bwt']:+.3f} - ({off['bwt']:+.3f}) = {on['bwt'] - off['bwt']:+.3f} "
               f"(one held-out problem = {1 / args.eval_problems:.3f})")  # fmt: skip
     (args.work / "results.json").write_text(json.dumps(results, indent=2))

@@ -25,7 +25,9 @@ The phase folder holds the packed model, `curriculum_report.json`, plots, card a
 
 Written here, because no kept library does it: the pool bookkeeping, the placement rule, the masked self-prediction
 examples and the dream mix. Generation is `model.generate`; training is `ForgeTrainer` (transformers `Trainer`),
-one short run per round; bakes are `trainers.baking_trainer`; execution is `evaluation.sandbox`.
+one short run per round (so the optimizer's state, Grokfast EMA and momenta, restarts every round); bakes are
+`trainers.baking_trainer`; execution is `evaluation.sandbox`. Under `accelerate launch` every process generates and
+runs the same attempts (same seeds) and the training runs are data-parallel.
 """
 
 import dataclasses
