@@ -17,8 +17,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_yaml_parses(path, tmp_path):
-    match = re.match(r"(phase\d|merge|eval)", path.name)
-    assert match, f"{path.name}: config names start with the recipe they belong to (phaseN_, merge_, eval_)"
+    match = re.match(r"(phase\d|merge|eval|pipeline)", path.name)
+    assert match, f"{path.name}: config names start with the recipe they belong to (phaseN_, merge_, eval_, pipeline_)"
     recipe = importlib.import_module(f"recipes.{match.group(1)}")
     assert isinstance(yaml.safe_load(path.read_text()), dict)
     parsed = recipe.make_parser().parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
