@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import TrainingArguments, default_data_collator
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
 
 from evaluation.corpus import corpus_texts
 from evaluation.tasks import get_task_family
@@ -54,6 +54,25 @@ def train_base(folder: Path, steps: int, n_examples: int) -> None:
                       config={"steps": steps, "examples_per_level": n_examples}, seed=0, overwrite=True)  # fmt: skip
 
 
+def continue_base(source: Path, folder: Path, steps: int, n_examples: int) -> None:
+    """`steps` more steps on the same data at a constant lr 2e-3 (the cosine run plateaus before copying constants)."""
+
+    family = get_task_family("code")
+    examples = [e for level in (1, 2) for e in family.generate("train", n_examples, seed=100, difficulty=level)]
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    blocks = pack_examples([family.training_text(e) for e in examples], tokenizer, 256)
+    dataset = Dataset.from_dict({"input_ids": [b[0] for b in blocks], "labels": [b[1] for b in blocks]})
+    model = AutoModelForCausalLM.from_pretrained(source)
+    args = TrainingArguments(output_dir=str(folder.parent / "base-work"), max_steps=steps,
+                             per_device_train_batch_size=16, learning_rate=2e-3, lr_scheduler_type="constant",
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             logging_steps=max(steps // 5, 1), seed=1)  # fmt: skip
+    ForgeTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
+    save_phase_output(folder, model=model, tokenizer=tokenizer, phase=4, phase_name="benchmark-base",
+                      config={"continued_from": str(source), "steps": steps}, inputs=[source], seed=0,
+                      overwrite=True)  # fmt: skip
+
+
 def run(base: Path, output: Path, seed: int, dreams: bool, args) -> dict:
     config = CurriculumConfig(
         model_name_or_path=str(base), output_dir=str(output), overwrite=True, levels=[1, 2], num_levels=2,
@@ -80,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-steps", type=int, default=400, help="base training steps (batch 16 x 256 tokens)")
     parser.add_argument("--base-examples", type=int, default=1000, help="reference solutions per level in the base")
+    parser.add_argument("--base-extra-steps", type=int, default=0, help="then this many at a constant lr 2e-3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=4, help="Phase 5 rounds per level")
     parser.add_argument("--pool", type=int, default=16, help="tasks per level pool (all attempted each round)")
@@ -92,6 +112,13 @@ def main() -> None:
         started = time.time()
         train_base(base, args.base_steps, args.base_examples)
         print(f"base: {args.base_steps} steps in {time.time() - started:.0f} s -> {base}")
+    if args.base_extra_steps:
+        continued = args.work / f"base-{args.base_steps}+{args.base_extra_steps}"
+        if not continued.exists():
+            started = time.time()
+            continue_base(base, continued, args.base_extra_steps, args.base_examples)
+            print(f"base: {args.base_extra_steps} more steps in {time.time() - started:.0f} s -> {continued}")
+        base = continued
     results = []
     for seed in args.seeds:
         for dreams in (True, False):
