@@ -323,7 +323,8 @@ COLUMNS = (
     ("q_proj", r"self_attn.q_proj"), ("k_proj", r"self_attn.k_proj"), ("v_proj", r"self_attn.v_proj"),
     ("o_proj", r"self_attn.o_proj"), ("mem.down", r"memory.down_proj"), ("mem.up", r"memory.up_proj"),
     ("gate.fc1", r"gate.fc1"), ("gate.fc2", r"gate.fc2"), ("mlp.gate", r"mlp.gate_proj"), ("mlp.up", r"mlp.up_proj"),
-    ("mlp.down", r"mlp.down_proj"), ("z_init", r"refiner.z_init"), ("y_init", r"refiner.y_init"),
+    ("mlp.down", r"mlp.down_proj"), ("z_init", r"refiner.z_init"), ("trm.q", r"refiner.attn.q_proj"),
+    ("trm.k", r"refiner.attn.k_proj"), ("trm.v", r"refiner.attn.v_proj"), ("trm.o", r"refiner.attn.o_proj"),
     ("trm.gate", r"block.gate_proj"), ("trm.up", r"block.up_proj"), ("trm.down", r"block.down_proj"),
 )  # fmt: skip
 
