@@ -531,8 +531,9 @@ class ForgeRecursion(nn.Module):
     through attention, and its output is its halting step's state. Training and inference run the same masked
     computation, so ACT inference equals training-time selection and cached equals uncached decoding. The control
     flow does not depend on the data (the optional early break in eager mode is skipped under `torch.compile` and
-    `torch.export`), so the forward exports. Training explores (HRM/TRM): a share `act_exploration` of positions gets
-    a random minimum step before which it may not halt.
+    `torch.export`), so the forward exports. Training with the ACT loss explores (HRM/TRM): a share `act_exploration`
+    of positions gets a random minimum step before which it may not halt (`explore`; never without the loss, whose
+    targets it is for, so e.g. RL rewards computed from the model's outputs carry no exploration noise).
     """
 
     def __init__(self, config: ForgeConfig) -> None:
@@ -554,6 +555,7 @@ class ForgeRecursion(nn.Module):
         keep_steps: bool,
         halting: bool,
         max_steps: int | None = None,
+        explore: bool = False,
     ) -> RecursionOutput:
         config = self.config  # read live: thresholds and step counts may be changed on a loaded model
         steps = config.trm_max_steps if max_steps is None else max_steps
@@ -575,7 +577,7 @@ class ForgeRecursion(nn.Module):
         halting_logits = [self.act_head(selected)]  # each (B, T, 1)
         halted = torch.zeros(features.shape[:-1], dtype=torch.bool, device=features.device)  # (B, T)
         min_step = None
-        if halting and self.training and config.act_exploration > 0:
+        if halting and explore and config.act_exploration > 0:
             explore = torch.rand(halted.shape, device=features.device) < config.act_exploration
             random_step = torch.randint(1, max(steps, 1) + 1, halted.shape, device=features.device)
             min_step = torch.where(explore, random_step, torch.zeros_like(random_step))
@@ -793,6 +795,7 @@ class ForgeModel(ForgePreTrainedModel):
         output_attention_logit_max: bool = False,
         positions_to_keep: int | torch.Tensor = 0,
         recursion_steps: int | None = None,
+        act_exploration: bool = False,
         **kwargs,
     ) -> ForgeModelOutputWithPast:
         r"""
@@ -804,6 +807,8 @@ class ForgeModel(ForgePreTrainedModel):
             `logits_to_keep` does for the LM head (0 keeps all). The recursion attends to the context, so it runs on
             every position.
         recursion_steps (`int`, *optional*): run this many recursion steps instead of `trm_max_steps` (inference).
+        act_exploration (`bool`): ACT exploration (`config.act_exploration`); `ForgeForCausalLM` turns it on when it
+            trains with labels.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -866,6 +871,7 @@ class ForgeModel(ForgePreTrainedModel):
             keep_steps=output_step_states,
             halting=act_halting,
             max_steps=recursion_steps,
+            explore=act_exploration,
         )
         return ForgeModelOutputWithPast(
             last_hidden_state=slice_logits_to_keep(recursion.last_hidden_state, positions_to_keep),
@@ -946,6 +952,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             output_attention_logit_max=output_attention_logit_max,
             positions_to_keep=0 if keep_steps else logits_to_keep,
             recursion_steps=recursion_steps,
+            act_exploration=self.training and has_targets,
             **kwargs,
         )
         # One full-vocabulary pass for the output: the last state is each position's ACT-selected answer state.

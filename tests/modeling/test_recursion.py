@@ -184,13 +184,14 @@ def test_act_target_is_step_correctness_and_halted_positions_are_not_supervised_
     torch.testing.assert_close(out.lm_loss, (weights * torch.stack(terms)).sum() / weights.sum(), rtol=1e-5, atol=0)
 
 
-def test_exploration_keeps_some_positions_refining_in_training_only(tiny_config):
+def test_exploration_keeps_some_positions_refining_in_training_with_labels_only(tiny_config):
     model = _model(tiny_config(act_exploration=0.5), spread_halting=False)
     with torch.no_grad():
         model.model.recursion.act_head.bias.fill_(12.0)  # q ~ 1: halts at step 0 unless exploring
         x = _x(4, 32)
         assert model(x).halt_steps.max() == 0
-        explored = model.train()(x).halt_steps
+        assert model.train()(x).halt_steps.max() == 0  # no labels, no ACT loss: nothing to explore for
+        explored = model(x, labels=x).halt_steps
     share = (explored > 0).float().mean()
     assert 0.3 < share < 0.7  # about half the positions explore a random minimum step in 1..3
     assert set(explored.unique().tolist()) == {0, 1, 2, 3}
