@@ -90,9 +90,9 @@ class BitNetTrainer(ForgeTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.distill_weight > 0 and model.training:
-            with torch.no_grad():  # the teacher's final recursion step, as the student's training logits
+            with torch.no_grad():  # the teacher's output (ACT as configured), as the student's training logits
                 teacher_logits = self.teacher(
-                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), act_halting=False
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
                 ).logits
             kl = distillation_kl(outputs.logits, teacher_logits, inputs["labels"], self.distill_temperature,
                                  num_items_in_batch)  # fmt: skip
