@@ -58,8 +58,8 @@ def main() -> None:
     base = ForgeConfig.from_preset(args.preset, **overrides)
     variants = {
         "forge (preset: recursion + ACT + deep supervision + memory)": {},
+        "forge, intermediate steps supervised on every position": {"deep_supervision_fraction": 1.0},
         "forge, intermediate steps supervised on 25% of positions": {"deep_supervision_fraction": 0.25},
-        "forge, intermediate steps supervised on 12.5% of positions": {"deep_supervision_fraction": 0.125},
         "forge, position-wise refiner (no attention)": {"trm_attention": False},
         "forge, one micro-step": {"trm_micro_steps": 1},
         "forge, no recursion (trm_max_steps=0)": {"trm_max_steps": 0},

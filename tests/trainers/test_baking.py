@@ -70,7 +70,7 @@ def _code_probability(model, tokenizer, context: str, code: str) -> float:
     ids = tokenizer(context)["input_ids"]
     target = tokenizer(" " + code, add_special_tokens=False)["input_ids"]
     sequence = torch.tensor([ids + target])
-    logprobs = torch.log_softmax(model(sequence, act_halting=False).logits[0].float(), dim=-1)
+    logprobs = torch.log_softmax(model(sequence).logits[0].float(), dim=-1)
     positions = range(len(ids) - 1, len(ids) + len(target) - 1)
     return float(torch.stack([logprobs[p, t] for p, t in zip(positions, target, strict=True)]).sum().exp())
 
