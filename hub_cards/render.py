@@ -40,6 +40,21 @@ def _eval_results(entries: list[dict]) -> list[EvalResult]:
     return results
 
 
+def _hub_id(record: dict) -> str | None:
+    """An input's Hub id, also for lineages written before `hub_id` was recorded (a local path is never one)."""
+    if "hub_id" in record:
+        return record["hub_id"]
+    if record.get("sha256") is not None or Path(record["id"]).exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(record["id"])
+    except HFValidationError:
+        return None
+    return record["id"]
+
+
 def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
     """Build the `ModelCard` of a phase output folder (does not write it)."""
     folder = Path(folder)
@@ -52,7 +67,10 @@ def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
     template_path = TEMPLATES_DIR / f"{template}.md.j2"
     if not template_path.exists():
         raise ValueError(f"Unknown card template {template!r}. Fix: use one of {available_templates()}.")
-    base_models = [item["id"] for item in lineage.get("inputs", []) if item.get("is_model", True)]
+    # The Hub accepts only Hub ids as `base_model`: local inputs without a known Hub id are left out (the lineage and
+    # the card body still name them).
+    base_models = [_hub_id(item) for item in lineage.get("inputs", []) if item.get("is_model", True)]
+    base_models = [item for item in base_models if item]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -63,6 +81,7 @@ def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
         model_name=lineage.get("model_name", folder.name),
     )
     plots = sorted(str(path.relative_to(folder)) for path in (folder / "plots").glob("*.png"))
+    memory_type = _read_json(folder / "config.json", {}).get("memory_type")
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
     )
@@ -73,6 +92,7 @@ def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
         eval_entries=metrics.get("eval_results", []),
         sections=sections,
         plots=plots,
+        memory_type=memory_type,
         config_json=json.dumps(lineage.get("config", {}), indent=2, sort_keys=True, default=str),
     )
     return ModelCard(text)
