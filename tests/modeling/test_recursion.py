@@ -200,7 +200,7 @@ def test_exploration_keeps_some_positions_refining_in_training_with_labels_only(
 def test_the_forward_exports_with_halting(tiny_config):
     """ACT by masking has no data-dependent control flow under torch.export (the eager shortcut is skipped)."""
     model = _model(tiny_config(), spread_halting=True)
-    x = _x(2, 12)
+    x = _x(3, 25)
     with torch.no_grad():
         exported = torch.export.export(model, (x,), kwargs={"use_cache": False})
         expected = model(x, use_cache=False)
