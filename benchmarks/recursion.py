@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-examples", type=int, default=60)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
+                        "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=512)
@@ -159,6 +161,8 @@ def main() -> None:
         "forge trm_max_steps=0": forge(trm_max_steps=0),
         "llama, compute-matched": matched_llama(recursive.config),
     }
+    if args.models:
+        models = {name: model for i, (name, model) in enumerate(models.items()) if i in args.models}
     results = {}
     for name, model in models.items():
         torch.manual_seed(0)
@@ -203,7 +207,9 @@ def main() -> None:
         print(f"{name:>26} {row['params'] / 1e6:7.2f}M {row['train_seconds']:6.0f}s {loss['arithmetic']:7.4f} "
               f"{loss['code']:7.4f} {loss['corpus']:7.4f} {row['arithmetic_answer'][0]:7.4f} "
               f"{row['arithmetic_answer'][1]:7.3f}")  # fmt: skip
-    row = results["forge (recursion + ACT)"]
+    row = results.get("forge (recursion + ACT)")
+    if row is None:
+        return
     print("\nsame trained Forge, k steps at inference (ACT off): loss arithmetic / code / corpus, answer CE / EM")
     for k, values in row["per_inference_steps"].items():
         loss = values["loss"]
