@@ -1,13 +1,16 @@
-"""Training-step time of the cognate-25m Forge model vs a LlamaForCausalLM of equal parameter count, same batch.
+"""Training-step time of the Forge model vs a LlamaForCausalLM of equal parameter count, same batch.
 
-    OMP_NUM_THREADS=1 python benchmarks/throughput.py                  # batch 4 x 512 tokens, AdamW
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py                  # cognate-25m, batch 4 x 512 tokens, AdamW
     python benchmarks/throughput.py --batch 2 --length 256 --repeats 2  # quicker
+    python benchmarks/throughput.py --preset tiny --vocab 512           # the test/demo preset
 
-Prints tokens/s and each variant's step-time ratio to Llama (goal <= 1.5 for the full model: TRM and memory on),
-plus ablations (deep supervision off, no recursion, no memory) measured in the same run.
+Prints tokens/s and each variant's step-time ratio to Llama (goal <= 1.5 for the full model: recursion, ACT, deep
+supervision and memory on), plus ablations measured in the same run: every intermediate step supervised on every
+position, the position-wise refiner, one micro-step, no recursion, no memory.
 """
 
 import argparse
+import statistics
 
 import torch
 from _timing import time_it
@@ -23,8 +26,8 @@ def n_params(model: torch.nn.Module) -> int:
 def matched_llama(target: int, forge: ForgeConfig) -> LlamaForCausalLM:
     """A Llama with Forge's width, heads, vocab and tied head; depth and MLP width chosen to match `target`."""
     best = None
-    for layers in range(4, 16):
-        for ff in range(512, 2049, 32):
+    for layers in range(1, 17):
+        for ff in range(forge.hidden_size, 8 * forge.hidden_size + 1, 16):
             config = LlamaConfig(
                 vocab_size=forge.vocab_size,
                 hidden_size=forge.hidden_size,
@@ -46,14 +49,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default="cognate-25m")
+    parser.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
+    parser.add_argument("--only", type=int, nargs="*", help="time only these variants (1-based), with Llama")
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = ForgeConfig.from_preset("cognate-25m")
+    overrides = {"vocab_size": args.vocab} if args.vocab else {}
+    base = ForgeConfig.from_preset(args.preset, **overrides)
     variants = {
-        "forge (TRM 3 steps + memory, deep supervision)": {},
-        "forge, deep supervision on 25% of positions": {"deep_supervision_fraction": 0.25},
-        "forge, no detaching between TRM steps": {"trm_detach_between_steps": False},
-        "forge, final-step supervision only": {"deep_supervision": False},
+        "forge (preset: recursion + ACT + deep supervision + memory)": {},
+        "forge, intermediate steps supervised on every position": {"deep_supervision_fraction": 1.0},
+        "forge, intermediate steps supervised on 25% of positions": {"deep_supervision_fraction": 0.25},
+        "forge, position-wise refiner (no attention)": {"trm_attention": False},
+        "forge, one micro-step": {"trm_micro_steps": 1},
         "forge, no recursion (trm_max_steps=0)": {"trm_max_steps": 0},
         "forge, no memory (attention only)": {"memory_type": "none"},
     }
@@ -69,26 +77,29 @@ def main() -> None:
         return step
 
     forge = ForgeForCausalLM(base).train()
-    llama = matched_llama(n_params(forge), base).train()
-    results = {}
-    print(f"batch {args.batch} x {args.length} tokens, threads {torch.get_num_threads()}, AdamW, fp32")
-    for name, model in (("llama (equal parameters)", llama),):
-        results[name] = (
-            n_params(model),
-            time_it(train_step(model, torch.optim.AdamW(model.parameters())), repeats=args.repeats),
-        )
+    models = {"llama (equal parameters)": matched_llama(n_params(forge), base).train()}
+    base_overrides = {"vocab_size": base.vocab_size}
     for name, overrides in variants.items():
-        model = (
-            forge if not overrides else ForgeForCausalLM(ForgeConfig.from_preset("cognate-25m", **overrides)).train()
+        models[name] = (
+            forge
+            if not overrides
+            else ForgeForCausalLM(ForgeConfig.from_preset(args.preset, **base_overrides, **overrides)).train()
         )
-        results[name] = (
-            n_params(model),
-            time_it(train_step(model, torch.optim.AdamW(model.parameters())), repeats=args.repeats),
-        )
-    reference = results["llama (equal parameters)"][1]
-    for name, (count, seconds) in results.items():
-        print(f"{name:>48}: {count / 1e6:5.2f}M params  {seconds:6.2f} s/step  {tokens / seconds:7.0f} tok/s  "
-              f"ratio {seconds / reference:4.2f}")  # fmt: skip
+    if args.only:
+        models = {name: model for i, (name, model) in enumerate(models.items()) if i == 0 or i in args.only}
+    steps = {name: train_step(model, torch.optim.AdamW(model.parameters())) for name, model in models.items()}
+    print(f"batch {args.batch} x {args.length} tokens, threads {torch.get_num_threads()}, AdamW, fp32")
+    # Interleaved rounds (one step of every model per round, medians over rounds), so a shared machine's drifting load
+    # hits every model alike; the ratios are what to read.
+    times = {name: [time_it(step, warmup=1, repeats=1)] for name, step in steps.items()}
+    for _ in range(args.repeats - 1):
+        for name, step in steps.items():
+            times[name].append(time_it(step, warmup=0, repeats=1))
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    reference = seconds["llama (equal parameters)"]
+    for name, model in models.items():
+        print(f"{name:>60}: {n_params(model) / 1e6:5.2f}M params  {seconds[name]:6.2f} s/step  "
+              f"{tokens / seconds[name]:7.0f} tok/s  ratio {seconds[name] / reference:4.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ QUANTIZABLE_GROUPS: dict[str, str] = {
     "memory": r"^layers\.\d+\.memory\.(down|up|q|k|v|g|o)_proj$",
     "gate": r"^layers\.\d+\.gate\.fc[12]$",
     "mlp": r"^layers\.\d+\.mlp\.(gate|up|down)_proj$",
-    "trm": r"^recursion\.refiner\.(z_init|y_init|block\.(gate|up|down)_proj)$",
+    "trm": r"^recursion\.refiner\.(z_init|attn\.(q|k|v|o)_proj|block\.(gate|up|down)_proj)$",
 }
 DEFAULT_GROUPS = ("attention", "memory", "gate", "mlp", "trm")
 WEIGHT_SCALE_EPS = 1e-5

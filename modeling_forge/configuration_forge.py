@@ -86,28 +86,41 @@ class ForgeConfig(PreTrainedConfig):
         gate_hidden_size (`int`, *optional*, defaults to 160):
             Hidden width of the MAG gate MLP `g = sigmoid(MLP([y; m]))`.
         trm_max_steps (`int`, *optional*, defaults to 3):
-            Recursion steps `T_max` of the TRM refiner on top of the backbone (0 disables refinement).
+            Supervision steps `T_max` of the TRM refiner on top of the backbone (0 disables refinement). Step 0 is the
+            backbone's own prediction (`y_0 = h`).
         trm_micro_steps (`int`, *optional*, defaults to 2):
-            Latent updates `z <- refine(z, h, y)` per recursion step, before the answer update `y <- update(y, z)`.
+            Latent updates `z <- z + Block(z + h + y)` per cycle, before the answer update `y <- y + SwiGLU(y + z)`.
+        trm_cycles (`int`, *optional*, defaults to 1):
+            Refiner cycles per supervision step (TRM's `T`): all but the last run without gradient, the last with it.
+        trm_attention (`bool`, *optional*, defaults to `True`):
+            Whether the refiner's block has causal sliding-window self-attention over the refined states (TRM's
+            self-attention block, so a step can use the context; its keys/values per application are cached for
+            generation) or is position-wise only (the ablation).
         trm_intermediate_size (`int`, *optional*, defaults to 640):
-            Hidden width of the (position-wise, hence causal) SwiGLU refiner shared by the `z` and `y` updates.
+            Hidden width of the refiner's SwiGLU, shared by the `z` and `y` updates.
         deep_supervision (`bool`, *optional*, defaults to `True`):
             Train on the logits of every recursion step with `trm_step_weights` (on), or on the final step only (off).
         deep_supervision_fraction (`float`, *optional*, defaults to 1.0):
             Share of label positions on which the intermediate steps' cross-entropy and the ACT targets are computed
             during training (rescaled, so the loss stays an unbiased estimate). Below 1 it skips most intermediate
-            LM-head passes, which dominate compute and memory at large vocabularies. Evaluation always uses all.
+            LM-head passes, which dominate compute and memory at large vocabularies. The final output is always scored
+            on every position, and evaluation scores every step on every position.
         trm_detach_between_steps (`bool`, *optional*):
-            Detach `y`, `z` and the backbone features between recursion steps, so later steps' losses train only the
-            refiner (the specification's rule). Unset means "detach when `deep_supervision` is on". Detaching with
-            deep supervision off is refused: the final-step loss would never reach the backbone.
+            Detach the carry `(y, z)` between supervision steps (TRM), so each step's loss trains that step's
+            computation (and, through `h`, the backbone) only. Unset means "detach when `deep_supervision` is on".
+            Detaching with deep supervision off is refused: every step but the last would get no training signal.
         trm_step_weights (`list[float]`, *optional*):
             Loss weights of `y_0 .. y_T`; length `trm_max_steps + 1`. Defaults to `[0.33, 0.5, 0.75, 1.0]` for three
             steps and to a linear ramp from 0.33 to 1.0 otherwise.
         act_threshold (`float`, *optional*, defaults to 0.5):
-            At inference a position stops refining once its halting probability `q_t` exceeds this.
+            A position stops refining once its halting probability `q_t` exceeds this (per specialisation: lower
+            halts earlier).
         act_halting (`bool`, *optional*, defaults to `True`):
-            Whether evaluation-mode forwards use ACT early exit (training always runs every step).
+            ACT halting, by masking, in training and inference alike (halted positions keep their state and later
+            steps still read it). Off: every position runs every step.
+        act_exploration (`float`, *optional*, defaults to 0.1):
+            Share of positions that, in training, get a random minimum step before which they may not halt (HRM/TRM's
+            exploration), so the Q-head also sees later steps of positions it would stop early.
         act_loss_weight (`float`, *optional*, defaults to 0.01):
             Weight of the ACT BCE loss (target: "step t already predicts the label").
         gate_entropy_weight (`float`, *optional*, defaults to 0.001):
@@ -181,6 +194,8 @@ class ForgeConfig(PreTrainedConfig):
     gate_hidden_size: int = 160
     trm_max_steps: int = 3
     trm_micro_steps: int = 2
+    trm_cycles: int = 1
+    trm_attention: bool = True
     trm_intermediate_size: int = 640
     deep_supervision: bool = True
     deep_supervision_fraction: float = 1.0
@@ -188,6 +203,7 @@ class ForgeConfig(PreTrainedConfig):
     trm_step_weights: list[float] | None = None
     act_threshold: float = 0.5
     act_halting: bool = True
+    act_exploration: float = 0.1
     act_loss_weight: float = 0.01
     gate_entropy_weight: float = 0.001
     layer_types: list[str] | None = None
@@ -307,6 +323,10 @@ class ForgeConfig(PreTrainedConfig):
             fail("trm_max_steps", f"must be >= 0, got {self.trm_max_steps}", "use 0 (no refinement) or more")
         if self.trm_micro_steps < 1:
             fail("trm_micro_steps", f"must be >= 1, got {self.trm_micro_steps}", "use 2 as in the specification")
+        if self.trm_cycles < 1:
+            fail("trm_cycles", f"must be >= 1, got {self.trm_cycles}", "use 1 (one cycle, with gradient)")
+        if not 0.0 <= self.act_exploration <= 1.0:
+            fail("act_exploration", f"must lie in [0, 1], got {self.act_exploration}", "use e.g. 0.1")
         if self.trm_intermediate_size <= 0:
             fail("trm_intermediate_size", "must be >= 1", "use e.g. 2 * hidden_size")
         if len(self.trm_step_weights) != self.trm_max_steps + 1:
@@ -321,8 +341,8 @@ class ForgeConfig(PreTrainedConfig):
         if self.trm_detach_between_steps and not self.deep_supervision:
             fail(
                 "trm_detach_between_steps",
-                "is True with deep_supervision=False, so the only loss (the final step's) would never reach the "
-                "backbone (measured: validation loss 5.5 vs 4.5 at the tiny preset)",
+                "is True with deep_supervision=False, so only the final step's loss would train, and every step "
+                "before it would get no training signal",
                 "leave it unset or set it to False",
             )
         if not 0.0 < self.deep_supervision_fraction <= 1.0:

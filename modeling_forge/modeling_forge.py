@@ -2,14 +2,16 @@
 
 Each decoder layer mixes two branches over the same normed input through a learned gate (Titans, "memory as
 gate"): causal sliding-window attention `y` and a long-term memory `m`; the output `g*y + (1-g)*m` is followed by
-a SwiGLU feed-forward block. On top of the backbone features `h`, a tiny position-wise network refines an answer
-state `y` and a latent `z` recursively (TRM), every step is supervised (deep supervision), and an ACT head learns
-when a position's answer is already right so inference can stop refining early.
+a SwiGLU feed-forward block. On top of the backbone features `h`, one small block (causal sliding-window attention
+over the refined states plus a SwiGLU) refines an answer state `y` and a latent `z` recursively (TRM), every step is
+supervised (deep supervision), and an ACT head learns when a position's answer is already right, so a position stops
+refining (by masking: its state is frozen and later steps still read it, in training and inference alike).
 
 References:
     - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant).
     - Jolicoeur-Martineau. "Less is More: Recursive Reasoning with Tiny Networks", 2025 (TRM).
-    - Graves. "Adaptive Computation Time for Recurrent Neural Networks", 2016 (ACT).
+    - Graves. "Adaptive Computation Time for Recurrent Neural Networks", 2016 (ACT); Wang et al. "Hierarchical
+      Reasoning Model", 2025 (the Q-head halting target and exploration TRM keeps).
     - Su et al. "RoFormer", 2021 (rotary embeddings); Shazeer. "GLU Variants Improve Transformer", 2020 (SwiGLU).
 
 Shape legend:
@@ -704,28 +706,124 @@ class ForgeDecoderLayer(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ForgeRefiner(nn.Module):
-    """TRM: `z0 = h + P_z h`, `y0 = z0 + P_y z0`; each step `micro_steps` times `z <- z + f(z + h + y)`, then
-    `y <- y + f(y + z)` with one shared position-wise SwiGLU `f` (position-wise, so causal by construction)."""
+def _refiner_cache_layer(template) -> object:
+    """A new cache layer of the same kind (dynamic or static, sliding or full) as the backbone's first layer, so the
+    refiner's keys have the backbone's key length and the backbone's attention mask applies to them unchanged."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
+
+    if isinstance(template, StaticSlidingWindowLayer):
+        return StaticSlidingWindowLayer(max_cache_len=template.max_cache_len, sliding_window=template.max_cache_len)
+    if isinstance(template, StaticLayer):
+        return StaticLayer(max_cache_len=template.max_cache_len)
+    if isinstance(template, DynamicSlidingWindowLayer):
+        return DynamicSlidingWindowLayer(sliding_window=template.sliding_window)
+    return DynamicLayer()
+
+
+class ForgeRefinerAttention(nn.Module):
+    """Causal sliding-window self-attention over the refined states (TRM's self-attention block, causal here).
+
+    Each application of the shared block (step t, cycle c, micro-step j) is its own cache slot, appended after the
+    backbone's layers in the same `Cache`, so decoding attends to the earlier tokens' states of that same application.
+    """
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
-        self.config = config  # `trm_micro_steps` is read live
+        self.config = config
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.sliding_window = config.sliding_window
+        self.is_causal = True
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def key_value(
+        self, normed: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (B, H, T, Dh) of these states."""
+        shape = (*normed.shape[:-1], -1, self.head_dim)
+        key = self.k_proj(normed).view(shape).transpose(1, 2)
+        value = self.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        key = (key * cos.unsqueeze(1)) + (rotate_half(key) * sin.unsqueeze(1))
+        return key, value
+
+    def forward(
+        self,
+        normed: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        slot: int,
+    ) -> torch.Tensor:
+        shape = (*normed.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(normed).view(shape).transpose(1, 2)  # (B, H, T, Dh)
+        cos, sin = position_embeddings
+        query = (query * cos.unsqueeze(1)) + (rotate_half(query) * sin.unsqueeze(1))
+        key, value = self.key_value(normed, position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, slot)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+        )
+        return self.o_proj(output.reshape(*normed.shape[:-1], -1).contiguous())
+
+
+class ForgeRefiner(nn.Module):
+    """TRM's tiny network, applied recursively on top of the backbone features `h`.
+
+    `y_0 = h` (step 0 is the plain backbone LM) and `z_0 = P_z h`. One cycle: `micro_steps` latent updates
+    `z <- z + Block(z + h + y)`, where the block is causal sliding-window attention over the refined states plus a
+    SwiGLU (TRM's transformer block, so a step can reason over the context), then the answer update
+    `y <- y + SwiGLU(y + z)` with the same SwiGLU, position-wise: `y` sees the context through `z`. The output
+    projections start at zero, so an untrained refiner leaves `y_t = h` and does not slow in-context learning.
+    `trm_attention=False` drops the attention (the earlier position-wise refiner, kept as an ablation).
+    """
+
+    def __init__(self, config: ForgeConfig) -> None:
+        super().__init__()
         self.z_init = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.y_init = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.z_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = ForgeRefinerAttention(config) if config.trm_attention else None
+        self.mlp_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.y_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.block = ForgeMLP(config.hidden_size, config.trm_intermediate_size, config.hidden_act)
+        self.block.down_proj.forge_init = 0.0  # zero-initialised (see `ForgePreTrainedModel._init_weights`)
+        if self.attn is not None:
+            self.attn.o_proj.forge_init = 0.0
 
-    def initial(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = features + self.z_init(features)
-        return z + self.y_init(z), z
+    def latent_update(
+        self,
+        stream: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        slot: int,
+    ) -> torch.Tensor:
+        """The change `Block(stream) - stream` of one latent update, `stream = z + h + y` (B, T, D)."""
+        delta = torch.zeros_like(stream)
+        if self.attn is not None:
+            delta = self.attn(self.attn_norm(stream), position_embeddings, attention_mask, past_key_values, slot)
+        return delta + self.block(self.mlp_norm(stream + delta))
 
-    def step(self, features: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for _ in range(self.config.trm_micro_steps):
-            z = z + self.block(self.z_norm(z + features + y))
-        y = y + self.block(self.y_norm(y + z))
-        return y, z
+    def answer_update(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return y + self.block(self.y_norm(y + z))
 
 
 @dataclass
@@ -734,13 +832,26 @@ class RecursionOutput:
 
     last_hidden_state: torch.Tensor
     step_hidden_states: tuple[torch.Tensor, ...] | None
-    halting_logits: torch.Tensor | None
+    halting_logits: torch.Tensor
     halt_steps: torch.Tensor
 
 
 class ForgeRecursion(nn.Module):
-    """Runs the TRM refiner for `trm_max_steps` steps, normalises each answer state `y_t` for the LM head, and scores
-    it with the ACT head `q_t = sigmoid(Linear(norm(y_t)))`."""
+    """Runs the TRM refiner for `trm_max_steps` supervision steps with ACT halting by masking.
+
+    Each step runs `trm_cycles` cycles of the refiner: all but the last without gradient (TRM), the last with it; with
+    deep supervision the carry is detached between steps (TRM): `z` entirely, `y` up to its identity path to the
+    features `h = y_0` (`y <- h + (y - h).detach()`), and `h` itself never (TRM's input embedding is not), so every
+    step's loss trains the backbone as a plain LM loss would. Each answer state `y_t` is normed for the LM head and
+    scored by the ACT head `q_t = sigmoid(Linear(norm(y_t)))`. With halting on, a position whose `q_t` exceeds
+    `act_threshold` stops: its `y` and `z` stay as they are, every later application still reads its (frozen) state
+    through attention, and its output is its halting step's state. Training and inference run the same masked
+    computation, so ACT inference equals training-time selection and cached equals uncached decoding. The control
+    flow does not depend on the data (the optional early break in eager mode is skipped under `torch.compile` and
+    `torch.export`), so the forward exports. Training with the ACT loss explores (HRM/TRM): a share `act_exploration`
+    of positions gets a random minimum step before which it may not halt (`explore`; never without the loss, whose
+    targets it is for, so e.g. RL rewards computed from the model's outputs carry no exploration noise).
+    """
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
@@ -748,57 +859,102 @@ class ForgeRecursion(nn.Module):
         self.refiner = ForgeRefiner(config)
         self.norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.act_head = nn.Linear(config.hidden_size, 1)
+        # Zero weights and q_0 = sigmoid(-2) ~ 0.12 everywhere: every position refines at first and the Q-head learns
+        # when to stop (HRM starts its Q-head at "continue" the same way).
+        self.act_head.forge_init = -2.0
 
-    def forward(self, features: torch.Tensor, keep_steps: bool, halting: bool) -> RecursionOutput:
-        if keep_steps or not halting:
-            return self._all_steps(features, keep_steps, halting)
-        return self._early_exit(features)
+    def forward(
+        self,
+        features: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        keep_steps: bool,
+        halting: bool,
+        max_steps: int | None = None,
+        explore: bool = False,
+    ) -> RecursionOutput:
+        config = self.config  # read live: thresholds and step counts may be changed on a loaded model
+        steps = config.trm_max_steps if max_steps is None else max_steps
+        if not 0 <= steps <= config.trm_max_steps:
+            raise ValueError(
+                f"recursion_steps={max_steps} is outside [0, trm_max_steps={config.trm_max_steps}]. Fix: pass a "
+                "number of steps the model was built for."
+            )
+        micro, cycles, threshold = config.trm_micro_steps, config.trm_cycles, config.act_threshold
+        first_slot = config.num_hidden_layers
+        if past_key_values is not None and self.refiner.attn is not None:
+            needed = first_slot + config.trm_max_steps * cycles * micro
+            while len(past_key_values.layers) < needed:
+                past_key_values.layers.append(_refiner_cache_layer(past_key_values.layers[0]))
 
-    def _all_steps(self, features: torch.Tensor, keep_steps: bool, halting: bool) -> RecursionOutput:
-        """Every step for every position (training; evaluation with labels).
-
-        By default (`trm_detach_between_steps`, the specification's rule with deep supervision) `y`, `z` and `h` are
-        detached after the first step, so later steps train only the refiner; otherwise gradients flow through all
-        steps (T is small, so this costs little)."""
-        y, z = self.refiner.initial(features)
-        states = [self.norm(y)]
-        for _ in range(self.config.trm_max_steps):
-            y, z = self.refiner.step(features, y, z)
-            states.append(self.norm(y))
-            if self.config.detach_between_steps:
-                y, z, features = y.detach(), z.detach(), features.detach()
-        halting_logits = torch.cat([self.act_head(s) for s in states], dim=-1)  # (B, T, K)
-        exceeded = torch.sigmoid(halting_logits.detach()) > self.config.act_threshold
-        exceeded[..., -1] = True
-        halt_steps = exceeded.long().argmax(dim=-1)  # (B, T): first step whose q_t exceeds the threshold
+        y, z = features, self.refiner.z_init(features)
+        selected = self.norm(y)  # (B, T, D): each position's output state so far (its halting step's, once halted)
+        states = [selected]
+        halting_logits = [self.act_head(selected)]  # each (B, T, 1)
+        halted = torch.zeros(features.shape[:-1], dtype=torch.bool, device=features.device)  # (B, T)
+        min_step = None
+        if halting and explore and config.act_exploration > 0:
+            explore = torch.rand(halted.shape, device=features.device) < config.act_exploration
+            random_step = torch.randint(1, max(steps, 1) + 1, halted.shape, device=features.device)
+            min_step = torch.where(explore, random_step, torch.zeros_like(random_step))
         if halting:
-            last = states[-1]
-            for step in range(len(states) - 2, -1, -1):
-                last = torch.where((halt_steps == step)[..., None], states[step], last)
-        else:
-            last = states[-1]
-        return RecursionOutput(last, tuple(states) if keep_steps else None, halting_logits, halt_steps)
-
-    @torch.no_grad()
-    def _early_exit(self, features: torch.Tensor) -> RecursionOutput:
-        """Inference: positions stop refining once `q_t > threshold`; only still-active positions are computed."""
-        shape = features.shape
-        flat = features.reshape(-1, shape[-1])  # (B*T, D)
-        y, z = self.refiner.initial(flat)
-        out = self.norm(y)
-        halt_steps = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
-        threshold = self.config.act_threshold
-        active = torch.nonzero(torch.sigmoid(self.act_head(out)).squeeze(-1) <= threshold).squeeze(-1)
-        for step in range(1, self.config.trm_max_steps + 1):
-            if active.numel() == 0:
+            halted = self._may_halt(halting_logits[0], threshold, 0, min_step)
+        halt_steps = torch.zeros(halted.shape, dtype=torch.long, device=features.device)
+        eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        for step in range(1, steps + 1):
+            slot = first_slot + (step - 1) * cycles * micro
+            if halting and eager and bool(halted.all()):
+                # Nothing left to refine. Frozen states give every later application the same keys and values:
+                # compute them once for the cache (decoding needs them) and skip the rest.
+                self._fill_frozen_slots(features, y, z, position_embeddings, past_key_values, slot, steps, step)
+                states.extend([selected] * (steps - step + 1))
+                halting_logits.extend([halting_logits[-1]] * (steps - step + 1))
                 break
-            y_a, z_a = self.refiner.step(flat[active], y[active], z[active])
-            y, z = y.index_copy(0, active, y_a), z.index_copy(0, active, z_a)
-            normed = self.norm(y_a)
-            out = out.index_copy(0, active, normed)
-            halt_steps[active] = step
-            active = active[torch.sigmoid(self.act_head(normed)).squeeze(-1) <= threshold]
-        return RecursionOutput(out.view(shape), None, None, halt_steps.view(shape[:-1]))
+            keep = halted[..., None] if halting else None
+            for cycle in range(cycles):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and cycle == cycles - 1):
+                    y_new, z = self._cycle(features, y, z, keep, position_embeddings, attention_mask, past_key_values,
+                                           slot + cycle * micro)  # fmt: skip
+                    y = y_new if keep is None else torch.where(keep, y, y_new)
+            normed = self.norm(y)
+            selected = normed if keep is None else torch.where(keep, selected, normed)
+            states.append(selected)
+            halting_logits.append(self.act_head(normed))
+            halt_steps = halt_steps + (~halted).long()
+            if halting:
+                halted = halted | self._may_halt(halting_logits[-1], threshold, step, min_step)
+            if config.detach_between_steps:
+                # TRM's carry detach. The answer keeps a live identity path to the features (its refinement is
+                # what is detached), as TRM's input injection keeps the embedding trained by every step's loss.
+                y, z = features + (y - features).detach(), z.detach()
+        return RecursionOutput(
+            last_hidden_state=selected,
+            step_hidden_states=tuple(states) if keep_steps else None,
+            halting_logits=torch.cat(halting_logits, dim=-1),  # (B, T, K)
+            halt_steps=halt_steps,
+        )
+
+    @staticmethod
+    def _may_halt(logits: torch.Tensor, threshold: float, step: int, min_step: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) positions whose halting probability exceeds the threshold (and that explored far enough)."""
+        halt = torch.sigmoid(logits.detach().squeeze(-1)) > threshold
+        return halt if min_step is None else halt & (min_step <= step)
+
+    def _cycle(self, features, y, z, keep, position_embeddings, attention_mask, past_key_values, slot):
+        """One TRM cycle: `micro_steps` latent updates, then the answer update; halted positions keep their `z`."""
+        for micro in range(self.config.trm_micro_steps):
+            delta = self.refiner.latent_update(z + features + y, position_embeddings, attention_mask,
+                                               past_key_values, slot + micro)  # fmt: skip
+            z = z + delta if keep is None else torch.where(keep, z, z + delta)
+        return self.refiner.answer_update(y, z), z
+
+    def _fill_frozen_slots(self, features, y, z, position_embeddings, past_key_values, slot, steps, step) -> None:
+        if past_key_values is None or self.refiner.attn is None:
+            return
+        key, value = self.refiner.attn.key_value(self.refiner.attn_norm(z + features + y), position_embeddings)
+        for index in range(slot, slot + (steps - step + 1) * self.config.trm_cycles * self.config.trm_micro_steps):
+            past_key_values.update(key, value, index)
 
 
 class ForgeThoughtMixer(nn.Module):
@@ -842,9 +998,10 @@ class ForgeModelOutputWithPast(BaseModelOutputWithPast):
     step_hidden_states (`tuple(torch.FloatTensor)` of K tensors (B, T, D), *optional*):
         Normed answer states y_0..y_T, returned when asked (training, per-step losses).
     halting_logits (`torch.FloatTensor` (B, T, K), *optional*):
-        ACT head logits per step (None on the inference early-exit path, which does not compute every step).
+        ACT head logits per step (every position is scored at every step; a halted position's later scores are
+        unused).
     halt_steps (`torch.LongTensor` (B, T)):
-        Index of the step each position halts at (first `q_t > act_threshold`, else T).
+        Index of the step whose state each position outputs: its first `q_t > act_threshold` under ACT, else T.
     gate_means (`torch.FloatTensor` (B, L), *optional*):
         Mean MAG gate value per batch row and layer (share of attention; `1 - mean` is the memory's share).
     gate_entropy (`torch.FloatTensor` (B,), *optional*):
@@ -942,6 +1099,12 @@ class ForgePreTrainedModel(PreTrainedModel):
             module.init_from_checkpoint(self.config.initializer_range)
             return
         super()._init_weights(module)
+        if type(module) is nn.Linear and hasattr(module, "forge_init"):
+            # Set by the recursion: zero output projections of the refiner (an untrained refiner is the identity on
+            # y, so every step starts as step 0, the plain backbone LM), and the Q-head's starting bias.
+            init.zeros_(module.weight)
+            if module.bias is not None:
+                init.constant_(module.bias, module.forge_init)
         if isinstance(module, ForgeNeuralMemory):
             module.reset_memory_parameters()
 
@@ -977,14 +1140,21 @@ class ForgeModel(ForgePreTrainedModel):
         act_halting: bool | None = None,
         output_attention_logit_max: bool = False,
         positions_to_keep: int | torch.Tensor = 0,
+        recursion_steps: int | None = None,
+        act_exploration: bool = False,
         **kwargs,
     ) -> ForgeModelOutputWithPast:
         r"""
         output_step_states (`bool`): also return every step's answer state and the ACT logits (needed for losses).
-        act_halting (`bool`, *optional*): ACT early exit; defaults to `config.act_halting` in eval mode, off in train.
+        act_halting (`bool`, *optional*): ACT halting (by masking, in training and inference alike); defaults to
+            `config.act_halting`.
         output_attention_logit_max (`bool`): return each head's largest attention logit (QK-clip); costs a matmul.
-        positions_to_keep (`int` or `torch.Tensor`): run the (position-wise) recursion only on these positions, as
-            `logits_to_keep` does for the LM head (0 keeps all).
+        positions_to_keep (`int` or `torch.Tensor`): return `last_hidden_state` only at these positions, as
+            `logits_to_keep` does for the LM head (0 keeps all). The recursion attends to the context, so it runs on
+            every position.
+        recursion_steps (`int`, *optional*): run this many recursion steps instead of `trm_max_steps` (inference).
+        act_exploration (`bool`): ACT exploration (`config.act_exploration`); `ForgeForCausalLM` turns it on when it
+            trains with labels.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -993,7 +1163,7 @@ class ForgeModel(ForgePreTrainedModel):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if act_halting is None:
-            act_halting = self.config.act_halting and not self.training
+            act_halting = self.config.act_halting
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         if use_cache and past_key_values is None:
@@ -1037,10 +1207,18 @@ class ForgeModel(ForgePreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        features = slice_logits_to_keep(hidden_states, positions_to_keep)
-        recursion = self.recursion(features, keep_steps=output_step_states, halting=act_halting)
+        recursion = self.recursion(
+            hidden_states,
+            position_embeddings,
+            sliding_mask,
+            past_key_values,
+            keep_steps=output_step_states,
+            halting=act_halting,
+            max_steps=recursion_steps,
+            explore=act_exploration,
+        )
         return ForgeModelOutputWithPast(
-            last_hidden_state=recursion.last_hidden_state,
+            last_hidden_state=slice_logits_to_keep(recursion.last_hidden_state, positions_to_keep),
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             step_hidden_states=recursion.step_hidden_states,
@@ -1101,20 +1279,27 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         act_halting: bool | None = None,
         output_attention_logit_max: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
+        recursion_steps: int | None = None,
         **kwargs,
     ) -> ForgeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` (B, T), *optional*): next-token targets, shifted inside (HF convention); -100 is
             ignored.
-        output_step_logits (`bool`): return the logits of every recursion step.
-        act_halting (`bool`, *optional*): ACT early exit; defaults to `config.act_halting` in eval mode.
+        output_step_logits (`bool`): return the logits of every recursion step (each position's state at that step,
+            a halted position's state frozen at its halting step).
+        act_halting (`bool`, *optional*): ACT halting; defaults to `config.act_halting` (training and inference run
+            the same masked computation, training adds exploration).
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): label-token count over the whole accumulated (and
             distributed) batch, passed by `Trainer`; every loss term is a sum over tokens divided by it, so
             gradient accumulation and DDP average correctly.
+        shift_labels (`torch.LongTensor` (B, T), *optional*): targets already shifted (position t predicts
+            `shift_labels[:, t]`), as context-parallel training passes them; used instead of shifting `labels`. A
+            keyword argument (as in transformers' own models), so `Trainer` keeps `labels` as the only label name.
+        recursion_steps (`int`, *optional*): run this many recursion steps instead of `trm_max_steps` (inference).
         """
-        keep_steps = labels is not None or output_step_logits
-        if act_halting is None:
-            act_halting = self.config.act_halting and not self.training
+        shift_labels = kwargs.pop("shift_labels", None)
+        has_targets = labels is not None or shift_labels is not None
+        keep_steps = has_targets or output_step_logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1127,38 +1312,35 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             act_halting=act_halting,
             output_attention_logit_max=output_attention_logit_max,
             positions_to_keep=0 if keep_steps else logits_to_keep,
+            recursion_steps=recursion_steps,
+            act_exploration=self.training and has_targets,
             **kwargs,
         )
+        # One full-vocabulary pass for the output: the last state is each position's ACT-selected answer state.
+        full_logits = self.lm_head(outputs.last_hidden_state)
         step_logits = None
-        if keep_steps:
+        if output_step_logits:
             states = outputs.step_hidden_states
-            if output_step_logits or act_halting:  # every step's full logits are needed
-                step_logits = self._step_logits(states, need_grad=self.config.deep_supervision)
-                logits = step_logits[-1]
-                if act_halting:  # each position reads the logits of the step it halts at
-                    for step in range(len(step_logits) - 2, -1, -1):
-                        logits = torch.where((outputs.halt_steps == step)[..., None], step_logits[step], logits)
-            else:
-                logits = self.lm_head(states[-1])
-        else:
-            logits = self.lm_head(outputs.last_hidden_state)
+            step_logits = tuple(self.lm_head(state) for state in states[:-1]) + (full_logits,)
+        logits = slice_logits_to_keep(full_logits, logits_to_keep) if keep_steps else full_logits
 
-        halting_probs = torch.sigmoid(outputs.halting_logits.detach()) if outputs.halting_logits is not None else None
+        halting_probs = torch.sigmoid(outputs.halting_logits.detach())
         result = ForgeCausalLMOutputWithPast(
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            step_logits=tuple(step_logits) if output_step_logits else None,
+            step_logits=step_logits,
             halting_probs=halting_probs,
             halt_steps=outputs.halt_steps,
             gate_means=outputs.gate_means,
             gate_entropy=outputs.gate_entropy.detach().mean() if outputs.gate_entropy is not None else None,
             attention_logit_max=outputs.attention_logit_max,
         )
-        if labels is not None:
-            final_logits = step_logits[-1] if step_logits is not None else logits
-            self._add_losses(result, outputs, step_logits, final_logits, labels, num_items_in_batch)
+        if has_targets:
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # token t predicts t+1
+            self._add_losses(result, outputs, step_logits, full_logits, shift_labels, num_items_in_batch)
         return result
 
     def create_masks_for_generate(self, **kwargs) -> dict[str, torch.Tensor | None]:
@@ -1167,39 +1349,36 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         names = ("config", "inputs_embeds", "attention_mask", "past_key_values", "position_ids")
         return forge_attention_masks(**{name: kwargs.get(name) for name in names})
 
-    def _step_logits(self, step_states: tuple[torch.Tensor, ...], need_grad: bool) -> list[torch.Tensor]:
-        """LM-head logits of every step; without deep supervision only the last step needs gradients."""
-        logits = []
-        for step, state in enumerate(step_states):
-            if need_grad or step == len(step_states) - 1:
-                logits.append(self.lm_head(state))
-            else:
-                with torch.no_grad():
-                    logits.append(self.lm_head(state))
-        return logits
-
     def _add_losses(
         self,
         result: ForgeCausalLMOutputWithPast,
         outputs: ForgeModelOutputWithPast,
-        step_logits: list[torch.Tensor] | None,
+        step_logits: tuple[torch.Tensor, ...] | None,
         final_logits: torch.Tensor,
-        labels: torch.LongTensor,
+        shift_labels: torch.LongTensor,
         num_items_in_batch: int | torch.Tensor | None,
     ) -> None:
-        """Fill the loss and its parts.
+        """Fill the loss and its parts from already-shifted targets (B, T).
 
         Every term is (sum over label tokens) / denominator, where the denominator is `num_items_in_batch` when
-        Trainer gives it (accumulation/DDP-correct), else this batch's label count. In training with
-        `deep_supervision_fraction < 1`, the intermediate steps' cross-entropy and the ACT targets are computed on
-        a random subset of the label positions and rescaled, an unbiased estimate of the same objective that skips
-        most of the intermediate LM-head passes (they dominate the cost at a 32k vocabulary).
+        Trainer gives it (accumulation/DDP-correct), else this batch's label count.
+
+        - Output term: cross-entropy of the final logits on every label position. Under ACT each position's final
+          state is its halting step's, with that step's gradient, so this is the loss of what inference outputs.
+        - Deep supervision (TRM): each earlier step `t`'s cross-entropy on the positions still refining at `t`
+          (a halted position is not supervised again), weighted by `trm_step_weights`. In training with
+          `deep_supervision_fraction < 1` the earlier steps are scored on a random subset of the label positions and
+          rescaled, an unbiased estimate that skips most of the extra full-vocabulary LM-head passes.
+        - ACT (TRM's Q-head): BCE of `q_t` against "step t's prediction is already right" on the positions still
+          refining at `t`, averaged over steps.
+
+        `step_losses[t]` is the loss of stopping at step t (states of halted positions frozen), the per-step
+        diagnostic; `lm_loss` is the weighted training objective.
         """
         config = self.config
         states = outputs.step_hidden_states
         n_steps = len(states)
-        shift_labels = F.pad(labels.to(final_logits.device), (0, 1), value=-100)[..., 1:]  # token t predicts t+1
-        flat_labels = shift_labels.reshape(-1)
+        flat_labels = shift_labels.to(final_logits.device).reshape(-1)
         valid = torch.nonzero(flat_labels != -100).squeeze(-1)  # (N,) flat positions with a label
         n_valid = valid.numel()
         if num_items_in_batch is not None:
@@ -1212,40 +1391,42 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             keep = max(1, round(fraction * n_valid))
             sampled = valid[torch.randperm(n_valid, device=valid.device)[:keep]]
 
-        step_losses, step_correct, act_terms = [], [], []
+        halt_steps = outputs.halt_steps.reshape(-1)  # (B*T,)
         halting_logits = outputs.halting_logits.reshape(-1, n_steps)  # (B*T, K)
+        step_losses, train_terms, step_correct, act_terms = [], [], [], []
         for step in range(n_steps):
-            rows = valid if step == n_steps - 1 or sampled is valid else sampled
-            if step_logits is not None:
-                logits = step_logits[step].reshape(-1, step_logits[step].shape[-1])[rows]
-            elif step == n_steps - 1:
+            final = step == n_steps - 1
+            rows = valid if final else sampled
+            if final:
                 logits = final_logits.reshape(-1, final_logits.shape[-1])[rows]
+            elif step_logits is not None:
+                logits = step_logits[step].reshape(-1, step_logits[step].shape[-1])[rows]
             else:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and config.deep_supervision):
                     logits = self.lm_head(states[step].reshape(-1, states[step].shape[-1])[rows])
             scale = n_valid / max(rows.numel(), 1)  # rescales a subset to the full label count
             targets = flat_labels[rows]
-            ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum") * scale
-            step_losses.append(ce_sum / denominator)
-            correct = logits.detach().argmax(-1) == targets
-            step_correct.append(correct.float().mean() if rows.numel() else correct.float().sum())
-            # ACT: BCE of q_t against "step t already predicts the label", averaged over steps.
-            bce = F.binary_cross_entropy_with_logits(
-                halting_logits[rows, step].float(), correct.float(), reduction="sum"
-            )
-            act_terms.append(bce * scale / n_steps)
-        step_losses_t = torch.stack(step_losses)  # (K,)
+            ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (rows,)
+            refining = (halt_steps[rows] >= step).float()  # still refining at this step (not halted before it)
+            step_losses.append(ce.detach().sum() * scale / denominator)
+            train_terms.append((ce.sum() if final else (ce * refining).sum()) * scale / denominator)
+            correct = (logits.detach().argmax(-1) == targets).float()
+            step_correct.append(correct.mean() if rows.numel() else correct.sum())
+            bce = F.binary_cross_entropy_with_logits(halting_logits[rows, step].float(), correct, reduction="none")
+            act_terms.append((bce * refining).sum() * scale / n_steps)
+        terms = torch.stack(train_terms)  # (K,)
         if config.deep_supervision:
-            if len(config.trm_step_weights) != n_steps:  # trm_max_steps is read live; the weights must follow it
+            if len(config.trm_step_weights) != config.trm_max_steps + 1:  # trm_max_steps is read live
                 raise ValueError(
-                    f"ForgeConfig.trm_step_weights has {len(config.trm_step_weights)} entries but the model ran "
-                    f"{n_steps} steps (trm_max_steps={config.trm_max_steps}). Fix: set config.trm_step_weights = None "
-                    "and call config.check() to re-derive them, or give one weight per step."
+                    f"ForgeConfig.trm_step_weights has {len(config.trm_step_weights)} entries but trm_max_steps="
+                    f"{config.trm_max_steps} needs {config.trm_max_steps + 1}. Fix: set config.trm_step_weights = "
+                    "None and call config.check() to re-derive them, or give one weight per step."
                 )
-            weights = torch.tensor(config.trm_step_weights, device=step_losses_t.device, dtype=step_losses_t.dtype)
-            lm_loss = (weights * step_losses_t).sum() / weights.sum()
+            # `recursion_steps` may run fewer steps than trm_max_steps: their weights are the first ones.
+            weights = torch.tensor(config.trm_step_weights[:n_steps], device=terms.device, dtype=terms.dtype)
+            lm_loss = (weights * terms).sum() / weights.sum()
         else:
-            lm_loss = step_losses_t[-1]
+            lm_loss = terms[-1]
         act_loss = torch.stack(act_terms).sum() / denominator
 
         loss = lm_loss + config.act_loss_weight * act_loss
@@ -1256,7 +1437,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         result.loss = loss
         result.lm_loss = lm_loss.detach()
         result.act_loss = act_loss.detach()
-        result.step_losses = step_losses_t.detach()
+        result.step_losses = torch.stack(step_losses)
         result.step_accuracies = torch.stack(step_correct)
 
 

@@ -113,12 +113,6 @@ def collate_baking(examples: Sequence[BakingExample], pad_token_id: int = 0) -> 
     }
 
 
-def forward_kwargs(model) -> dict:
-    """Extra forward arguments so teacher, student and measurements use the same logits: for Forge models the final
-    TRM step (ACT early exit off, as in training); nothing for other architectures."""
-    return {"act_halting": False} if getattr(model.config, "model_type", None) == "forge" else {}
-
-
 def context_ids(tokenizer, text: str) -> list[int]:
     """Token ids of `text` with the tokenizer's own start tokens (e.g. `<|bos|>`), never empty."""
     ids = tokenizer(text)["input_ids"]
@@ -160,9 +154,9 @@ def topk_kl(student_logprobs: torch.Tensor, target_ids: torch.Tensor, target_log
     return kl
 
 
-def student_target_logprobs(model, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+def student_target_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, n, V) student log-probs at the positions that predict the continuation tokens."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     positions = batch["target_positions"]  # (B, n)
     logits = outputs.logits.gather(1, positions[..., None].expand(-1, -1, outputs.logits.shape[-1]))
     return F.log_softmax(logits.float(), dim=-1)
@@ -174,7 +168,6 @@ def _teacher_distributions(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Teacher top-K ids and log-probs for each sequence's continuation (positions start .. start + n - 1)."""
     results = []
-    kwargs = forward_kwargs(model)
     for begin in range(0, len(sequences), batch_size):
         chunk = range(begin, min(begin + batch_size, len(sequences)))
         length = max(len(sequences[i]) for i in chunk)
@@ -183,7 +176,7 @@ def _teacher_distributions(
         for row, i in enumerate(chunk):
             ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
             mask[row, : len(sequences[i])] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kwargs).logits
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         for row, i in enumerate(chunk):
             positions = torch.arange(lengths[i], device=logits.device) + starts[i] - 1
             logprobs = F.log_softmax(logits[row, positions].float(), dim=-1).cpu()  # (n, V)
@@ -242,7 +235,6 @@ def sample_teacher_targets(
                         max_new_tokens=config.max_new_tokens,
                         pad_token_id=pad_id,
                         eos_token_id=eos_ids,
-                        **forward_kwargs(teacher),
                     )[:, len(teacher_ctx) :].tolist()
                     for continuation in generated:
                         if eos_ids is not None and eos_ids in continuation:
@@ -285,7 +277,7 @@ def measure_kl(model, examples: Sequence[BakingExample], batch_size: int = 16, p
         for begin in range(0, len(examples), batch_size):
             batch = collate_baking(examples[begin : begin + batch_size], pad_token_id)
             batch = {name: value.to(model.device) for name, value in batch.items()}
-            logprobs = student_target_logprobs(model, batch, **forward_kwargs(model))
+            logprobs = student_target_logprobs(model, batch)
             kl = topk_kl(logprobs, batch["target_ids"], batch["target_logprobs"])
             total += float(kl[batch["target_mask"]].sum())
             count += int(batch["target_mask"].sum())
@@ -309,8 +301,8 @@ class PromptBakingTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Under DDP `model` is the wrapper (forward through it so gradients synchronise; read the config underneath).
-        logprobs = student_target_logprobs(model, inputs, **forward_kwargs(self.accelerator.unwrap_model(model)))
+        # Under DDP `model` is the wrapper: forward through it so gradients synchronise.
+        logprobs = student_target_logprobs(model, inputs)
         kl = topk_kl(logprobs, inputs["target_ids"], inputs["target_logprobs"])  # (B, n)
         mask = inputs["target_mask"]
         loss = kl[mask].sum() / mask.sum().clamp(min=1)

@@ -26,8 +26,21 @@ from .mugrokfast import (
 logger = logging.get_logger(__name__)
 
 
-def forge_metrics(outputs) -> dict[str, float]:
-    """Scalar diagnostics of one `ForgeCausalLMOutputWithPast` (names follow the specification)."""
+def real_token_mask(inputs: dict) -> torch.Tensor | None:
+    """(B, T) mask of the real (non-padding) tokens of a batch: its `attention_mask`, else its labelled positions."""
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.bool()
+    labels = inputs.get("labels")
+    return labels != -100 if labels is not None else None
+
+
+def forge_metrics(outputs, token_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Scalar diagnostics of one `ForgeCausalLMOutputWithPast` (names follow the specification).
+
+    Per-position statistics (halting steps and probabilities) are averaged over `token_mask`, the real tokens: padded
+    positions would otherwise count as halting wherever the head puts them (issue 14: they made a Phase 1 model that
+    ran 3.98 of 4 steps on real tokens report 3.35)."""
     metrics: dict[str, float] = {}
     for name, key in (("loss/lm", "lm_loss"), ("loss/act", "act_loss"), ("gate/entropy", "gate_entropy")):
         value = getattr(outputs, key, None)
@@ -43,10 +56,17 @@ def forge_metrics(outputs) -> dict[str, float]:
             metrics[f"act/acc_step{step}"] = value
     halt_steps = getattr(outputs, "halt_steps", None)
     if halt_steps is not None:
-        metrics["act/avg_steps"] = float(halt_steps.float().mean())
-    halting_probs = getattr(outputs, "halting_probs", None)
-    if halting_probs is not None:
-        metrics["act/halt_prob_step0"] = float(halting_probs[..., 0].mean())
+        real = torch.ones_like(halt_steps, dtype=torch.bool)
+        if token_mask is not None and token_mask.shape == halt_steps.shape:
+            real = token_mask.to(halt_steps.device).bool()
+        halts = halt_steps[real].float()
+        if halts.numel():
+            metrics["act/avg_steps"] = float(halts.mean())
+            halting_probs = getattr(outputs, "halting_probs", None)
+            for step in range(halting_probs.shape[-1] if halting_probs is not None else 0):
+                metrics[f"act/halt_share_step{step}"] = float((halts == step).float().mean())
+            if halting_probs is not None:
+                metrics["act/halt_prob_step0"] = float(halting_probs[..., 0][real].mean())
     gate_means = getattr(outputs, "gate_means", None)
     if gate_means is not None:
         metrics["gate/m_usage"] = float(1.0 - gate_means.mean())
@@ -203,7 +223,7 @@ class ForgeTrainer(Trainer):
             )
         mode = "train" if model.training else "eval"
         with torch.no_grad():
-            for name, value in forge_metrics(outputs).items():
+            for name, value in forge_metrics(outputs, real_token_mask(inputs)).items():
                 self._metrics[mode][name].append(value)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -217,4 +237,4 @@ class ForgeTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["OPTIMIZER_TYPES", "ForgeTrainer", "ForgeTrainingArguments", "forge_metrics"]
+__all__ = ["OPTIMIZER_TYPES", "ForgeTrainer", "ForgeTrainingArguments", "forge_metrics", "real_token_mask"]

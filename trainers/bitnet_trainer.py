@@ -92,9 +92,9 @@ class BitNetTrainer(ForgeTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.distill_weight > 0 and model.training:
-            with torch.no_grad():  # the teacher's final recursion step, as the student's training logits
+            with torch.no_grad():  # the teacher's output (ACT as configured), as the student's training logits
                 teacher_logits = self.teacher(
-                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), act_halting=False
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
                 ).logits
             kl = distillation_kl(outputs.logits, teacher_logits, inputs["labels"], self.distill_temperature,
                                  num_items_in_batch)  # fmt: skip
@@ -327,7 +327,8 @@ COLUMNS = (
     ("mem.q", r"memory.q_proj"), ("mem.k", r"memory.k_proj"), ("mem.v", r"memory.v_proj"),
     ("mem.g", r"memory.g_proj"), ("mem.o", r"memory.o_proj"),
     ("gate.fc1", r"gate.fc1"), ("gate.fc2", r"gate.fc2"), ("mlp.gate", r"mlp.gate_proj"), ("mlp.up", r"mlp.up_proj"),
-    ("mlp.down", r"mlp.down_proj"), ("z_init", r"refiner.z_init"), ("y_init", r"refiner.y_init"),
+    ("mlp.down", r"mlp.down_proj"), ("z_init", r"refiner.z_init"), ("trm.q", r"refiner.attn.q_proj"),
+    ("trm.k", r"refiner.attn.k_proj"), ("trm.v", r"refiner.attn.v_proj"), ("trm.o", r"refiner.attn.o_proj"),
     ("trm.gate", r"block.gate_proj"), ("trm.up", r"block.up_proj"), ("trm.down", r"block.down_proj"),
 )  # fmt: skip
 

@@ -287,7 +287,8 @@ def _phase1_metrics(trainer: CognateTrainer, final_eval: dict, model_config: For
     metrics = {
         "eval/perplexity": final_eval["eval_perplexity"],
         **{f"eval/loss_step_{t}": final_eval[f"eval_loss/step_{t}"] for t in range(steps)},
-        "eval/act_avg_steps": final_eval["eval_act/avg_steps"],
+        "eval/act_avg_steps": final_eval["eval_act/avg_steps"],  # real tokens only (see `forge_metrics`)
+        **{f"eval/act_halt_share_step{t}": final_eval[f"eval_act/halt_share_step{t}"] for t in range(steps)},
         "eval/gate_m_usage": final_eval.get("eval_gate/m_usage", float("nan")),
         "eval/gate_entropy": final_eval.get("eval_gate/entropy", float("nan")),
     }

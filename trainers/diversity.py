@@ -27,7 +27,9 @@ def _flat_task_vector(model: PreTrainedModel, init: PreTrainedModel) -> torch.Te
 def _text_statistics(model: PreTrainedModel, blocks: torch.Tensor) -> dict:
     model.eval()
     out = model(input_ids=blocks, labels=blocks)  # eval mode: ACT halting on, every step's loss measured
-    halts = out.halt_steps.flatten()
+    pad = model.config.pad_token_id
+    real = blocks != pad if pad is not None else torch.ones_like(blocks, dtype=torch.bool)
+    halts = out.halt_steps[real]  # real tokens only: padding would count as halting wherever the head puts it
     steps = out.step_losses.numel()
     return {
         "predictions": out.logits.argmax(-1),

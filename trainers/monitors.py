@@ -65,7 +65,7 @@ class ACTHaltingMonitor(_Monitor):
             self._raise_alarm(
                 "act_never_halts", state.global_step,
                 f"ACT never halts before T_max={self.trm_max_steps} (act/avg_steps={avg_steps:.2f}): inference "
-                "always pays every step. Premortem C1: raise act_threshold (e.g. 0.7), check act/ema_acc_stepN.",
+                "always pays every step. Premortem C1: raise act_threshold (e.g. 0.7), check act/acc_stepN.",
                 avg_steps=avg_steps,
             )  # fmt: skip
         else:

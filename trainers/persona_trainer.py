@@ -207,8 +207,6 @@ class TaskScorer:
 @torch.no_grad()
 def self_perplexity(model, tokenizer, text: str, context: str = "") -> float:
     """Perplexity of `text` under `model` after `context` (the model's own view of how likely its words are)."""
-    from .baking_trainer import forward_kwargs
-
     ctx = tokenizer(context)["input_ids"] if context else tokenizer("")["input_ids"]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
@@ -217,7 +215,7 @@ def self_perplexity(model, tokenizer, text: str, context: str = "") -> float:
     was_training = model.training
     model.eval()
     try:
-        logits = model(input_ids=full, **forward_kwargs(model)).logits[0, len(ctx) - 1 : -1].float()
+        logits = model(input_ids=full).logits[0, len(ctx) - 1 : -1].float()
     finally:
         model.train(was_training)
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids, device=model.device))

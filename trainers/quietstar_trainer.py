@@ -212,11 +212,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def _forward_kwargs(model) -> dict:
-    """Forge models: the final TRM step's answer state (ACT early exit off), as in training."""
-    return {"act_halting": False} if getattr(model.config, "model_type", None) == "forge" else {}
-
-
 @torch.no_grad()
 def sample_thoughts(
     model,
@@ -251,7 +246,6 @@ def sample_thoughts(
         suppress_tokens=suppress,
         pad_token_id=tokens.pad_id,
         use_cache=True,
-        **_forward_kwargs(model),
     )[:, ids.shape[1] :]
     return F.pad(generated, (0, k - generated.shape[1]), value=tokens.pad_id)  # all rows closed early: pad to k
 
@@ -388,13 +382,11 @@ def thought_forward(
 ) -> ThoughtForward:
     """The no-thought forward of the batch and the with-thought forward of every (position, thought) row, mixed."""
     n = thoughts.shape[0] // max(positions.shape[0], 1)
-    kwargs = _forward_kwargs(model)
     base = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         use_cache=False,
         output_attention_logit_max=output_attention_logit_max,
-        **kwargs,
     )
     targets, valid, predict_at = true_targets(input_ids, labels, positions, settings.n_true)
     base_hidden = base.last_hidden_state[positions[:, 0:1], predict_at]  # (P, n_true, D)
@@ -402,7 +394,7 @@ def thought_forward(
 
     rows = build_thought_rows(input_ids, attention_mask, positions, thoughts, settings.n_true, tokens)
     hidden = model.model(
-        input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False, **kwargs
+        input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False
     ).last_hidden_state  # (R, L, D)
     # Only the thought and target slices need the LM head: gather them before projecting (R x (k + n) x V).
     needed = torch.cat([rows.thought_index - 1, rows.target_index], dim=1)  # (R, k + n)
@@ -479,9 +471,7 @@ def quietstar_loss(
 @torch.no_grad()
 def reference_logits(reference, input_ids, attention_mask, positions: torch.Tensor, predict_at: torch.Tensor):
     """(P, n, V) no-thought logits of the frozen reference model at the same positions."""
-    out = reference.model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_forward_kwargs(reference)
-    )
+    out = reference.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return reference.lm_head(out.last_hidden_state[positions[:, 0:1], predict_at])
 
 
@@ -946,9 +936,7 @@ def answer_nll(
                     )
                     values, mask = fwd.nll_mix, fwd.target_mask
                 else:
-                    out = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **_forward_kwargs(model)
-                    )
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     targets, mask, predict_at = true_targets(batch["input_ids"], batch["labels"], positions, 1)
                     logits = out.logits[positions[:, 0:1], predict_at]
                     values = -F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)

@@ -117,18 +117,31 @@ def test_assisted_decoding_is_refused_for_the_recurrent_state(tiny_config):
         model.generate(x, prompt_lookup_num_tokens=2, max_new_tokens=3)
 
 
+def _active_recursion(model):
+    """The refiner's zero-initialised output projections and the Q-head set (seeded) so that micro-steps change the
+    answer and thresholds change where positions halt, as in a trained model."""
+    gen = torch.Generator().manual_seed(3)
+    recursion = model.model.recursion
+    with torch.no_grad():
+        for weight in (recursion.refiner.block.down_proj.weight, recursion.refiner.attn.o_proj.weight):
+            weight.copy_(torch.randn(weight.shape, generator=gen) * 0.3)
+        recursion.act_head.weight.copy_(torch.randn(recursion.act_head.weight.shape, generator=gen) * 0.15)
+        recursion.act_head.bias.zero_()
+    return model
+
+
 @pytest.mark.parametrize(
     "field, value", [("memory_decay", 0.5), ("trm_micro_steps", 1), ("trm_max_steps", 1), ("act_threshold", 0.9)]
 )
 def test_config_fields_are_read_live(tiny_config, field, value):
     """A field changed on a built model acts exactly as if the model had been built with it."""
     x = torch.randint(1, 97, (2, 12))
-    live = _model(_wide(tiny_config))
+    live = _active_recursion(_model(_wide(tiny_config)))
     setattr(live.config, field, value)
     live.config.trm_step_weights = None  # re-derived for a new trm_max_steps
     live.config.check()
-    built = _model(_wide(tiny_config, **{field: value}))
-    before = _model(_wide(tiny_config))
+    built = _active_recursion(_model(_wide(tiny_config, **{field: value})))
+    before = _active_recursion(_model(_wide(tiny_config)))
     with torch.no_grad():
         got, want, old = (m(x, output_step_logits=True) for m in (live, built, before))
     assert torch.equal(got.logits, want.logits) and torch.equal(got.halt_steps, want.halt_steps)

@@ -149,6 +149,48 @@ def test_act_monitor_fires_on_a_model_forced_to_always_halt(tiny_tokenizer, tmp_
     assert [e["event"] for e in monitor.events][:1] == ["act_always_halts"]
 
 
+@pytest.mark.parametrize("halts", [False, True])
+def test_act_never_halts_monitor_fires_only_on_a_model_that_never_halts(tiny_tokenizer, tmp_path, halts):
+    trainer = _trainer(tiny_tokenizer, tmp_path)
+    head = trainer.model.model.recursion.act_head
+    with torch.no_grad():
+        if halts:  # q_t spread around 0.5: some positions halt at each step, none of the pathologies
+            head.weight.normal_(0.0, 0.15, generator=torch.Generator().manual_seed(0))
+            head.bias.zero_()
+            # and kept there: ten steps of an untrained model are right nowhere, so the ACT loss would teach the head
+            # to stop halting (the correct response, but not the case under test)
+            trainer.model.config.act_loss_weight = 0.0
+        else:  # q_t ~ 0 everywhere: every real token runs all trm_max_steps
+            head.weight.zero_()
+            head.bias.fill_(-12.0)
+    monitor = ACTHaltingMonitor(max_steps=3, warmup_fraction=0.0)
+    trainer.add_callback(monitor)
+    trainer.train()
+    logged = [e["act/avg_steps"] for e in trainer.state.log_history if "act/avg_steps" in e]
+    if halts:
+        assert monitor.events == [] and all(0.5 < steps < 2.9 for steps in logged), logged
+    else:
+        assert [e["event"] for e in monitor.events] == ["act_never_halts"] and min(logged) > 2.95, logged
+
+
+def test_act_metrics_count_real_tokens_only():
+    """Padded positions (which halt wherever the head puts them) must not move the halting statistics."""
+    from types import SimpleNamespace
+
+    from trainers.base import forge_metrics, real_token_mask
+
+    halt_steps = torch.tensor([[3, 3, 0, 0], [3, 3, 3, 3]])
+    probs = torch.zeros(2, 4, 4)
+    probs[0, 2:, 0] = 1.0  # the padded positions "halt" at step 0
+    outputs = SimpleNamespace(halt_steps=halt_steps, halting_probs=probs)
+    mask = real_token_mask({"attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])})
+    real = forge_metrics(outputs, mask)
+    assert real["act/avg_steps"] == 3.0 and real["act/halt_prob_step0"] == 0.0 and real["act/halt_share_step3"] == 1.0
+    assert forge_metrics(outputs)["act/avg_steps"] == 2.25  # what counting padding reported
+    labels_only = real_token_mask({"labels": torch.tensor([[5, 6, -100, -100], [1, 2, 3, 4]])})
+    assert torch.equal(labels_only, mask.bool())
+
+
 def test_gate_monitor_fires_when_the_memory_is_ignored(tiny_tokenizer, tmp_path):
     trainer = _trainer(tiny_tokenizer, tmp_path)
     with torch.no_grad():
@@ -210,7 +252,7 @@ def test_nan_loss_rolls_back_lowers_the_lr_and_training_continues(tiny_tokenizer
 def test_parameter_budget_check():
     with torch.device("meta"):
         model = ForgeForCausalLM(ForgeConfig.from_preset("cognate-25m"))
-    assert check_parameter_budget(model, [24_000_000, 26_000_000]) == 24_996_161
+    assert check_parameter_budget(model, [24_000_000, 26_000_000]) == 25_308_801
     with pytest.raises(ValueError, match="outside the budget"):
         check_parameter_budget(model, [1_000, 2_000])
 

@@ -227,7 +227,7 @@ def _run_layers_by_hand(model, input_ids, path):
     for layer, scale in path:
         hidden = m.layers[layer](hidden * scale, attention_mask=mask, memory_mask=memory_mask,
                                  position_embeddings=position_embeddings)[0]  # fmt: skip
-    recursion = m.recursion(m.norm(hidden), keep_steps=False, halting=False)
+    recursion = m.recursion(m.norm(hidden), position_embeddings, mask, None, keep_steps=False, halting=False)
     return model.lm_head(recursion.last_hidden_state)
 
 

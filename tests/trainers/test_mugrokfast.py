@@ -141,7 +141,7 @@ def test_parameter_groups_follow_the_spec():
     assert any(".gate.fc1.weight" in n for n in names["adamw"])
     assert "model.recursion.act_head.weight" in names["adamw"]
     expected_muon = ("q_proj", "k_proj", "v_proj", "o_proj", "memory.down_proj", "memory.up_proj", "mlp.gate_proj")
-    for part in (*expected_muon, "refiner.z_init", "refiner.y_init", "refiner.block.down_proj"):
+    for part in (*expected_muon, "refiner.z_init", "refiner.attn.q_proj", "refiner.block.down_proj"):
         assert any(part in n for n in names["muon"]), part
     untied = split_parameters(tiny_forge(tie_word_embeddings=False), MuGrokfastConfig())
     assert "lm_head.weight" in {n for n, _ in untied["adamw"]}

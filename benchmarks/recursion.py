@@ -1,0 +1,230 @@
+"""Does the TRM recursion pay? Forge with recursion vs `trm_max_steps=0` vs a compute-matched deeper Llama, same data,
+steps, optimizer and batches; then what ACT saves (issue 14's evidence).
+
+    OMP_NUM_THREADS=1 nice python benchmarks/recursion.py                # tiny preset, 600 steps x 16 x 128 tokens
+    python benchmarks/recursion.py --steps 200                            # quicker
+
+Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
+packed into 128-token blocks. Every model sees the same batches in the same order. The Llama has Forge's width and
+feed-forward width and as many layers as match Forge's per-token matmul work (backbone + every refiner application),
+so it is compute-matched, not parameter-matched. Reported on held-out examples:
+- loss per source, and on the final-answer tokens of held-out arithmetic / code examples (teacher-forced: the worked
+  solution is in context) with answer exact-match (every answer token predicted);
+- the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many);
+- ACT on: mean steps over real tokens and the share halting at each step, per source (corpus text vs arithmetic
+  answers), and the loss cost of halting vs running every step.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evaluation.corpus import corpus_texts
+from evaluation.tasks import get_task_family
+from modeling_forge import ForgeConfig, ForgeForCausalLM
+from modeling_forge.tokenization import build_tokenizer
+from trainers.data import source_blocks
+
+SOURCES = {"arithmetic": (1, 3), "code": (1, 2), "corpus": (1, 1)}
+
+
+def forge_matmul_macs(config: ForgeConfig) -> int:
+    """Per-token multiply-accumulates of Forge's linear layers, LM head excluded (one pass each, as Llama's)."""
+    d, m, g = config.hidden_size, config.memory_size, config.gate_hidden_size
+    layer = 4 * d * d + 3 * d * config.intermediate_size
+    if config.memory_type != "none":
+        layer += 2 * d * m + 2 * d * g + g * d
+    f = config.trm_intermediate_size
+    latent = (4 * d * d if config.trm_attention else 0) + 3 * d * f
+    recursion = d * d + config.trm_max_steps * config.trm_cycles * (config.trm_micro_steps * latent + 3 * d * f)
+    return config.num_hidden_layers * layer + (recursion if config.trm_max_steps else 0)
+
+
+def matched_llama(config: ForgeConfig) -> LlamaForCausalLM:
+    per_layer = 4 * config.hidden_size**2 + 3 * config.hidden_size * config.intermediate_size
+    layers = max(1, round(forge_matmul_macs(config) / per_layer))
+    llama = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=config.pad_token_id,
+    )
+    return LlamaForCausalLM(llama)
+
+
+def answer_examples(tokenizer, family_name: str, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, mask of the final-answer tokens) for held-out examples; the answer is the last occurrence of
+    `example.answer` in the prompt + worked target."""
+    family = get_task_family(family_name)
+    low, high = SOURCES[family_name]
+    out = []
+    for level in range(low, high + 1):
+        for example in family.generate("test", n // (high - low + 1), seed=seed, difficulty=level):
+            text = family.training_text(example)
+            start = text.rfind(str(example.answer))
+            if start < 0:
+                continue
+            enc = tokenizer(text, return_offsets_mapping=True)
+            mask = torch.tensor([s >= start and e > s for s, e in enc["offset_mapping"]])
+            if mask.any():
+                out.append((torch.tensor(enc["input_ids"]), mask))
+    return out
+
+
+@torch.no_grad()
+def answer_scores(model, examples, **kwargs) -> tuple[float, float]:
+    """Mean CE over answer tokens and answer exact-match, teacher-forced."""
+    losses, exact = [], []
+    for ids, mask in examples:
+        logits = model(ids[None], **kwargs).logits[0, :-1].float()
+        targets, answer = ids[1:], mask[1:]
+        ce = F.cross_entropy(logits[answer], targets[answer])
+        losses.append(float(ce))
+        exact.append(float((logits[answer].argmax(-1) == targets[answer]).all()))
+    return sum(losses) / len(losses), sum(exact) / len(exact)
+
+
+@torch.no_grad()
+def block_loss(model, blocks, **kwargs) -> float:
+    ids, labels = blocks
+    logits = model(ids, **kwargs).logits[:, :-1].float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100))
+
+
+@torch.no_grad()
+def act_statistics(model, blocks, steps: int) -> dict:
+    ids, labels = blocks
+    halting = model(ids, labels=labels)
+    every = model(ids, labels=labels, act_halting=False)
+    real = labels != -100
+    halts = halting.halt_steps[real].float()
+    return {
+        "mean_steps": float(halts.mean()),
+        "share_per_step": [round(float((halts == t).float().mean()), 3) for t in range(steps + 1)],
+        "loss_act": float(halting.step_losses[-1]),
+        "loss_every_step": float(every.step_losses[-1]),
+    }
+
+
+def tensors(blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([b[0] for b in blocks]), torch.tensor([b[1] for b in blocks])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-examples", type=int, default=60)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
+                        "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=512)
+    n_blocks = args.steps * args.batch
+    train = []
+    for source, difficulty in SOURCES.items():
+        train += source_blocks(source, tokenizer, block_size=args.length, n_blocks=n_blocks // len(SOURCES),
+                               split="train", seed=0, difficulty=difficulty)  # fmt: skip
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    train = [train[i] for i in order]
+    held_out = {
+        source: tensors(
+            source_blocks(
+                source, tokenizer, block_size=args.length, n_blocks=32, split="test", seed=1, difficulty=difficulty
+            )
+        )  # fmt: skip
+        for source, difficulty in SOURCES.items()
+    }
+    answers = {name: answer_examples(tokenizer, name, args.eval_examples, seed=1) for name in ("arithmetic", "code")}
+
+    def forge(**overrides):
+        config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         max_position_embeddings=args.length, **overrides)  # fmt: skip
+        return ForgeForCausalLM(config)
+
+    torch.manual_seed(0)
+    recursive = forge()
+    models = {
+        "forge (recursion + ACT)": recursive,
+        "forge trm_max_steps=0": forge(trm_max_steps=0),
+        "llama, compute-matched": matched_llama(recursive.config),
+    }
+    if args.models:
+        models = {name: model for i, (name, model) in enumerate(models.items()) if i in args.models}
+    results = {}
+    for name, model in models.items():
+        torch.manual_seed(0)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+        start = time.perf_counter()
+        for step in range(args.steps):
+            ids, labels = tensors(train[step * args.batch : (step + 1) * args.batch])
+            model(input_ids=ids, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        model.eval()
+        row = {"params": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 1)}
+        if isinstance(model, LlamaForCausalLM):
+            row["layers"] = model.config.num_hidden_layers
+        row["loss"] = {source: round(block_loss(model, blocks), 4) for source, blocks in held_out.items()}
+        for family, examples in answers.items():
+            row[f"{family}_answer"] = [round(v, 4) for v in answer_scores(model, examples)]
+        if isinstance(model, ForgeForCausalLM) and model.config.trm_max_steps:
+            steps = model.config.trm_max_steps
+            per_step = {}
+            for k in range(steps + 1):
+                kwargs = {"act_halting": False, "recursion_steps": k}
+                per_step[k] = {
+                    "loss": {s: round(block_loss(model, b, **kwargs), 4) for s, b in held_out.items()},
+                    "arithmetic_answer": [round(v, 4) for v in answer_scores(model, answers["arithmetic"], **kwargs)],
+                }
+            row["per_inference_steps"] = per_step
+            row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+
+    print(f"\n{args.steps} steps x {args.batch} x {args.length} tokens, AdamW lr {args.lr}, same batches for all")
+    header = ("model", "params", "time", "arith", "code", "corpus", "ans.CE", "ans.EM")
+    print(f"{header[0]:>26} " + " ".join(f"{h:>7}" for h in header[1:]))
+    for name, row in results.items():
+        loss = row["loss"]
+        print(f"{name:>26} {row['params'] / 1e6:7.2f}M {row['train_seconds']:6.0f}s {loss['arithmetic']:7.4f} "
+              f"{loss['code']:7.4f} {loss['corpus']:7.4f} {row['arithmetic_answer'][0]:7.4f} "
+              f"{row['arithmetic_answer'][1]:7.3f}")  # fmt: skip
+    row = results.get("forge (recursion + ACT)")
+    if row is None:
+        return
+    print("\nsame trained Forge, k steps at inference (ACT off): loss arithmetic / code / corpus, answer CE / EM")
+    for k, values in row["per_inference_steps"].items():
+        loss = values["loss"]
+        print(f"  k={k}: {loss['arithmetic']:.4f} / {loss['code']:.4f} / {loss['corpus']:.4f}   "
+              f"{values['arithmetic_answer'][0]:.4f} / {values['arithmetic_answer'][1]:.3f}")  # fmt: skip
+    print("\nACT (real tokens): mean steps, share halting at step 0..T, loss with ACT vs every step")
+    for source, stats in row["act"].items():
+        cost = stats["loss_act"] / stats["loss_every_step"] - 1
+        print(f"  {source:>10}: {stats['mean_steps']:.2f} of {len(stats['share_per_step']) - 1}  "
+              f"{stats['share_per_step']}  {stats['loss_act']:.4f} vs {stats['loss_every_step']:.4f} "
+              f"({100 * cost:+.2f}%)")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
