@@ -55,6 +55,7 @@ def main() -> None:
         "forge, no detaching between TRM steps": {"trm_detach_between_steps": False},
         "forge, final-step supervision only": {"deep_supervision": False},
         "forge, no recursion (trm_max_steps=0)": {"trm_max_steps": 0},
+        "forge, ema memory instead of neural": {"memory_type": "ema"},
         "forge, no memory (attention only)": {"memory_type": "none"},
     }
     batch = torch.randint(0, base.vocab_size, (args.batch, args.length))

@@ -7,7 +7,9 @@ state `y` and a latent `z` recursively (TRM), every step is supervised (deep sup
 when a position's answer is already right so inference can stop refining early.
 
 References:
-    - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant).
+    - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant, linear memory).
+    - Yang, Kautz, Hatamizadeh. "Gated Delta Networks: Improving Mamba2 with Delta Rule", 2024 (the memory's update
+      rule and its chunked form); Yang et al. "Parallelizing Linear Transformers with the Delta Rule", 2024 (WY/UT).
     - Jolicoeur-Martineau. "Less is More: Recursive Reasoning with Tiny Networks", 2025 (TRM).
     - Graves. "Adaptive Computation Time for Recurrent Neural Networks", 2016 (ACT).
     - Su et al. "RoFormer", 2021 (rotary embeddings); Shazeer. "GLU Variants Improve Transformer", 2020 (SwiGLU).
