@@ -488,11 +488,11 @@ def _fla_chunk_gated_delta_rule(
     else:
         raise ImportError("flash-linear-attention is not installed. Fix: pip install 'agent-forge[gpu]'.")
     out, state = chunk_gated_delta_rule(
-        q=query.transpose(1, 2),  # fla takes (B, T, H, D)
-        k=key.transpose(1, 2),
-        v=value.transpose(1, 2),
-        g=g.float().transpose(1, 2),
-        beta=beta.transpose(1, 2),
+        q=query.transpose(1, 2).contiguous(),  # fla takes (B, T, H, D)
+        k=key.transpose(1, 2).contiguous(),
+        v=value.transpose(1, 2).contiguous(),
+        g=g.float().transpose(1, 2).contiguous(),
+        beta=beta.transpose(1, 2).contiguous(),
         scale=1.0,
         initial_state=initial_state.float() if initial_state is not None else None,
         output_final_state=True,
