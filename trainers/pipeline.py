@@ -20,8 +20,8 @@ folder:
 | 6 persona | `<run>/phase5` | `<run>/phase6` |
 
 Phases write atomically, so a folder that exists is finished and is skipped; a phase cut short is run again with its
-own resume switch (Phase 1 and 2 `resume`, Phase 4 `resume_from_checkpoint` from its work folder, Phase 5 and 6
-`resume`; Phase 3 restarts). After the phases, every finished phase's model is evaluated on the **same** tasks
+own resume switch (`resume`: Phase 4 continues from the newest complete checkpoint in its work folder; Phase 3
+restarts). After the phases, every finished phase's model is evaluated on the **same** tasks
 (`evaluation`: test split of the built-in families, fixed seed and limit; phases select on train/validation items
 only) and `<run>/pipeline_report.md` (+ `<run>/plots/pipeline_*.png`) puts them side by side with each phase's change.
 
@@ -108,11 +108,8 @@ class PhaseSpec:
 
 
 def _phase4_resume(run: Path) -> dict[str, Any]:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    work = run / ".phase4-work"
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    return {"resume_from_checkpoint": last} if last else {}
+    """Phase 4's `resume`: it continues from the newest complete checkpoint in its work folder (skips a cut one)."""
+    return {"resume": True}
 
 
 def _phase1_finished(run: Path) -> Path:
