@@ -63,6 +63,7 @@ def main() -> None:
         "forge, position-wise refiner (no attention)": {"trm_attention": False},
         "forge, one micro-step": {"trm_micro_steps": 1},
         "forge, no recursion (trm_max_steps=0)": {"trm_max_steps": 0},
+        "forge, ema memory instead of neural": {"memory_type": "ema"},
         "forge, no memory (attention only)": {"memory_type": "none"},
     }
     batch = torch.randint(0, base.vocab_size, (args.batch, args.length))

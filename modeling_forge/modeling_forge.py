@@ -8,7 +8,9 @@ supervised (deep supervision), and an ACT head learns when a position's answer i
 refining (by masking: its state is frozen and later steps still read it, in training and inference alike).
 
 References:
-    - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant).
+    - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant, linear memory).
+    - Yang, Kautz, Hatamizadeh. "Gated Delta Networks: Improving Mamba2 with Delta Rule", 2024 (the memory's update
+      rule and its chunked form); Yang et al. "Parallelizing Linear Transformers with the Delta Rule", 2024 (WY/UT).
     - Jolicoeur-Martineau. "Less is More: Recursive Reasoning with Tiny Networks", 2025 (TRM).
     - Graves. "Adaptive Computation Time for Recurrent Neural Networks", 2016 (ACT); Wang et al. "Hierarchical
       Reasoning Model", 2025 (the Q-head halting target and exploration TRM keeps).
@@ -488,11 +490,11 @@ def _fla_chunk_gated_delta_rule(
     else:
         raise ImportError("flash-linear-attention is not installed. Fix: pip install 'agent-forge[gpu]'.")
     out, state = chunk_gated_delta_rule(
-        q=query.transpose(1, 2),  # fla takes (B, T, H, D)
-        k=key.transpose(1, 2),
-        v=value.transpose(1, 2),
-        g=g.float().transpose(1, 2),
-        beta=beta.transpose(1, 2),
+        q=query.transpose(1, 2).contiguous(),  # fla takes (B, T, H, D)
+        k=key.transpose(1, 2).contiguous(),
+        v=value.transpose(1, 2).contiguous(),
+        g=g.float().transpose(1, 2).contiguous(),
+        beta=beta.transpose(1, 2).contiguous(),
         scale=1.0,
         initial_state=initial_state.float() if initial_state is not None else None,
         output_final_state=True,

@@ -42,8 +42,15 @@ logger = logging.get_logger(__name__)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 LR_SCALINGS = ("match_rms_adamw", "original")
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# >=2-D parameters that still belong to the AdamW fallback (SPEC: embeddings, LM head, gates; the ACT head).
-DEFAULT_FALLBACK_PATTERNS = (r"(^|\.)embed_tokens\.", r"(^|\.)lm_head\.", r"(^|\.)gate\.", r"(^|\.)act_head\.")
+# >=2-D parameters that still belong to the AdamW fallback (SPEC: embeddings, LM head, gates; the ACT head; the neural
+# memory's depthwise conv taps, a (channels, taps) table rather than a linear map).
+DEFAULT_FALLBACK_PATTERNS = (
+    r"(^|\.)embed_tokens\.",
+    r"(^|\.)lm_head\.",
+    r"(^|\.)gate\.",
+    r"(^|\.)act_head\.",
+    r"(^|\.)memory\.conv_weight$",
+)
 # Attention projections QK-clip rescales: `...layers.{i}.self_attn.q_proj` / `k_proj`.
 QK_MODULE_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj)$")
 
@@ -137,7 +144,8 @@ class MuGrokfastConfig:
         default=DEFAULT_FALLBACK_PATTERNS,
         metadata={
             "help": "Regexes on parameter names that send >=2-D parameters to AdamW instead of Muon (embeddings, "
-            "LM head, MAG gate MLP, ACT head). 1-D parameters and nn.Embedding weights always go to AdamW."
+            "LM head, MAG gate MLP, ACT head, the neural memory's conv taps). 1-D parameters and nn.Embedding "
+            "weights always go to AdamW."
         },
     )
 

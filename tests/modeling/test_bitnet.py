@@ -133,7 +133,9 @@ def test_convert_swaps_the_chosen_linears_and_keeps_the_rest(tiny_config):
     model = _tiny(tiny_config)
     names = convert_to_bitnet(model, BitNetLayout(exclude=["layers.1.gate.fc2"]))
     backbone = model.model
-    assert len(names) == 2 * 11 + 8 - 1  # 11 per decoder layer; TRM: z_init, 4 attention, 3 SwiGLU
+    # per layer: attention q/k/v/o, neural memory q/k/v/g/o, gate fc1/fc2, MLP gate/up/down; then the TRM's 8 (z_init, 4 attention, 3 SwiGLU)
+    assert len(names) == 2 * 14 + 8 - 1
+    assert type(backbone.layers[0].memory.b_proj) is nn.Linear  # the memory's rate projections stay full precision
     assert all(isinstance(backbone.get_submodule(n), BitLinear) for n in names)
     assert isinstance(backbone.layers[1].gate.fc2, nn.Linear) and not isinstance(
         backbone.layers[1].gate.fc2, BitLinear
@@ -165,7 +167,7 @@ def test_packed_model_saves_small_and_loads_bit_identical(tiny_config, tmp_path,
     assert all(p.weight is None for p in model.modules() if isinstance(p, BitLinear))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["bitnet"]["format"] == "packed" and len(config["bitnet"]["modules"]) == 2 * 11 + 8
+    assert config["bitnet"]["format"] == "packed" and len(config["bitnet"]["modules"]) == 2 * 14 + 8
     with caplog.at_level(logging.WARNING):
         loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()

@@ -47,8 +47,12 @@ def test_cache_holds_window_kv_and_memory_state(tiny_config):
     assert cache.get_seq_length() == 20
     layer = cache.layers[0]
     assert layer.keys.shape[-2] == 7  # window - 1 keys kept for the next token
-    state = cache.get_recurrent_state(0)
-    assert state is not None and state.shape == (2, model.config.memory_size)
+    state = cache.get_recurrent_state(0)  # the neural memory: one (d, d) matrix per head, in fp32
+    memory = model.model.layers[0].memory
+    assert state is not None and state.shape == (2, memory.num_heads, memory.head_dim, memory.head_dim)
+    assert state.dtype == torch.float32
+    conv_tail = cache.get_conv_state(0)  # the last conv_size - 1 inputs of the q/k/v convolutions
+    assert conv_tail.shape == (2, 3 * model.config.memory_size, model.config.memory_conv_size - 1)
 
 
 def test_save_and_auto_load_give_identical_logits(tiny_config, tmp_path):

@@ -175,9 +175,11 @@ def test_distillation_kl_is_zero_for_identical_logits_and_masks_unlabelled_posit
 
 
 def _make_up_proj_sensitive(model) -> None:
-    """An fp-equivalent model whose layer-0 MLP up projection is hostile to one absmean scale: its output channels
-    are rescaled by factors spread over six decades, undone on down_proj's inputs (SwiGLU is linear in `up`)."""
-    mlp = model.model.layers[0].mlp
+    """An fp-equivalent model whose last layer's MLP up projection is hostile to one absmean scale: its output channels
+    are rescaled by factors spread over six decades, undone on down_proj's inputs (SwiGLU is linear in `up`). The last
+    layer's: made hostile, the first layer's MLP no longer raised this briefly trained model's loss by 2.5% once the
+    MAG gate RMS-norms its branches."""
+    mlp = model.model.layers[-1].mlp
     n = mlp.up_proj.out_features
     scale = 10 ** torch.linspace(-3, 3, n)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
@@ -194,12 +196,14 @@ def test_fallback_keeps_a_layer_constructed_to_be_sensitive_in_full_precision(ph
     _make_up_proj_sensitive(model)
     assert block_metrics(model, blocks["corpus"])[0] == pytest.approx(before, rel=1e-4)  # still the same model
     names = ["layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
-    result = layerwise_quantize(model, names, blocks, threshold=0.025)
+    sensitive_name = "layers.1.mlp.up_proj"
+    # measured: the hostile layer +2.0% loss, the others <= 0.06%
+    result = layerwise_quantize(model, names, blocks, threshold=0.01)
     status = {r["name"]: r["status"] for r in result["layers"]}
-    assert status == {**dict.fromkeys(names, "ternary"), "layers.0.mlp.up_proj": "fallback"}, result["layers"]
-    sensitive = next(r for r in result["layers"] if r["name"] == "layers.0.mlp.up_proj")
-    assert sensitive["relative_increase"] > 0.025 and sensitive["quant_error"] > 0.8
-    up_proj = model.model.layers[0].mlp.up_proj
+    assert status == {**dict.fromkeys(names, "ternary"), sensitive_name: "fallback"}, result["layers"]
+    sensitive = next(r for r in result["layers"] if r["name"] == sensitive_name)
+    assert sensitive["relative_increase"] > 0.01 and sensitive["quant_error"] > 0.8
+    up_proj = model.model.layers[1].mlp.up_proj
     assert type(up_proj) is nn.Linear  # restored, full precision
     assert result["loss_end"] < sensitive["loss_after"]
     # ...and it stays full precision in the saved checkpoint.
@@ -207,10 +211,10 @@ def test_fallback_keeps_a_layer_constructed_to_be_sensitive_in_full_precision(ph
     pack_bitnet(model)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(loaded.model.layers[0].mlp.up_proj) is nn.Linear
+    assert type(loaded.model.layers[1].mlp.up_proj) is nn.Linear
     q_proj = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, BitLinear) and q_proj.packed
-    torch.testing.assert_close(loaded.model.layers[0].mlp.up_proj.weight, up_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.model.layers[1].mlp.up_proj.weight, up_proj.weight, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,7 +242,7 @@ def test_phase4_recipe_makes_a_loadable_smaller_working_model(phase1_checkpoint,
     assert size == report["storage"]["checkpoint_file_bytes"]
     assert size * 6 < (phase1_checkpoint / "model.safetensors").stat().st_size
     assert report["storage"]["compression_vs_fp32"] > 6 and report["storage"]["embedding_bits"] == 8
-    assert report["ternary"]["layers"] + len(report["ternary"]["fallback_layers"]) == 2 * 11 + 8  # layers + TRM
+    assert report["ternary"]["layers"] + len(report["ternary"]["fallback_layers"]) == 2 * 14 + 8  # layers + TRM
     assert report["ternary"]["sparsity"] > 0.2
 
     # Loadable, packed, and the very model the report measured (same next-token accuracy on the same blocks).

@@ -31,7 +31,7 @@ from trainers.phase_output import save_phase_output
 
 SPECIALISATIONS = {
     "reasoning": ({"trm_max_steps": 4, "act_threshold": 0.7, "trm_step_weights": None}, 1),
-    "memory": ({"memory_decay": 0.975}, 2),
+    "memory": ({"memory_forget_scale": 0.5}, 2),  # the neural memory forgets half as fast (Phase 1's rule)
     "speed": ({"trm_max_steps": 2, "act_threshold": 0.3, "trm_step_weights": None}, 3),
 }
 
@@ -271,7 +271,8 @@ def test_tied_head_follows_the_merged_embedding_and_non_layer_tensors_are_merged
     )
     checkpoint = run_recipe(recipe, by_path)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.recursion.act_head.bias",
-                 "model.recursion.refiner.z_init.weight", "model.layers.1.memory.down_proj.weight",
+                 "model.recursion.refiner.z_init.weight", "model.layers.1.memory.k_proj.weight",
+                 "model.layers.1.memory.conv_weight", "model.layers.0.memory.dt_bias",
                  "model.layers.0.gate.fc1.bias"):  # fmt: skip
         mean = sum(loaded[n].state_dict[name] for n in ("reasoning", "memory", "speed")) / 3
         assert torch.allclose(checkpoint.state_dict[name], mean, atol=1e-6), name
@@ -289,14 +290,14 @@ def test_differing_config_fields_follow_the_documented_rule(loaded, family):
     refs = {name: str(path) for name, path in family.items()}
     by_path = {refs[name]: ck for name, ck in loaded.items()}
     recipe = MergeRecipe.from_dict({"merge_method": "linear", "models": [
-        {"model": refs["reasoning"], "parameters": {"weight": 1.0}},  # trm 4, act 0.7, decay 0.95
-        {"model": refs["memory"], "parameters": {"weight": 1.0}},  # trm 3, act 0.5, decay 0.975
-        {"model": refs["speed"], "parameters": {"weight": 2.0}},  # trm 2, act 0.3, decay 0.95
+        {"model": refs["reasoning"], "parameters": {"weight": 1.0}},  # trm 4, act 0.7, forget scale 1
+        {"model": refs["memory"], "parameters": {"weight": 1.0}},  # trm 3, act 0.5, forget scale 0.5
+        {"model": refs["speed"], "parameters": {"weight": 2.0}},  # trm 2, act 0.3, forget scale 1
     ]})  # fmt: skip
     config = run_recipe(recipe, by_path).config
     assert config["trm_max_steps"] == round((4 + 3 + 2 * 2) / 4)  # 2.75 -> 3
     assert config["act_threshold"] == pytest.approx((0.7 + 0.5 + 2 * 0.3) / 4)
-    assert config["memory_decay"] == pytest.approx((0.95 + 0.975 + 2 * 0.95) / 4)
+    assert config["memory_forget_scale"] == pytest.approx((1.0 + 0.5 + 2 * 1.0) / 4)
     model = build_model(run_recipe(recipe, by_path))
     assert len(model.config.trm_step_weights) == model.config.trm_max_steps + 1  # re-derived for the new depth
 
@@ -319,7 +320,7 @@ def test_incompatible_parents_fail_naming_the_mismatch(loaded, tmp_path):
     wider = ForgeForCausalLM(ForgeConfig.from_dict({**speed.config, "memory_size": 16}))
     from trainers.merging import checkpoint_from_model
 
-    with pytest.raises(ValueError, match=r"tensor model\.layers\.\*\.memory\.down_proj\.weight has shape"):
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.\*\.memory\.conv_weight has shape"):
         check_compatible([speed, checkpoint_from_model(wider, "wider")])
     deeper = Checkpoint("deep", speed.state_dict, {**speed.config, "num_hidden_layers": 3})
     with pytest.raises(ValueError, match="num_hidden_layers differs"):

@@ -134,13 +134,14 @@ def test_parameter_groups_follow_the_spec():
     for name, param in model.named_parameters():
         if param.ndim < 2:
             assert name in names["adamw_no_decay"], name
-        elif re.search(r"\.gate\.|act_head|embed_tokens", name):
+        elif re.search(r"\.gate\.|act_head|embed_tokens|memory\.conv_weight", name):
             assert name in names["adamw"], name
         else:
             assert name in names["muon"], name
     assert any(".gate.fc1.weight" in n for n in names["adamw"])
     assert "model.recursion.act_head.weight" in names["adamw"]
-    expected_muon = ("q_proj", "k_proj", "v_proj", "o_proj", "memory.down_proj", "memory.up_proj", "mlp.gate_proj")
+    expected_muon = ("q_proj", "k_proj", "v_proj", "o_proj", "memory.q_proj", "memory.o_proj", "mlp.gate_proj")
+    assert "model.layers.0.memory.conv_weight" in names["adamw"]
     for part in (*expected_muon, "refiner.z_init", "refiner.attn.q_proj", "refiner.block.down_proj"):
         assert any(part in n for n in names["muon"]), part
     untied = split_parameters(tiny_forge(tie_word_embeddings=False), MuGrokfastConfig())
@@ -157,7 +158,7 @@ def test_every_muon_shape_gets_an_orthogonalised_shape_scaled_update():
     opt = create_mugrokfast(model, config)
     muon_params = opt.param_groups[0]["params"]
     shapes = {tuple(p.shape) for p in muon_params}
-    assert {(64, 64), (32, 64), (64, 32), (192, 64), (64, 192), (128, 64), (64, 128)} <= shapes
+    assert {(64, 64), (2, 64), (192, 64), (64, 192), (128, 64), (64, 128)} <= shapes  # (2, 64): memory rates
     before = [p.detach().clone() for p in muon_params]
     torch.manual_seed(1)
     for p in model.parameters():
