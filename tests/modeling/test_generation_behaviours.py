@@ -207,21 +207,58 @@ def test_compiled_decode_step_with_static_cache_gives_the_same_tokens(tiny_confi
     assert torch.equal(compiled, eager)
 
 
+class _DecodeStep(torch.nn.Module):
+    """One decode step over a static cache whose tensors are registered as buffers, so `torch.export` sees the cache
+    updates as buffer mutations (as transformers' executorch wrappers do for their caches)."""
+
+    def __init__(self, model: ForgeForCausalLM, cache: StaticCache, act_halting: bool) -> None:
+        super().__init__()
+        self.model, self.cache, self.act_halting = model, cache, act_halting
+        for i, layer in enumerate(cache.layers):
+            for name in ("keys", "values", "cumulative_length"):
+                self.register_buffer(f"{name}_{i}", getattr(layer, name), persistent=False)
+            for j, state in enumerate(layer.recurrent_states if hasattr(layer, "recurrent_states") else []):
+                if isinstance(state, torch.Tensor):
+                    self.register_buffer(f"state_{i}_{j}", state, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True,
+                         act_halting=self.act_halting)  # fmt: skip
+        return out.logits
+
+
 @pytest.mark.slow
 def test_decode_step_exports_with_the_static_cache(tiny_config):
-    """`torch.export` of one decode step (ACT by masking, the static cache as a buffer) equals the eager step."""
-    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
-
+    """`torch.export` of the decode step once the window is full (the static sliding cache tracks its length in a
+    Python int, so the exported step is the steady-state one): 10 exported steps equal 10 eager steps."""
     model = _model(_wide(tiny_config, sliding_window=8), attn="sdpa")
-    model.generation_config.cache_implementation = "static"
-    model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": 32}
-    exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=32)
-    prompt = torch.randint(1, 97, (1, 1))
-    program = exportable.export(input_ids=prompt, cache_position=torch.tensor([0]))
+    prompt = torch.randint(1, 97, (1, 12))
+
+    def prefill() -> tuple[_DecodeStep, torch.Tensor]:
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.no_grad():
+            logits = model(prompt, past_key_values=cache, use_cache=True, act_halting=False).logits
+        return _DecodeStep(model, cache, act_halting=False), logits[:, -1:].argmax(-1)
+
+    step, token = prefill()
     with torch.no_grad():
-        expected = model(prompt).logits
-        got = program.module()(input_ids=prompt, cache_position=torch.tensor([0]))
-    torch.testing.assert_close(got, expected)
+        program = torch.export.export(step, (token, torch.tensor([[12]])), strict=False)
+    eager, token = prefill()
+    exported = program.module()
+    for name, buffer in eager.named_buffers():  # start the exported step from the same freshly prefilled cache
+        if "." not in name:
+            getattr(exported, name).copy_(buffer)
+    tokens = {"eager": [], "exported": []}
+    next_eager = next_exported = token
+    for i in range(10):
+        position = torch.tensor([[12 + i]])
+        with torch.no_grad():
+            want, got = eager(next_eager, position), exported(next_exported, position)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        next_eager, next_exported = want[:, -1:].argmax(-1), got[:, -1:].argmax(-1)
+        tokens["eager"].append(int(next_eager))
+        tokens["exported"].append(int(next_exported))
+    assert tokens["eager"] == tokens["exported"] and len(set(tokens["eager"])) > 3
 
 
 @pytest.mark.slow
