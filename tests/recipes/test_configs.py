@@ -17,8 +17,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_yaml_parses(path, tmp_path):
-    match = re.match(r"(phase\d|merge|eval)", path.name)
-    assert match, f"{path.name}: config names start with the recipe they belong to (phaseN_, merge_, eval_)"
+    match = re.match(r"(phase\d|merge|eval|pipeline)", path.name)
+    assert match, f"{path.name}: config names start with the recipe they belong to (phaseN_, merge_, eval_, pipeline_)"
     recipe = importlib.import_module(f"recipes.{match.group(1)}")
     assert isinstance(yaml.safe_load(path.read_text()), dict)
     parsed = recipe.make_parser().parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
@@ -32,6 +32,7 @@ def test_shipped_yaml_parses(path, tmp_path):
         ("phase2", "--fitness_weights", "EvoMergeConfig.fitness_weights"),
         ("phase3", "--reasoning_bake", "QuietStarConfig.reasoning_bake"),
         ("phase4", "--data_mixture", "BitNetConfig.data_mixture"),
+        ("phase5", "--bake", "CurriculumConfig.bake"),
     ],
 )
 def test_a_malformed_json_field_on_the_command_line_names_the_field_and_the_fix(recipe, flag, field, tmp_path):
