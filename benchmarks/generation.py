@@ -38,28 +38,30 @@ def main() -> None:
     prompt = torch.randint(1, config.vocab_size, (1, args.prompt_tokens))
     kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
 
-    results: dict[str, tuple[float, torch.Tensor]] = {}
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{args.preset}: {size:.1f}M params, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+          f"window {config.sliding_window}, ACT halting {config.act_halting}, threads {torch.get_num_threads()}",
+          flush=True)  # fmt: skip
+    baseline: list[tuple[str, float, torch.Tensor]] = []
+
+    def report(name: str, seconds: float, tokens: torch.Tensor) -> None:
+        if not baseline:
+            baseline.append((name, seconds, tokens))
+        base_name, base_seconds, base_tokens = baseline[0]
+        print(f"  {name:17s} {seconds:8.2f} s  {args.new_tokens / seconds:8.1f} tok/s  "
+              f"{base_seconds / seconds:5.1f}x {base_name}  same tokens: {torch.equal(tokens, base_tokens)}",
+              flush=True)  # fmt: skip
+
     if not args.skip_uncached:
-        results["uncached"] = _generate(model, prompt, use_cache=False, **kwargs)
-    results["dynamic cache"] = _generate(model, prompt, **kwargs)
-    results["static cache"] = _generate(model, prompt, cache_implementation="static", **kwargs)
+        report("uncached", *_generate(model, prompt, use_cache=False, **kwargs))
+    report("dynamic cache", *_generate(model, prompt, **kwargs))
+    report("static cache", *_generate(model, prompt, cache_implementation="static", **kwargs))
     # dynamic=None: the static sliding-window cache counts its length in a Python int, which dynamo then treats as a
     # symbol after the first change instead of recompiling at every position.
-    eager_forward = model.forward
-    model.forward = torch.compile(eager_forward, dynamic=None)
+    model.forward = torch.compile(model.forward, dynamic=None)
     compile_time, _ = _generate(model, prompt, cache_implementation="static", **kwargs)
-    results["static + compile"] = _generate(model, prompt, cache_implementation="static", **kwargs)
-    model.forward = eager_forward
-
-    size = sum(p.numel() for p in model.parameters()) / 1e6
-    baseline_name = "dynamic cache" if args.skip_uncached else "uncached"
-    baseline_time, baseline_tokens = results[baseline_name]
-    print(f"{args.preset}: {size:.1f}M params, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
-          f"window {config.sliding_window}, ACT halting {config.act_halting}, threads {torch.get_num_threads()}")  # fmt: skip
-    for name, (seconds, tokens) in results.items():
-        print(f"  {name:17s} {seconds:8.2f} s  {args.new_tokens / seconds:8.1f} tok/s  "
-              f"{baseline_time / seconds:5.1f}x {baseline_name}  same tokens: {torch.equal(tokens, baseline_tokens)}")  # fmt: skip
-    print(f"  (compilation run: {compile_time:.1f} s)")
+    print(f"  (compilation run: {compile_time:.1f} s)", flush=True)
+    report("static + compile", *_generate(model, prompt, cache_implementation="static", **kwargs))
 
 
 if __name__ == "__main__":
