@@ -93,6 +93,18 @@ def test_static_cache_generation_equals_dynamic_and_uncached(tiny_config, memory
     assert len(set(static[1, 11:].tolist())) > 5  # not a degenerate constant stream
 
 
+def test_beam_search_reorders_the_memory_state_with_the_cache(tiny_config):
+    """Beams are reordered every step; the memory state must follow its beam (dynamic and static cache alike)."""
+    model = _model(_wide(tiny_config, sliding_window=8), attn="sdpa")
+    input_ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(7))
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0, "num_beams": 3}
+    with torch.no_grad():
+        dynamic = model.generate(input_ids, **kwargs)
+        static = model.generate(input_ids, cache_implementation="static", **kwargs)
+        uncached = model.generate(input_ids, use_cache=False, **kwargs)
+    assert torch.equal(dynamic, uncached) and torch.equal(static, uncached)
+
+
 def test_generate_prepares_sliding_window_masks_for_the_static_cache(tiny_config):
     """transformers' generic `create_masks_for_generate` gives `hybrid_sliding` layers a full causal mask; ours is
     the sliding window, so a prefill longer than the window sees the same keys as the dynamic path."""
