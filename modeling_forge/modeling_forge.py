@@ -32,7 +32,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .bitnet import BitLinear, QuantizedEmbedding, apply_bitnet_layout
@@ -670,7 +671,7 @@ class ForgeModel(ForgePreTrainedModel):
         act_halting: bool | None = None,
         output_attention_logit_max: bool = False,
         positions_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ForgeModelOutputWithPast:
         r"""
         output_step_states (`bool`): also return every step's answer state and the ACT logits (needed for losses).
@@ -775,7 +776,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         act_halting: bool | None = None,
         output_attention_logit_max: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ForgeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` (B, T), *optional*): next-token targets, shifted inside (HF convention); -100 is
