@@ -130,17 +130,23 @@ def test_assisted_decoding_is_refused_for_the_recurrent_state(tiny_config):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("memory_decay", 0.5), ("trm_micro_steps", 1), ("trm_max_steps", 1), ("act_threshold", 0.9)]
+    "field, value, base",
+    [
+        ("memory_decay", 0.5, {"memory_type": "ema"}),  # the EMA memory's decay
+        ("trm_micro_steps", 1, {}),
+        ("trm_max_steps", 1, {}),
+        ("act_threshold", 0.9, {}),
+    ],
 )
-def test_config_fields_are_read_live(tiny_config, field, value):
+def test_config_fields_are_read_live(tiny_config, field, value, base):
     """A field changed on a built model acts exactly as if the model had been built with it."""
     x = torch.randint(1, 97, (2, 12))
-    live = _model(_wide(tiny_config))
+    live = _model(_wide(tiny_config, **base))
     setattr(live.config, field, value)
     live.config.trm_step_weights = None  # re-derived for a new trm_max_steps
     live.config.check()
-    built = _model(_wide(tiny_config, **{field: value}))
-    before = _model(_wide(tiny_config))
+    built = _model(_wide(tiny_config, **base, **{field: value}))
+    before = _model(_wide(tiny_config, **base))
     with torch.no_grad():
         got, want, old = (m(x, output_step_logits=True) for m in (live, built, before))
     assert torch.equal(got.logits, want.logits) and torch.equal(got.halt_steps, want.halt_steps)
