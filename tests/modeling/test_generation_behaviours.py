@@ -140,13 +140,22 @@ def test_assisted_decoding_is_refused_for_the_recurrent_state(tiny_config):
 )
 def test_config_fields_are_read_live(tiny_config, field, value, base):
     """A field changed on a built model acts exactly as if the model had been built with it."""
-    x = torch.randint(1, 97, (2, 12))
-    live = _model(_wide(tiny_config, **base))
+    x = torch.randint(1, 97, (4, 16), generator=torch.Generator().manual_seed(3))
+
+    def model(**overrides) -> ForgeForCausalLM:
+        built = _model(_wide(tiny_config, **base, **overrides))
+        with torch.no_grad():  # every weight drawn the same way, zero-initialised ones too, so the refiner acts
+            generator = torch.Generator().manual_seed(1)
+            for parameter in built.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        return built
+
+    live = model()
     setattr(live.config, field, value)
     live.config.trm_step_weights = None  # re-derived for a new trm_max_steps
     live.config.check()
-    built = _model(_wide(tiny_config, **base, **{field: value}))
-    before = _model(_wide(tiny_config, **base))
+    built = model(**{field: value})
+    before = model()
     with torch.no_grad():
         got, want, old = (m(x, output_step_logits=True) for m in (live, built, before))
     assert torch.equal(got.logits, want.logits) and torch.equal(got.halt_steps, want.halt_steps)
