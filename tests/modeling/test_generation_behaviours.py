@@ -226,10 +226,10 @@ def test_compiled_decode_step_with_static_cache_gives_the_same_tokens(tiny_confi
     """`torch.compile` of the forward (prefill and every decode step) under the static cache."""
     model = _model(_wide(tiny_config, sliding_window=8), attn="sdpa")
     input_ids, attention_mask = _left_padded_batch()
-    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
+    kwargs = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
     with torch.no_grad():
         eager = model.generate(input_ids, cache_implementation="static", **kwargs)
-        model.forward = torch.compile(model.forward, dynamic=False)
+        model.forward = torch.compile(model.forward, dynamic=None)  # as benchmarks/generation.py
         compiled = model.generate(input_ids, cache_implementation="static", **kwargs)
     assert torch.equal(compiled, eager)
 
