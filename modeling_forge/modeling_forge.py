@@ -42,7 +42,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple, is_flash_linear_attention_available, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, is_flash_linear_attention_available, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .bitnet import BitLinear, QuantizedEmbedding, apply_bitnet_layout
@@ -1144,7 +1145,7 @@ class ForgeModel(ForgePreTrainedModel):
         positions_to_keep: int | torch.Tensor = 0,
         recursion_steps: int | None = None,
         act_exploration: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ForgeModelOutputWithPast:
         r"""
         output_step_states (`bool`): also return every step's answer state and the ACT logits (needed for losses).
@@ -1282,7 +1283,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         output_attention_logit_max: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
         recursion_steps: int | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ForgeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` (B, T), *optional*): next-token targets, shifted inside (HF convention); -100 is

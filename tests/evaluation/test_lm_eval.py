@@ -137,3 +137,58 @@ def test_eval_recipe_prints_a_table_and_records_results(forge_folder, arc_file, 
     assert json.loads(report_path.read_text())["composite"]["score"] == pytest.approx(expected)
     tasks = {e["task"] for e in json.loads((forge_folder / "metrics.json").read_text())["eval_results"]}
     assert tasks == {"arc-easy", "kv_recall"}
+
+
+def _phase_folder(tmp_path, tokenizer, phase: int):
+    """A finished folder shaped like Phase `phase`'s output: Phase 3 adds the thought mixing head and Phase 2's merge
+    scales (custom config fields the remote code must read), Phase 4 packs the backbone to 2-bit ternary weights."""
+    from modeling_forge.bitnet import BitNetLayout, convert_to_bitnet, pack_bitnet
+    from trainers.phase_output import save_phase_output
+
+    extra = {"thought_mixing_hidden_size": 16, "layer_input_scales": [1.0, 0.8]} if phase == 3 else {}
+    config = ForgeConfig.from_preset(
+        "tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, initializer_range=0.3, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ForgeForCausalLM(config).eval()
+    if phase == 4:
+        convert_to_bitnet(model, BitNetLayout(embedding_bits=8, embedding_group_size=32))
+        pack_bitnet(model)
+    return save_phase_output(tmp_path / f"phase{phase}", model=model, tokenizer=tokenizer, phase=phase,
+                             phase_name=f"phase{phase}", config={"preset": "tiny"}, seed=0)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", [3, 4])
+def test_lm_eval_command_line_scores_phase_folders_including_packed_ternary(tmp_path, tiny_tokenizer, arc_file, phase):
+    """What a user types: `lm_eval --model hf --model_args pretrained=<folder>,trust_remote_code=True` on a local task
+    YAML; its per-choice log-likelihoods equal our harness's on the same folder."""
+    import subprocess
+    import sys
+
+    _lm_eval()
+    folder = _phase_folder(tmp_path, tiny_tokenizer, phase)
+    if phase == 4:
+        assert json.loads((folder / "config.json").read_text())["bitnet"]["format"] == "packed"
+    names = export_lm_eval_tasks(["arc-easy"], tmp_path / "tasks", data_files={"arc-easy": arc_file})
+    out_dir = tmp_path / "lm_eval_out"
+    command = [
+        sys.executable, "-m", "lm_eval", "--model", "hf",
+        "--model_args", f"pretrained={folder},trust_remote_code=True,dtype=float32",
+        "--tasks", names["arc-easy"], "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+        "--batch_size", "4", "--output_path", str(out_dir), "--log_samples",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = out_dir.rglob("results_*.json")
+    (samples_file,) = out_dir.rglob(f"samples_{names['arc-easy']}_*.jsonl")
+    theirs = json.loads(results_file.read_text())["results"][names["arc-easy"]]
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    ours = evaluate_folder(folder, ["arc-easy"], data_files={"arc-easy": arc_file}, log_samples=True)["arc-easy"]
+    assert len(samples) == ours["n"] == len(ARC_ROWS)
+    assert theirs["acc,none"] == ours["metrics"]["acc"]
+    by_id = {s["doc_id"]: s for s in samples}
+    for doc_id, mine in enumerate(ours["samples"]):
+        got = [float(r[0][0]) for r in by_id[doc_id]["resps"]]  # the samples file stores strings
+        assert got == pytest.approx(mine["loglikelihoods"], abs=1e-4)

@@ -93,6 +93,18 @@ def test_static_cache_generation_equals_dynamic_and_uncached(tiny_config, memory
     assert len(set(static[1, 11:].tolist())) > 5  # not a degenerate constant stream
 
 
+def test_beam_search_reorders_the_memory_state_with_the_cache(tiny_config):
+    """Beams are reordered every step; the memory state must follow its beam (dynamic and static cache alike)."""
+    model = _model(_wide(tiny_config, sliding_window=8), attn="sdpa")
+    input_ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(7))
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0, "num_beams": 3}
+    with torch.no_grad():
+        dynamic = model.generate(input_ids, **kwargs)
+        static = model.generate(input_ids, cache_implementation="static", **kwargs)
+        uncached = model.generate(input_ids, use_cache=False, **kwargs)
+    assert torch.equal(dynamic, uncached) and torch.equal(static, uncached)
+
+
 def test_generate_prepares_sliding_window_masks_for_the_static_cache(tiny_config):
     """transformers' generic `create_masks_for_generate` gives `hybrid_sliding` layers a full causal mask; ours is
     the sliding window, so a prefill longer than the window sees the same keys as the dynamic path."""
@@ -117,19 +129,6 @@ def test_assisted_decoding_is_refused_for_the_recurrent_state(tiny_config):
         model.generate(x, prompt_lookup_num_tokens=2, max_new_tokens=3)
 
 
-def _active_recursion(model):
-    """The refiner's zero-initialised output projections and the Q-head set (seeded) so that micro-steps change the
-    answer and thresholds change where positions halt, as in a trained model."""
-    gen = torch.Generator().manual_seed(3)
-    recursion = model.model.recursion
-    with torch.no_grad():
-        for weight in (recursion.refiner.block.down_proj.weight, recursion.refiner.attn.o_proj.weight):
-            weight.copy_(torch.randn(weight.shape, generator=gen) * 0.3)
-        recursion.act_head.weight.copy_(torch.randn(recursion.act_head.weight.shape, generator=gen) * 0.15)
-        recursion.act_head.bias.zero_()
-    return model
-
-
 @pytest.mark.parametrize(
     "field, value, base",
     [
@@ -142,13 +141,22 @@ def _active_recursion(model):
 )
 def test_config_fields_are_read_live(tiny_config, field, value, base):
     """A field changed on a built model acts exactly as if the model had been built with it."""
-    x = torch.randint(1, 97, (2, 12))
-    live = _active_recursion(_model(_wide(tiny_config, **base)))
+    x = torch.randint(1, 97, (4, 16), generator=torch.Generator().manual_seed(3))
+
+    def model(**overrides) -> ForgeForCausalLM:
+        built = _model(_wide(tiny_config, **base, **overrides))
+        with torch.no_grad():  # every weight drawn the same way, zero-initialised ones too, so the refiner acts
+            generator = torch.Generator().manual_seed(1)
+            for parameter in built.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        return built
+
+    live = model()
     setattr(live.config, field, value)
     live.config.trm_step_weights = None  # re-derived for a new trm_max_steps
     live.config.check()
-    built = _active_recursion(_model(_wide(tiny_config, **base, **{field: value})))
-    before = _active_recursion(_model(_wide(tiny_config, **base)))
+    built = model(**{field: value})
+    before = model()
     with torch.no_grad():
         got, want, old = (m(x, output_step_logits=True) for m in (live, built, before))
     assert torch.equal(got.logits, want.logits) and torch.equal(got.halt_steps, want.halt_steps)
@@ -219,29 +227,66 @@ def test_compiled_decode_step_with_static_cache_gives_the_same_tokens(tiny_confi
     """`torch.compile` of the forward (prefill and every decode step) under the static cache."""
     model = _model(_wide(tiny_config, sliding_window=8), attn="sdpa")
     input_ids, attention_mask = _left_padded_batch()
-    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
+    kwargs = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
     with torch.no_grad():
         eager = model.generate(input_ids, cache_implementation="static", **kwargs)
-        model.forward = torch.compile(model.forward, dynamic=False)
+        model.forward = torch.compile(model.forward, dynamic=None)  # as benchmarks/generation.py
         compiled = model.generate(input_ids, cache_implementation="static", **kwargs)
     assert torch.equal(compiled, eager)
 
 
+class _DecodeStep(torch.nn.Module):
+    """One decode step over a static cache whose tensors are registered as buffers, so `torch.export` sees the cache
+    updates as buffer mutations (as transformers' executorch wrappers do for their caches)."""
+
+    def __init__(self, model: ForgeForCausalLM, cache: StaticCache, act_halting: bool) -> None:
+        super().__init__()
+        self.model, self.cache, self.act_halting = model, cache, act_halting
+        for i, layer in enumerate(cache.layers):
+            for name in ("keys", "values", "cumulative_length"):
+                self.register_buffer(f"{name}_{i}", getattr(layer, name), persistent=False)
+            for j, state in enumerate(layer.recurrent_states if hasattr(layer, "recurrent_states") else []):
+                if isinstance(state, torch.Tensor):
+                    self.register_buffer(f"state_{i}_{j}", state, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True,
+                         act_halting=self.act_halting)  # fmt: skip
+        return out.logits
+
+
 @pytest.mark.slow
 def test_decode_step_exports_with_the_static_cache(tiny_config):
-    """`torch.export` of one decode step (ACT by masking, the static cache as a buffer) equals the eager step."""
-    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
-
+    """`torch.export` of the decode step once the window is full (the static sliding cache tracks its length in a
+    Python int, so the exported step is the steady-state one): 10 exported steps equal 10 eager steps."""
     model = _model(_wide(tiny_config, sliding_window=8), attn="sdpa")
-    model.generation_config.cache_implementation = "static"
-    model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": 32}
-    exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=32)
-    prompt = torch.randint(1, 97, (1, 1))
-    program = exportable.export(input_ids=prompt, cache_position=torch.tensor([0]))
+    prompt = torch.randint(1, 97, (1, 12))
+
+    def prefill() -> tuple[_DecodeStep, torch.Tensor]:
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.no_grad():
+            logits = model(prompt, past_key_values=cache, use_cache=True, act_halting=False).logits
+        return _DecodeStep(model, cache, act_halting=False), logits[:, -1:].argmax(-1)
+
+    step, token = prefill()
     with torch.no_grad():
-        expected = model(prompt).logits
-        got = program.module()(input_ids=prompt, cache_position=torch.tensor([0]))
-    torch.testing.assert_close(got, expected)
+        program = torch.export.export(step, (token, torch.tensor([[12]])), strict=False)
+    eager, token = prefill()
+    exported = program.module()
+    for name, buffer in eager.named_buffers():  # start the exported step from the same freshly prefilled cache
+        if "." not in name:
+            getattr(exported, name).copy_(buffer)
+    tokens = {"eager": [], "exported": []}
+    next_eager = next_exported = token
+    for i in range(10):
+        position = torch.tensor([[12 + i]])
+        with torch.no_grad():
+            want, got = eager(next_eager, position), exported(next_exported, position)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        next_eager, next_exported = want[:, -1:].argmax(-1), got[:, -1:].argmax(-1)
+        tokens["eager"].append(int(next_eager))
+        tokens["exported"].append(int(next_exported))
+    assert tokens["eager"] == tokens["exported"] and len(set(tokens["eager"])) > 3
 
 
 @pytest.mark.slow

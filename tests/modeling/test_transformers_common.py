@@ -47,8 +47,6 @@ class ForgeModelTester:
 
 # Common tests that do not apply to this architecture, each with the reason (the test names are transformers').
 SKIPPED = {
-    "test_resize_embeddings_results": "needs a Hub checkpoint (resize then compare against a reference download)",
-    "test_model_is_small": "the tiny preset (~0.2M parameters) is what the other tests use; size is not the check",
     "test_generation_tester_mixin_inheritance": (
         "GenerationTesterMixin is not in the transformers sdist; tests/modeling/test_generation_behaviours.py covers "
         "the generation behaviours"
@@ -67,9 +65,6 @@ SKIPPED = {
 class ForgeModelTest(ModelTesterMixin, PipelineTesterMixin, unittest.TestCase):
     all_model_classes = (ForgeModel, ForgeForCausalLM)
     pipeline_model_mapping = {"feature-extraction": ForgeModel, "text-generation": ForgeForCausalLM}
-    # The position-wise ACT early exit uses data-dependent indexing in eval mode; export goes through
-    # tests/modeling/test_generation_behaviours.py instead (ACT by masking).
-    test_torch_exportable = False
     test_can_init_all_missing_weights_before_2023 = True  # a new model: its _init_weights must cover every weight
 
     def setUp(self) -> None:
