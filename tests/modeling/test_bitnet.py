@@ -133,7 +133,8 @@ def test_convert_swaps_the_chosen_linears_and_keeps_the_rest(tiny_config):
     model = _tiny(tiny_config)
     names = convert_to_bitnet(model, BitNetLayout(exclude=["layers.1.gate.fc2"]))
     backbone = model.model
-    # per layer: attention q/k/v/o, neural memory q/k/v/g/o, gate fc1/fc2, MLP gate/up/down; then the TRM's 8 (z_init, 4 attention, 3 SwiGLU)
+    # per layer: attention q/k/v/o, neural memory q/k/v/g/o, gate fc1/fc2, MLP gate/up/down;
+    # then the TRM's 8 (z_init, 4 attention, 3 SwiGLU)
     assert len(names) == 2 * 14 + 8 - 1
     assert type(backbone.layers[0].memory.b_proj) is nn.Linear  # the memory's rate projections stay full precision
     assert all(isinstance(backbone.get_submodule(n), BitLinear) for n in names)
