@@ -46,6 +46,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.utils import logging
 
+import modeling_forge  # noqa: F401  (registers the Forge model with the Auto classes)
 from evaluation.benchmarks import EvalDoc, EvalTask, get_eval_task
 from evaluation.harness import generate_completions, loglikelihoods, score_completions
 from evaluation.tasks import get_task_family
