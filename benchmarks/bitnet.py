@@ -5,9 +5,13 @@
     OMP_NUM_THREADS=1 python benchmarks/bitnet.py                            # both
 
 size-speed: whole-checkpoint bytes of the packed model per embedding precision vs the fp32 checkpoint (goal >= 8x,
-SPEC minimum 6x), and CPU tokens/s of fp32 vs packed (kernel "float": fp32 ternary cache; kernel "int8": int8
-cache + bitsandbytes' int8 GEMM; "unpack/call": the rejected design that unpacks the 2-bit weights in every
-forward) for batch-1 decoding, batched decoding and prefill, measured in alternation.
+SPEC minimum 6x); the "packed" C++ kernel alone (GEMV GB/s of weights read, next to the machine's memory bandwidth
+measured here); and CPU tokens/s of fp32 vs the packed model per kernel ("float": PyTorch only, fp32 ternary cache
+and fp32 LM head; "int8": int8 cache + bitsandbytes' int8 GEMM; "packed": the C++ kernel on the 2-bit weights and
+the LM head read from the embedding's codes; "packed, fp32 head": that kernel with the fp32 LM head) for batch-1
+decoding, batch-8 decoding and a 512-token prefill, at 1 and 2 threads, all models measured in alternation (the
+median of --repeats; the machine may be shared, so compare ratios within one run). Greedy tokens must be
+identical across the packed kernels.
 accuracy: trains a tiny model on the corpus/task mixture, runs Phase 4 on it (`run_phase4`), and fine-tunes an
 fp32 copy with the same data, steps and distillation as a control, so the quantization cost is separated from the
 gain of training longer. Prints perplexity and next-token accuracy of each, and the drops (goal < 10%).
@@ -18,22 +22,20 @@ import copy
 import statistics
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator, set_seed
 
 from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.bitnet import (
     BitLinear,
     BitNetLayout,
-    bitlinear_product,
     bitnet_candidates,
     convert_to_bitnet,
     pack_bitnet,
     set_bitnet_kernel,
-    unpack_ternary,
 )
 from trainers.bitnet_config import BitNetConfig
 from trainers.bitnet_trainer import BitNetTrainer, checkpoint_breakdown, evaluate_quality, mixture_blocks, run_phase4
@@ -51,16 +53,15 @@ def _median_rates(models: dict, fn, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def _unpack_per_call_forward(self: BitLinear, x: torch.Tensor) -> torch.Tensor:
-    weight = unpack_ternary(self.weight_packed, self.out_features, torch.float32)
-    return bitlinear_product(x, weight, self.weight_scale, self.bias, self.activation_bits)[0].to(x.dtype)
+def _decode(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        return model.generate(prompt, **kwargs)
 
 
 def _decode_rate(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
-    with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(prompt, **kwargs)
+    start = time.perf_counter()
+    _decode(model, prompt, new_tokens)
     return prompt.shape[0] * new_tokens / (time.perf_counter() - start)
 
 
@@ -69,6 +70,71 @@ def _prefill_rate(model, ids: torch.Tensor) -> float:
         start = time.perf_counter()
         model(input_ids=ids)
     return ids.numel() / (time.perf_counter() - start)
+
+
+def _seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_bandwidth(threads: int, mbytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth (GB/s): a sum over an fp32 buffer far larger than the caches, median of `repeats`."""
+    torch.set_num_threads(threads)
+    buffer = torch.ones(mbytes * 2**20 // 4)
+    rate = buffer.numel() * 4 / _seconds(buffer.sum, repeats) / 1e9
+    del buffer
+    return rate
+
+
+def _gemv_row(label: str, packed_s: float, packed_bytes: int, dense_s: float, dense_bytes: int) -> str:
+    packed = f"packed {packed_s * 1e6:7.1f} us = {packed_bytes / packed_s / 1e9:5.2f} GB/s"
+    dense = f"fp32 {dense_s * 1e6:7.1f} us = {dense_bytes / dense_s / 1e9:5.2f} GB/s"
+    return f"    {label:<26} {packed}   {dense}   ({dense_s / packed_s:.2f}x)"
+
+
+def kernel_alone(model, fp32, threads: int, repeats: int) -> None:
+    """GEMV (one token) time and GB/s of weights read: the packed kernel on each ternary shape of the model and the
+    LM head from the embedding's codes, next to fp32 F.linear on the same shapes and the measured memory bandwidth."""
+    torch.set_num_threads(threads)
+    ops = torch.ops.forge_bitnet
+    qmax = 2 ** (model.config.bitnet["activation_bits"] - 1) - 1
+    shapes = {}
+    for name, module in model.model.named_modules():
+        if isinstance(module, BitLinear):
+            shapes.setdefault((module.out_features, module.in_features), name)
+    print(f"  kernel alone, {threads} thread(s), one token (GEMV), median of {repeats} x 20 calls:")
+    for (out_f, in_f), name in sorted(shapes.items(), key=lambda item: -item[0][0] * item[0][1]):
+        layer, x = model.model.get_submodule(name), torch.randn(1, in_f)
+        weight = fp32.model.get_submodule(name).weight.detach()
+        lanes, scale = layer.weight_lanes, layer.weight_scale
+
+        def packed_calls(x=x, lanes=lanes, scale=scale, out_f=out_f):
+            for _ in range(20):
+                ops.bitlinear(x, lanes, scale, None, out_f, qmax, 1e-5)
+
+        def dense_calls(x=x, weight=weight):
+            for _ in range(20):
+                F.linear(x, weight)
+
+        packed_s, dense_s = _seconds(packed_calls, repeats) / 20, _seconds(dense_calls, repeats) / 20
+        print(_gemv_row(f"{out_f} x {in_f}", packed_s, lanes.numel(), dense_s, weight.numel() * 4))
+    embedding = model.model.embed_tokens
+    if getattr(embedding, "bits", 32) in (8, 4):
+        h, codes, scales = torch.randn(1, embedding.embedding_dim), embedding.weight_codes, embedding.weight_scales
+        head_s = _seconds(lambda: ops.lowbit_linear(h, codes, scales, embedding.bits, embedding.group_size), repeats)
+        dense_s = _seconds(lambda: F.linear(h, fp32.lm_head.weight), repeats)
+        stored = codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
+        label = f"LM head {embedding.num_embeddings} x {embedding.embedding_dim}, {embedding.bits}-bit"
+        print(_gemv_row(label, head_s, stored, dense_s, fp32.lm_head.weight.numel() * 4))
+    ternary_mib = sum(m.weight_lanes.numel() for m in model.modules() if isinstance(m, BitLinear)) / 2**20
+    print(f"    memory read bandwidth (torch.sum over 512 MB, {threads} thread(s)): {memory_bandwidth(threads):.2f} "
+          f"GB/s; all ternary weights together: {ternary_mib:.1f} MiB, so decoding reads them from cache")  # fmt: skip
 
 
 def size_and_speed(args) -> None:
@@ -104,28 +170,45 @@ def size_and_speed(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(packed[args.speed_embedding_bits]).eval()
         packed_load = time.perf_counter() - start
         print(f"  from_pretrained: fp32 {fp32_load:.2f} s, packed {packed_load:.2f} s (includes unpacking once)")
-    int8 = copy.deepcopy(model)
-    set_bitnet_kernel(int8, "int8")
-    per_call = copy.deepcopy(model)
-    for module in per_call.modules():  # the design not taken: unpack the 2-bit weights in every forward
-        if isinstance(module, BitLinear):
-            module.forward = types.MethodType(_unpack_per_call_forward, module)
-    models = {"fp32": fp32, "packed/float": model, "packed/int8": int8, "unpack/call": per_call}
+    kernel = set_bitnet_kernel(model, "auto")
+    print(f"  from_pretrained chose kernel {kernel!r}" + (f" ({torch.ops.forge_bitnet.isa()})" if kernel == "packed"
+                                                             else " (the C++ kernel did not build here)"))  # fmt: skip
+    models = {"fp32": fp32}
+    for name in ("float", "int8", "packed"):
+        if name == "int8" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+            continue  # bitsandbytes' CPU int8 GEMM needs AVX-512
+        if name == "packed" and kernel != "packed":
+            continue
+        variant = copy.deepcopy(model)
+        set_bitnet_kernel(variant, name)
+        variant.lm_head.read_codes = name == "packed"  # "float" and "int8": the PyTorch-only model as before
+        models[name] = variant
+    if "packed" in models:
+        models["packed, fp32 head"] = copy.deepcopy(models["packed"])
+        models["packed, fp32 head"].lm_head.read_codes = False
     torch.manual_seed(1)
     vocab = config.vocab_size
+    prompts = {1: torch.randint(1, vocab, (1, 16)), 8: torch.randint(1, vocab, (8, 16))}
+    tokens = {name: _decode(m, prompts[8], args.new_tokens // 2) for name, m in models.items() if name != "fp32"}
+    same = all(torch.equal(t, tokens["float"]) for t in tokens.values())
+    print(f"  greedy tokens, batch 8 x {args.new_tokens // 2}: identical across {list(tokens)}: {same}")
     cases = [
-        ("decode, batch 1", lambda m: _decode_rate(m, torch.randint(1, vocab, (1, 16)), args.new_tokens)),
-        ("decode, batch 8", lambda m: _decode_rate(m, torch.randint(1, vocab, (8, 16)), args.new_tokens // 2)),
+        ("decode, batch 1", lambda m: _decode_rate(m, prompts[1], args.new_tokens)),
+        ("decode, batch 8", lambda m: _decode_rate(m, prompts[8], args.new_tokens // 2)),
         ("prefill 1x512", lambda m: _prefill_rate(m, torch.randint(1, vocab, (1, 512)))),
     ]
-    print(f"  CPU speed, tokens/s (median of {args.repeats}, alternating; embedding {args.speed_embedding_bits} "
-          "bits in the packed models):")  # fmt: skip
-    for label, fn in cases:
-        for m in models.values():  # warm-up
-            fn(m)
-        rates = _median_rates(models, fn, args.repeats)
-        ratios = ", ".join(f"{k} {rates[k] / rates['fp32']:.2f}x" for k in models if k != "fp32")
-        print(f"    {label:<16} " + "  ".join(f"{k} {v:8.1f}" for k, v in rates.items()) + f"   ({ratios})")
+    for threads in args.threads:
+        if "packed" in models:
+            kernel_alone(models["packed"], fp32, threads, args.repeats)
+        torch.set_num_threads(threads)
+        print(f"  CPU speed, {threads} thread(s), tokens/s (median of {args.repeats}, models alternating; embedding "
+              f"{args.speed_embedding_bits} bits in the packed models):")  # fmt: skip
+        for label, fn in cases:
+            for m in models.values():  # warm-up
+                fn(m)
+            rates = _median_rates(models, fn, args.repeats)
+            ratios = ", ".join(f"{k} {rates[k] / rates['fp32']:.2f}x" for k in models if k != "fp32")
+            print(f"    {label:<16} " + "  ".join(f"{k} {v:7.1f}" for k, v in rates.items()) + f"   vs fp32: {ratios}")
 
 
 def _train_tiny(folder: Path, tokenizer_texts_chars: int, steps: int, seed: int) -> None:
@@ -226,6 +309,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cognate-25m")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--speed-embedding-bits", type=int, default=4, choices=[32, 16, 8, 4])
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--ste-steps", type=int, nargs="+", default=[200, 600])

@@ -617,7 +617,7 @@ def _select_mode(isolation: str, require_isolation: bool, python: str | None) ->
 
 def run_code(
     code: str,
-    tests: list[str] | None = None,
+    tests: str | Sequence[str] | None = None,
     *,
     timeout_s: float = 5.0,
     memory_mb: int = 256,
@@ -636,11 +636,12 @@ def run_code(
     builtins (names the program defined that shadow a builtin are left out), so a program cannot rig them.
     `timeout_s` is the program's wall-clock limit (sandbox start-up not included); `memory_mb` its address space;
     `max_processes` counts the program itself; `max_file_mb` caps each file written (bwrap's private /tmp holds
-    4 x `max_file_mb` in all; the fallback's scratch folder on disk has no total cap).
+    4 x `max_file_mb` in all; the fallback's scratch folder on disk has no total cap). `tests` is a list of test
+    sources; one string is taken as one test (it may span several lines).
     """
-    tests = list(tests or [])
-    if not isinstance(code, str) or not all(isinstance(t, str) for t in tests):
-        raise TypeError("code and every test must be str")
+    tests = _as_tests(tests)
+    if not isinstance(code, str):
+        raise TypeError(f"code must be str, got {type(code).__name__}")
     if timeout_s <= 0 or memory_mb <= 0 or max_output_bytes < 0 or max_processes < 1 or max_file_mb < 1:
         raise ValueError("timeout_s, memory_mb, max_processes and max_file_mb must be positive")
     mode = _select_mode(isolation, require_isolation, python)
@@ -655,6 +656,23 @@ def run_code(
         max_processes=max_processes,
         max_file_mb=max_file_mb,
     )
+
+
+def _as_tests(tests: str | Sequence[str] | None) -> list[str]:
+    """`run_code`'s tests as a list: one string is one test, never a sequence of one-character tests."""
+    if tests is None:
+        return []
+    if isinstance(tests, str):
+        return [tests]
+    if isinstance(tests, bytes | bytearray) or not isinstance(tests, Sequence):
+        raise TypeError(f"tests must be a str (one test) or a list of str, got {type(tests).__name__}")
+    tests = list(tests)
+    bad = [i for i, t in enumerate(tests) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(
+            f"tests[{bad[0]}] is a {type(tests[bad[0]]).__name__}; every test must be a str of Python source"
+        )
+    return tests
 
 
 def run_many(

@@ -40,6 +40,21 @@ def _eval_results(entries: list[dict]) -> list[EvalResult]:
     return results
 
 
+def _hub_id(record: dict) -> str | None:
+    """An input's Hub id, also for lineages written before `hub_id` was recorded (a local path is never one)."""
+    if "hub_id" in record:
+        return record["hub_id"]
+    if record.get("sha256") is not None or Path(record["id"]).exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(record["id"])
+    except HFValidationError:
+        return None
+    return record["id"]
+
+
 def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
     """Build the `ModelCard` of a phase output folder (does not write it)."""
     folder = Path(folder)
@@ -52,7 +67,10 @@ def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
     template_path = TEMPLATES_DIR / f"{template}.md.j2"
     if not template_path.exists():
         raise ValueError(f"Unknown card template {template!r}. Fix: use one of {available_templates()}.")
-    base_models = [item["id"] for item in lineage.get("inputs", []) if item.get("is_model", True)]
+    # The Hub accepts only Hub ids as `base_model`: local inputs without a known Hub id are left out (the lineage and
+    # the card body still name them).
+    base_models = [_hub_id(item) for item in lineage.get("inputs", []) if item.get("is_model", True)]
+    base_models = [item for item in base_models if item]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",

@@ -25,9 +25,12 @@ below are hand-written (~60 lines): bitsandbytes' 4-/8-bit codecs would make loa
 bitsandbytes, which the remote-code route should not need.
 """
 
+import os
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +43,8 @@ logger = logging.get_logger(__name__)
 PACKING_LAYOUT = "transformers-bitnet-2bit"  # transformers.integrations.bitnet pack_weights / unpack_weights
 VALUES_PER_BYTE = 4
 BITNET_FORMATS = ("shadow", "packed")
-KERNELS = ("float", "int8")
+KERNELS = ("float", "int8", "packed")
+KERNEL_CHOICES = (*KERNELS, "auto")  # "auto": the fastest one available ("packed" where it builds, else "float")
 EMBEDDING_BITS = (32, 16, 8, 4)
 SPEC_KEYS = ("format", "packing", "modules", "activation_bits", "embedding_bits", "embedding_group_size")
 # Linear layers that can become BitLinear, by group; names relative to the backbone (`ForgeModel`).
@@ -107,6 +111,99 @@ def unpack_ternary(packed: torch.Tensor, out_features: int, dtype: torch.dtype =
     _, unpack_weights = _transformers_packing()
     with torch.compiler.set_stance("force_eager"):  # transformers wraps it in torch.compile (~20 s on a CPU)
         return unpack_weights(packed, dtype=dtype)[:out_features]
+
+
+LANE_BLOCK = 64  # columns per block of the "packed" kernel's lane layout (16 bytes per row)
+LANE_ROWS = 4  # the lane layout pads rows to a multiple of this
+
+
+def lane_pack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Repack transformers' 2-bit layout into the lane layout the "packed" kernel reads (still 2 bits per weight).
+
+    Codes `w + 1` in {0, 1, 2}; rows padded to a multiple of 4 and columns to a multiple of 64 (code 1, weight 0);
+    per row and block of 64 columns, byte `j` holds column `16 * L + j` in bits `2L` (L = 0..3), so that one 16-byte
+    load shifted by 0/2/4/6 per 128-bit lane gives 64 codes in column order (see kernels/bitnet_packed.cpp).
+    Shape (ceil(out / 4) * 4, ceil(in / 64) * 16) uint8; done once per load.
+    """
+    w_int = unpack_ternary(packed, out_features, torch.int8)
+    rows, cols = w_int.shape
+    padded_rows, blocks = -(-rows // LANE_ROWS) * LANE_ROWS, -(-cols // LANE_BLOCK)
+    codes = torch.ones(padded_rows, blocks * LANE_BLOCK, dtype=torch.uint8, device=packed.device)
+    codes[:rows, :cols] = (w_int + 1).to(torch.uint8)
+    codes = codes.view(padded_rows, blocks, 4, 16)
+    lanes = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
+    return lanes.reshape(padded_rows, blocks * 16).contiguous()
+
+
+_PACKED_KERNEL_SOURCE = Path(__file__).with_name("kernels") / "bitnet_packed.cpp"
+_packed_kernel_state: dict[str, object] = {}  # "ops" (torch.ops.forge_bitnet) or "error" (why it is unavailable)
+
+
+def load_packed_kernel() -> object | None:
+    """Build (first use; cached in torch's extension folder) and load the "packed" kernel; `torch.ops.forge_bitnet`,
+    or None with one warning saying why (no C++ compiler, no kernel source in a remote-code folder, a build error).
+
+    Written here, and why: `torch.utils.cpp_extension.load` does the building and caching; only the kernel itself
+    (kernels/bitnet_packed.cpp) is hand-written, because no kept library multiplies this 2-bit layout directly.
+    """
+    if "ops" in _packed_kernel_state or "error" in _packed_kernel_state:
+        return _packed_kernel_state.get("ops")
+    error = None
+    if not _PACKED_KERNEL_SOURCE.exists():
+        # A folder loaded with trust_remote_code holds the model code but not the C++ source.
+        error = f"its source {_PACKED_KERNEL_SOURCE.name} is not next to {Path(__file__).name}; install agent-forge"
+    elif shutil.which(os.environ.get("CXX", "c++")) is None:
+        error = "no C++ compiler was found (CXX or c++ on PATH); install g++ (Debian: apt-get install g++)"
+    elif hasattr(torch.ops, "forge_bitnet") and hasattr(torch.ops.forge_bitnet, "bitlinear"):
+        _packed_kernel_state["ops"] = torch.ops.forge_bitnet  # already loaded in this process
+    else:
+        path = os.environ.get("PATH", "")
+        try:
+            from torch.utils import cpp_extension
+
+            if shutil.which("ninja") is None:  # pip's ninja lives in the venv's bin, which may not be on PATH
+                import ninja
+
+                os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
+            logger.info("Building the BitNet 'packed' kernel (once; cached by torch.utils.cpp_extension).")
+            cpp_extension.load(name="forge_bitnet_packed", sources=[str(_PACKED_KERNEL_SOURCE)],
+                               extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)  # fmt: skip
+            _register_fake_kernels()
+            _packed_kernel_state["ops"] = torch.ops.forge_bitnet
+        except Exception as exc:  # a failed build must not stop a model from loading: it falls back to "float"
+            error = f"building it failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
+        finally:
+            os.environ["PATH"] = path
+    if error is not None:
+        _packed_kernel_state["error"] = error
+        log = logger.info if not _PACKED_KERNEL_SOURCE.exists() else logger.warning  # expected in remote-code folders
+        log(f"The BitNet 'packed' CPU kernel is unavailable: {error}. Using kernel 'float' (same outputs, "
+                       "slower).")  # fmt: skip
+    return _packed_kernel_state.get("ops")
+
+
+def _register_fake_kernels() -> None:
+    """Output shapes of the C++ ops, so torch.compile and meta-device tracing can see through them."""
+
+    @torch.library.register_fake("forge_bitnet::bitlinear")
+    def _(x, lanes, w_scale, bias, out_features, qmax, eps, isa=-1):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("forge_bitnet::lowbit_linear")
+    def _(x, codes, scales, bits, group_size):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def resolve_kernel(kernel: str) -> str:
+    """A kernel name from `KERNEL_CHOICES` -> one of `KERNELS` ("auto": "packed" if it builds here, else "float")."""
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"BitLinear kernel {kernel!r} is unknown. Fix: use one of {KERNEL_CHOICES}.")
+    if kernel == "auto":
+        return "packed" if load_packed_kernel() is not None else "float"
+    if kernel == "packed" and load_packed_kernel() is None:
+        raise ValueError(f"kernel='packed' is unavailable here: {_packed_kernel_state['error']}. Fix: do that, or use "
+                         "kernel='float'.")  # fmt: skip
+    return kernel
 
 
 def quantize_embedding(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -210,8 +307,9 @@ class BitLinear(nn.Module):
       - shadow (`packed=False`, training): `weight` is a full-precision Parameter; every forward ternarizes it and
         gradients pass straight through to it (`BitLinearSTE`), which is what MuGrokfast's STE mode updates.
       - packed (`packed=True`, inference/storage): persistent `weight_packed` (uint8, 4 values per byte) and
-        `weight_scale` (fp32); the ternary values are unpacked once per load into the non-persistent
-        `weight_ternary` (fp32 for kernel "float", int8 for kernel "int8").
+        `weight_scale` (fp32), and a non-persistent cache made once per load for the matmul `kernel`:
+        `weight_ternary` (fp32 for "float", int8 for "int8") or `weight_lanes` (2-bit lane layout for "packed",
+        which computes from the 2-bit weights with a CPU kernel; the other cache is None).
     """
 
     def __init__(
@@ -227,20 +325,15 @@ class BitLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"BitLinear kernel {kernel!r} is unknown. Fix: use one of {KERNELS}.")
         self.in_features, self.out_features = in_features, out_features
         self.activation_bits = activation_bits
-        self.kernel = kernel
+        self.kernel = resolve_kernel(kernel)
         if packed:
             self.register_parameter("weight", None)
             rows = -(-out_features // VALUES_PER_BYTE)
             self.weight_packed = nn.Buffer(torch.zeros(rows, in_features, dtype=torch.uint8, device=device))
             self.weight_scale = nn.Buffer(torch.ones(1, dtype=torch.float32, device=device))
-            cache_dtype = torch.int8 if kernel == "int8" else torch.float32
-            self.weight_ternary = nn.Buffer(
-                torch.zeros(out_features, in_features, dtype=cache_dtype, device=device), persistent=False
-            )
+            self._set_cache(self._empty_cache(device))
         else:
             self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -271,6 +364,8 @@ class BitLinear(nn.Module):
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The ternary values (fp32 {-1, 0, 1}, (out, in)) and the (1,) scale this layer computes with."""
         if self.packed:
+            if self.weight_ternary is None:
+                return unpack_ternary(self.weight_packed, self.out_features, torch.float32), self.weight_scale.float()
             return self.weight_ternary.float(), self.weight_scale.float()
         return ternarize(self.weight)
 
@@ -282,9 +377,21 @@ class BitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return BitLinearSTE.apply(x, self.weight, self.bias, self.activation_bits)
-        out, _, _ = bitlinear_product(
-            x, self.weight_ternary, self.weight_scale, self.bias, self.activation_bits, self.kernel
-        )
+        if self.kernel == "packed":
+            if x.device.type != "cpu":
+                raise ValueError(f"BitLinear kernel 'packed' runs on CPU only, got an input on {x.device}. Fix: "
+                                 "set_bitnet_kernel(model, 'float') after moving the model.")  # fmt: skip
+            if not (torch.is_grad_enabled() and x.requires_grad):  # the C++ kernel has no backward
+                flat = x.reshape(-1, self.in_features).float().contiguous()
+                qmax = 2 ** (self.activation_bits - 1) - 1
+                out = torch.ops.forge_bitnet.bitlinear(flat, self.weight_lanes, self.weight_scale, self.bias,
+                                                       self.out_features, qmax, ACTIVATION_EPS)  # fmt: skip
+                return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        weight = self.weight_ternary
+        if weight is None:  # kernel "packed" under autograd: the reference product on the unpacked weight
+            weight = unpack_ternary(self.weight_packed, self.out_features, torch.float32)
+        kernel = "float" if weight.dtype == torch.float32 else "int8"
+        out, _, _ = bitlinear_product(x, weight, self.weight_scale, self.bias, self.activation_bits, kernel)
         return out.to(x.dtype)
 
     @torch.no_grad()
@@ -295,10 +402,10 @@ class BitLinear(nn.Module):
         w_int, scale = ternarize(self.weight)
         device = self.weight.device
         self.register_parameter("weight", None)
-        self.kernel = kernel or self.kernel
+        self.kernel = resolve_kernel(kernel) if kernel else self.kernel
         self.weight_packed = nn.Buffer(pack_ternary(w_int).to(device))
         self.weight_scale = nn.Buffer(scale.to(device))
-        self.weight_ternary = nn.Buffer(w_int.to(self._cache_dtype()), persistent=False)
+        self._set_cache(self._cache_from_packed())
 
     @torch.no_grad()
     def to_shadow(self) -> None:
@@ -309,27 +416,46 @@ class BitLinear(nn.Module):
         w_int, scale = self.quantized()
         nonzero = w_int.abs().mean().clamp(min=1.0 / w_int.numel())
         weight = w_int * (scale / nonzero)
-        del self.weight_packed, self.weight_scale, self.weight_ternary
+        del self.weight_packed, self.weight_scale, self.weight_ternary, self.weight_lanes
         self.weight = nn.Parameter(weight)
 
     @torch.no_grad()
     def set_kernel(self, kernel: str) -> None:
-        """Switch the matmul of the packed form ("float": fp32 ternary cache; "int8": int8 cache, integer GEMM)."""
-        if kernel not in KERNELS:
-            raise ValueError(f"BitLinear kernel {kernel!r} is unknown. Fix: use one of {KERNELS}.")
-        self.kernel = kernel
+        """Switch the matmul of the packed form ("float": fp32 ternary cache; "int8": int8 cache, integer GEMM;
+        "packed": the CPU kernel on the 2-bit lane layout; "auto": the fastest available)."""
+        self.kernel = resolve_kernel(kernel)
         if self.packed:
-            self.weight_ternary = nn.Buffer(self.weight_ternary.to(self._cache_dtype()), persistent=False)
+            self._set_cache(self._cache_from_packed())
 
-    def _cache_dtype(self) -> torch.dtype:
-        return torch.int8 if self.kernel == "int8" else torch.float32
+    def _empty_cache(self, device: torch.device | str | None) -> torch.Tensor:
+        if self.kernel == "packed":
+            shape = (-(-self.out_features // LANE_ROWS) * LANE_ROWS, -(-self.in_features // LANE_BLOCK) * 16)
+            return torch.zeros(shape, dtype=torch.uint8, device=device)
+        dtype = torch.int8 if self.kernel == "int8" else torch.float32
+        return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
+
+    def _cache_from_packed(self) -> torch.Tensor:
+        if self.kernel == "packed":
+            return lane_pack(self.weight_packed, self.out_features)
+        dtype = torch.int8 if self.kernel == "int8" else torch.float32
+        return unpack_ternary(self.weight_packed, self.out_features, dtype)
+
+    def _set_cache(self, cache: torch.Tensor) -> None:
+        """Keep the kernel's cache (`weight_lanes` for "packed", else `weight_ternary`), the other one None."""
+        lanes = self.kernel == "packed"
+        self.register_buffer("weight_lanes", cache if lanes else None, persistent=False)
+        self.register_buffer("weight_ternary", None if lanes else cache, persistent=False)
 
     @torch.no_grad()
     def init_from_checkpoint(self, std: float) -> None:
-        """Called by `_init_weights`: a packed layer derives `weight_ternary` from the (loaded) packed bytes; a shadow
-        layer's missing weight gets the model's normal init."""
+        """Called by `_init_weights`: a packed layer derives its kernel's cache from the (loaded) packed bytes; a
+        shadow layer's missing weight gets the model's normal init."""
         if self.packed:
-            init.copy_(self.weight_ternary, unpack_ternary(self.weight_packed, self.out_features, self._cache_dtype()))
+            if self.kernel == "packed" and self.weight_packed.device.type != "cpu":
+                self.kernel = "float"  # the C++ kernel is CPU-only; on an accelerator the layer computes in fp32
+                self._set_cache(self._empty_cache(self.weight_packed.device))
+            cache = self.weight_lanes if self.kernel == "packed" else self.weight_ternary
+            init.copy_(cache, self._cache_from_packed())
         else:
             init.normal_(self.weight, mean=0.0, std=std)
         if self.bias is not None:
@@ -401,21 +527,52 @@ class QuantizedEmbedding(nn.Embedding):
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
 
 
+LOWBIT_HEAD_MAX_POSITIONS = 16  # decoding; longer inputs (prefill, scoring) use F.linear, faster there
+
+
 class TiedLMHead(nn.Module):
     """The LM head of a model with a quantized, tied embedding: `logits = h @ E^T` with the embedding's dequantized
     weight. It owns no tensors (the checkpoint stores the embedding once, as codes), so there is nothing for
-    transformers to tie or to find missing when loading."""
+    transformers to tie or to find missing when loading.
+
+    With an 8- or 4-bit embedding, the "packed" kernel's extension built and AVX-512, calls of at most
+    `LOWBIT_HEAD_MAX_POSITIONS` positions (decoding) read the codes directly (`read_codes`; 4-8x fewer bytes than the
+    fp32 weight): the same products, summed in a different fp32 order than F.linear (logits differ by ~1e-6
+    relative). This is independent of the BitLinear kernel, so switching kernels never changes logits.
+    """
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
         self._source = (embedding,)  # a tuple: referenced, not registered a second time as a submodule
+        self.read_codes = True
 
     @property
     def weight(self) -> torch.Tensor:
         """The embedding matrix (V, D) this head multiplies with."""
         return self._source[0].weight
 
+    def _reads_codes(self, hidden_states: torch.Tensor) -> bool:
+        embedding = self._source[0]
+        ops = _packed_kernel_state.get("ops")  # built by the packed layers; never built here, mid-forward
+        return (
+            self.read_codes
+            and ops is not None
+            and isinstance(embedding, QuantizedEmbedding)
+            and embedding.bits in (8, 4)
+            and embedding.group_size % 32 == 0
+            and hidden_states.device.type == "cpu"
+            and hidden_states[..., 0].numel() <= LOWBIT_HEAD_MAX_POSITIONS
+            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+            and _packed_kernel_state.setdefault("isa", ops.isa()) == "avx512-vnni"
+        )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._reads_codes(hidden_states):
+            embedding = self._source[0]
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1]).float().contiguous()
+            logits = torch.ops.forge_bitnet.lowbit_linear(flat, embedding.weight_codes, embedding.weight_scales,
+                                                          embedding.bits, embedding.group_size)  # fmt: skip
+            return logits.view(*hidden_states.shape[:-1], -1).to(hidden_states.dtype)
         return F.linear(hidden_states, self.weight.to(hidden_states.dtype))
 
 
@@ -569,9 +726,10 @@ def convert_to_bitnet(model: nn.Module, layout: BitNetLayout | dict | None = Non
 
 
 @torch.no_grad()
-def pack_bitnet(model: nn.Module, kernel: str | None = None) -> nn.Module:
-    """Shadow -> packed, in place: BitLinear layers keep 2-bit weights only, the embedding its low-bit codes;
-    `save_pretrained` then writes the packed checkpoint. Outputs stay bit-identical."""
+def pack_bitnet(model: nn.Module, kernel: str = "auto") -> nn.Module:
+    """Shadow -> packed, in place: BitLinear layers keep 2-bit weights only (computing with `kernel`, by default the
+    fastest available), the embedding its low-bit codes; `save_pretrained` then writes the packed checkpoint.
+    Outputs stay bit-identical."""
     spec = _spec(model)
     if spec is None:
         raise ValueError("The model has no config.bitnet. Fix: call convert_to_bitnet(model, layout) first.")
@@ -612,14 +770,18 @@ def bitnet_to_shadow(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_bitnet_kernel(model: nn.Module, kernel: str) -> None:
-    """Choose the packed layers' matmul: "float" (fp32 ternary cache, any device) or "int8" (int8 cache and
-    bitsandbytes' int8 GEMM; needs bitsandbytes and, on CPU, AVX-512). Same outputs, different speed and memory."""
+def set_bitnet_kernel(model: nn.Module, kernel: str) -> str:
+    """Choose the packed layers' matmul: "float" (fp32 ternary cache, any device), "int8" (int8 cache and
+    bitsandbytes' int8 GEMM; needs bitsandbytes and, on CPU, AVX-512), "packed" (a C++ CPU kernel reading the 2-bit
+    weights, built on first use; needs a C++ compiler) or "auto" (the fastest available). Same outputs bit for bit,
+    different speed and memory. Returns the kernel chosen."""
     if kernel == "int8" and not is_bitsandbytes_available():
         raise ValueError("kernel='int8' needs bitsandbytes. Fix: pip install bitsandbytes, or use kernel='float'.")
+    kernel = resolve_kernel(kernel)
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.set_kernel(kernel)
+    return kernel
 
 
 def apply_bitnet_layout(model: nn.Module) -> None:
@@ -631,12 +793,16 @@ def apply_bitnet_layout(model: nn.Module) -> None:
     backbone = _backbone(model)
     packed = spec["format"] == "packed"
     if model is backbone:
+        kernel = resolve_kernel("auto") if packed else "float"
+        if packed:
+            isa = f" ({torch.ops.forge_bitnet.isa()})" if kernel == "packed" else ""
+            logger.info(f"BitNet packed layers compute with kernel {kernel!r}{isa}; set_bitnet_kernel() changes it.")
         for name in spec["modules"]:
             linear = backbone.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"config.bitnet lists {name}, a {type(linear).__name__}, not a linear layer.")
             layer = BitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, packed=packed,
-                              activation_bits=spec["activation_bits"], device=linear.weight.device,
+                              activation_bits=spec["activation_bits"], kernel=kernel, device=linear.weight.device,
                               dtype=linear.weight.dtype)  # fmt: skip
             backbone.set_submodule(name, layer)
         if packed and spec["embedding_bits"] != 32:
@@ -664,6 +830,9 @@ __all__ = [
     "QuantizedEmbedding",
     "TiedLMHead",
     "apply_bitnet_layout",
+    "lane_pack",
+    "load_packed_kernel",
+    "resolve_kernel",
     "bitlinear_product",
     "bitnet_candidates",
     "bitnet_to_shadow",

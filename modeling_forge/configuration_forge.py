@@ -96,8 +96,9 @@ class ForgeConfig(PreTrainedConfig):
             Weight of the gate-entropy regulariser; the loss subtracts `weight * entropy` to keep gates from
             saturating.
         layer_types (`list[str]`, *optional*):
-            Derived, do not set: `"hybrid_sliding"` per layer with memory (sliding-window KV + a recurrent state in
-            the transformers `DynamicCache`), `"sliding_attention"` without.
+            Derived from `memory_type` and `num_hidden_layers`, best left unset: `"hybrid_sliding"` per layer with
+            memory (sliding-window KV + a recurrent state in the transformers cache), `"sliding_attention"` without.
+            A value given by hand is checked against that and refused when it differs.
         layer_input_scales (`list[float]`, *optional*):
             One positive factor per decoder layer: layer `i` receives the residual stream multiplied by
             `layer_input_scales[i]`. Set by Phase 2's data-flow-space merges (DFS), which stack, repeat and reorder
@@ -191,7 +192,18 @@ class ForgeConfig(PreTrainedConfig):
                 steps = self.trm_max_steps
                 self.trm_step_weights = [round(0.33 + (1.0 - 0.33) * t / max(steps, 1), 4) for t in range(steps + 1)]
         layer_type = "hybrid_sliding" if self.memory_type != "none" else "sliding_attention"
-        self.layer_types = [layer_type] * self.num_hidden_layers
+        derived = [layer_type] * self.num_hidden_layers
+        # A value this method derived earlier follows the fields it came from (e.g. memory_type changed after
+        # loading); a value the user set must already be the derived one: it only names the cache layout.
+        user_set = self.layer_types is not None and self.layer_types != getattr(self, "_derived_layer_types", None)
+        if user_set and list(self.layer_types) != derived:
+            raise ValueError(
+                f"ForgeConfig.layer_types is {self.layer_types}, but memory_type={self.memory_type!r} with "
+                f"num_hidden_layers={self.num_hidden_layers} needs {derived} (every Forge layer has the same cache "
+                "layout). Fix: leave layer_types unset; it is derived from memory_type and num_hidden_layers."
+            )
+        self.layer_types = derived
+        self._derived_layer_types = list(derived)
 
     @property
     def detach_between_steps(self) -> bool:
@@ -288,6 +300,12 @@ class ForgeConfig(PreTrainedConfig):
                 f"must be a positive integer or None, got {self.thought_mixing_hidden_size!r}",
                 "use e.g. hidden_size // 2, or None for no thought mixing head",
             )
+
+    def to_dict(self) -> dict:
+        """The serialisable fields, without the bookkeeping of which `layer_types` was derived."""
+        output = super().to_dict()
+        output.pop("_derived_layer_types", None)
+        return output
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "ForgeConfig":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_mask
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -32,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .bitnet import BitLinear, QuantizedEmbedding, apply_bitnet_layout
 from .configuration_forge import ForgeConfig
@@ -149,13 +151,21 @@ def eager_attention_forward(
 
 
 def _allowed_keys(
-    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, window: int, device: torch.device
+    attention_mask: torch.Tensor | BlockMask | None, q_len: int, kv_len: int, window: int, device: torch.device
 ) -> torch.Tensor:
-    """Boolean (B|1, 1, T, S) mask of the key positions each query may attend to, whatever form the mask came in."""
-    if attention_mask is None:  # the sdpa fast path: plain causal (window not yet exceeded)
+    """Boolean (B|1, 1, T, S) mask of the key positions each query may attend to, whatever form the mask came in:
+    a 4D boolean or additive mask (eager, sdpa), a flex-attention `BlockMask`, a 2D padding mask or None (flash
+    attention, or sdpa's plain-causal fast path)."""
+    if isinstance(attention_mask, BlockMask):  # its mask_mod holds the offsets, window and padding: evaluate it
+        batch = attention_mask.kv_num_blocks.shape[0]
+        return create_mask(attention_mask.mask_mod, batch, 1, q_len, kv_len, device=device)
+    if attention_mask is None or attention_mask.ndim == 2:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
         k_pos = torch.arange(kv_len, device=device)[None, :]
-        return ((k_pos <= q_pos) & (q_pos - k_pos < window))[None, None]
+        allowed = ((k_pos <= q_pos) & (q_pos - k_pos < window))[None, None]
+        if attention_mask is not None:  # (B, S') padding mask: its last S entries cover these keys
+            allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+        return allowed
     if attention_mask.dtype == torch.bool:
         return attention_mask
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
@@ -189,7 +199,9 @@ class ForgeAttention(nn.Module):
         past_key_values: Cache | None = None,
         output_attention_logit_max: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the output (B, T, D), the attention weights (B, H, T, S) where the backend computes them (eager;
+        recorded as `attentions` when `output_attentions=True`), and the per-head max logit (H,) when asked."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, Dh)
@@ -207,7 +219,7 @@ class ForgeAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, _ = attention_interface(
+        attn_output, attn_weights = attention_interface(
             self,
             query,
             key,
@@ -219,7 +231,7 @@ class ForgeAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), logit_max
+        return self.o_proj(attn_output), attn_weights, logit_max
 
     @torch.no_grad()
     def _logit_max(
@@ -296,19 +308,19 @@ class ForgeEMAMemory(nn.Module):
     def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.decay = config.memory_decay
-        self.chunk_size = config.memory_chunk_size
+        self.config = config  # `memory_decay` and `memory_chunk_size` are read live, as every other field
         self.down_proj = nn.Linear(config.hidden_size, config.memory_size, bias=False)
         self.up_proj = nn.Linear(config.memory_size, config.hidden_size, bias=False)
 
     def forward(
         self, hidden_states: torch.Tensor, memory_mask: torch.Tensor | None, past_key_values: Cache | None = None
     ) -> torch.Tensor:
-        inputs = self.down_proj(hidden_states) * (1.0 - self.decay)  # (B, T, M)
+        decay = self.config.memory_decay
+        inputs = self.down_proj(hidden_states) * (1.0 - decay)  # (B, T, M)
         if memory_mask is not None:
             inputs = inputs * memory_mask[..., None].to(inputs.dtype)
         initial_state = past_key_values.get_recurrent_state(self.layer_idx) if past_key_values is not None else None
-        states, final_state = ema_scan(inputs, self.decay, initial_state, self.chunk_size)
+        states, final_state = ema_scan(inputs, decay, initial_state, self.config.memory_chunk_size)
         if past_key_values is not None:
             past_key_values.update_recurrent_state(final_state, self.layer_idx)
             # `update_recurrent_state` leaves the flag to the conv-state path, which this memory does not use.
@@ -364,18 +376,19 @@ class ForgeDecoderLayer(GradientCheckpointingLayer):
         output_attention_logit_max: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Returns the new hidden states (B, T, D), the gate mean and entropy (scalars), and per-head max logits."""
+        """Returns the new hidden states (B, T, D), the gate mean and entropy per batch row (B,), and per-head max
+        logits."""
         residual = hidden_states
         normed = self.input_layernorm(hidden_states)
-        attn, logit_max = self.self_attn(
+        attn, _, logit_max = self.self_attn(
             normed, position_embeddings, attention_mask, past_key_values, output_attention_logit_max, **kwargs
         )
         gate_mean = gate_entropy = None
         if self.memory is not None:
             memory = self.memory(normed, memory_mask, past_key_values)
             attn, gate = self.gate(attn, memory)
-            gate_mean = gate.detach().mean()
-            gate_entropy = binary_entropy(gate).mean()
+            gate_mean = gate.detach().mean(dim=(1, 2))  # (B,)
+            gate_entropy = binary_entropy(gate).mean(dim=(1, 2))  # (B,)
         hidden_states = residual + attn
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, gate_mean, gate_entropy, logit_max
@@ -392,7 +405,7 @@ class ForgeRefiner(nn.Module):
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
-        self.micro_steps = config.trm_micro_steps
+        self.config = config  # `trm_micro_steps` is read live
         self.z_init = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.y_init = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.z_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -404,7 +417,7 @@ class ForgeRefiner(nn.Module):
         return z + self.y_init(z), z
 
     def step(self, features: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for _ in range(self.micro_steps):
+        for _ in range(self.config.trm_micro_steps):
             z = z + self.block(self.z_norm(z + features + y))
         y = y + self.block(self.y_norm(y + z))
         return y, z
@@ -426,9 +439,7 @@ class ForgeRecursion(nn.Module):
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
-        self.max_steps = config.trm_max_steps
-        self.threshold = config.act_threshold
-        self.detach_between_steps = config.detach_between_steps
+        self.config = config  # `trm_max_steps`, `act_threshold` and the detach rule are read live
         self.refiner = ForgeRefiner(config)
         self.norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.act_head = nn.Linear(config.hidden_size, 1)
@@ -446,13 +457,13 @@ class ForgeRecursion(nn.Module):
         steps (T is small, so this costs little)."""
         y, z = self.refiner.initial(features)
         states = [self.norm(y)]
-        for _ in range(self.max_steps):
+        for _ in range(self.config.trm_max_steps):
             y, z = self.refiner.step(features, y, z)
             states.append(self.norm(y))
-            if self.detach_between_steps:
+            if self.config.detach_between_steps:
                 y, z, features = y.detach(), z.detach(), features.detach()
         halting_logits = torch.cat([self.act_head(s) for s in states], dim=-1)  # (B, T, K)
-        exceeded = torch.sigmoid(halting_logits.detach()) > self.threshold
+        exceeded = torch.sigmoid(halting_logits.detach()) > self.config.act_threshold
         exceeded[..., -1] = True
         halt_steps = exceeded.long().argmax(dim=-1)  # (B, T): first step whose q_t exceeds the threshold
         if halting:
@@ -471,8 +482,9 @@ class ForgeRecursion(nn.Module):
         y, z = self.refiner.initial(flat)
         out = self.norm(y)
         halt_steps = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
-        active = torch.nonzero(torch.sigmoid(self.act_head(out)).squeeze(-1) <= self.threshold).squeeze(-1)
-        for step in range(1, self.max_steps + 1):
+        threshold = self.config.act_threshold
+        active = torch.nonzero(torch.sigmoid(self.act_head(out)).squeeze(-1) <= threshold).squeeze(-1)
+        for step in range(1, self.config.trm_max_steps + 1):
             if active.numel() == 0:
                 break
             y_a, z_a = self.refiner.step(flat[active], y[active], z[active])
@@ -480,7 +492,7 @@ class ForgeRecursion(nn.Module):
             normed = self.norm(y_a)
             out = out.index_copy(0, active, normed)
             halt_steps[active] = step
-            active = active[torch.sigmoid(self.act_head(normed)).squeeze(-1) <= self.threshold]
+            active = active[torch.sigmoid(self.act_head(normed)).squeeze(-1) <= threshold]
         return RecursionOutput(out.view(shape), None, None, halt_steps.view(shape[:-1]))
 
 
@@ -528,12 +540,13 @@ class ForgeModelOutputWithPast(BaseModelOutputWithPast):
         ACT head logits per step (None on the inference early-exit path, which does not compute every step).
     halt_steps (`torch.LongTensor` (B, T)):
         Index of the step each position halts at (first `q_t > act_threshold`, else T).
-    gate_means (`torch.FloatTensor` (L,), *optional*):
-        Mean MAG gate value per layer (share of attention; `1 - mean` is the memory's share).
-    gate_entropy (`torch.FloatTensor`, *optional*):
-        Mean binary entropy of the gates over layers, positions and channels (differentiable).
+    gate_means (`torch.FloatTensor` (B, L), *optional*):
+        Mean MAG gate value per batch row and layer (share of attention; `1 - mean` is the memory's share).
+    gate_entropy (`torch.FloatTensor` (B,), *optional*):
+        Mean binary entropy of the gates per batch row, over layers, positions and channels (differentiable).
+        Every field but `attention_logit_max` is batch-first, so pipelines can split a batched output by row.
     attention_logit_max (`torch.FloatTensor` (L, H), *optional*):
-        Largest pre-softmax attention logit per layer and head, when asked (QK-clip).
+        Largest pre-softmax attention logit per layer and head over the whole batch, when asked (QK-clip).
     """
 
     step_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -551,7 +564,8 @@ class ForgeCausalLMOutputWithPast(CausalLMOutputWithPast):
 
     lm_loss (`torch.FloatTensor`): deep-supervised cross-entropy (weighted over steps) or the final step's.
     act_loss (`torch.FloatTensor`): ACT halting BCE.
-    gate_entropy (`torch.FloatTensor`): mean gate entropy (the loss subtracts `gate_entropy_weight` times it).
+    gate_entropy (`torch.FloatTensor`): mean gate entropy over the batch rows (the loss subtracts
+        `gate_entropy_weight` times it).
     step_losses (`torch.FloatTensor` (K,)): cross-entropy of each step's logits.
     step_accuracies (`torch.FloatTensor` (K,)): next-token accuracy of each step's logits.
     step_logits (`tuple(torch.FloatTensor)`, *optional*): per-step logits (B, T, V), when asked.
@@ -576,6 +590,29 @@ class ForgeCausalLMOutputWithPast(CausalLMOutputWithPast):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def forge_attention_masks(
+    config: ForgeConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Cache | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> dict[str, torch.Tensor | None]:
+    """The masks a forward needs, keyed by layer type as transformers' `create_masks_for_generate` keys them: the
+    sliding-window causal mask of the attention, and the (B, T) padding mask of the memory (or None)."""
+    mask_kwargs = {
+        "config": config,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": attention_mask,
+        "past_key_values": past_key_values,
+        "position_ids": position_ids,
+    }
+    return {
+        "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs),
+        "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+    }
+
+
 class ForgePreTrainedModel(PreTrainedModel):
     config_class = ForgeConfig
     config: ForgeConfig
@@ -589,6 +626,8 @@ class ForgePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The memory state cannot be rolled back to an earlier token, so assisted decoding is refused by `generate`.
     _is_stateful = True
+    # `output_attentions=True` records each layer's attention weights (eager attention computes them).
+    _can_record_outputs = {"attentions": OutputRecorder(ForgeAttention, index=1)}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -617,11 +656,11 @@ class ForgeModel(ForgePreTrainedModel):
         apply_bitnet_layout(self)  # a BitNet checkpoint (config.bitnet): rebuild its ternary layers before loading
         self.post_init()
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor | None] | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
@@ -656,15 +695,11 @@ class ForgeModel(ForgePreTrainedModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
-        mask_kwargs = {
-            "config": self.config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
-            "position_ids": position_ids,
-        }
-        sliding_mask = create_sliding_window_causal_mask(**mask_kwargs)
-        memory_mask = create_recurrent_attention_mask(**mask_kwargs)  # (B, T) padding mask, or None
+        if isinstance(attention_mask, dict):  # prepared by `create_masks_for_generate` (static cache, compile)
+            sliding_mask, memory_mask = attention_mask["sliding_attention"], attention_mask.get("linear_attention")
+        else:
+            masks = forge_attention_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+            sliding_mask, memory_mask = masks["sliding_attention"], masks["linear_attention"]
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -702,8 +737,8 @@ class ForgeModel(ForgePreTrainedModel):
             step_hidden_states=recursion.step_hidden_states,
             halting_logits=recursion.halting_logits,
             halt_steps=recursion.halt_steps,
-            gate_means=torch.stack(gate_means) if gate_means else None,
-            gate_entropy=torch.stack(gate_entropies).mean() if gate_entropies else None,
+            gate_means=torch.stack(gate_means, dim=-1) if gate_means else None,  # (B, L)
+            gate_entropy=torch.stack(gate_entropies, dim=-1).mean(-1) if gate_entropies else None,  # (B,)
             attention_logit_max=torch.stack(logit_maxes) if logit_maxes else None,
         )
 
@@ -787,17 +822,24 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             step_logits=tuple(step_logits) if output_step_logits else None,
             halting_probs=halting_probs,
             halt_steps=outputs.halt_steps,
             gate_means=outputs.gate_means,
-            gate_entropy=outputs.gate_entropy.detach() if outputs.gate_entropy is not None else None,
+            gate_entropy=outputs.gate_entropy.detach().mean() if outputs.gate_entropy is not None else None,
             attention_logit_max=outputs.attention_logit_max,
         )
         if labels is not None:
             final_logits = step_logits[-1] if step_logits is not None else logits
             self._add_losses(result, outputs, step_logits, final_logits, labels, num_items_in_batch)
         return result
+
+    def create_masks_for_generate(self, **kwargs) -> dict[str, torch.Tensor | None]:
+        """Masks `generate` prepares ahead of a compilable (static) cache's forward. transformers' generic version maps
+        the `hybrid_sliding` layer type to a full causal mask; this model's attention is sliding-window."""
+        names = ("config", "inputs_embeds", "attention_mask", "past_key_values", "position_ids")
+        return forge_attention_masks(**{name: kwargs.get(name) for name in names})
 
     def _step_logits(self, step_states: tuple[torch.Tensor, ...], need_grad: bool) -> list[torch.Tensor]:
         """LM-head logits of every step; without deep supervision only the last step needs gradients."""
@@ -868,6 +910,12 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             act_terms.append(bce * scale / n_steps)
         step_losses_t = torch.stack(step_losses)  # (K,)
         if config.deep_supervision:
+            if len(config.trm_step_weights) != n_steps:  # trm_max_steps is read live; the weights must follow it
+                raise ValueError(
+                    f"ForgeConfig.trm_step_weights has {len(config.trm_step_weights)} entries but the model ran "
+                    f"{n_steps} steps (trm_max_steps={config.trm_max_steps}). Fix: set config.trm_step_weights = None "
+                    "and call config.check() to re-derive them, or give one weight per step."
+                )
             weights = torch.tensor(config.trm_step_weights, device=step_losses_t.device, dtype=step_losses_t.dtype)
             lm_loss = (weights * step_losses_t).sum() / weights.sum()
         else:
@@ -877,7 +925,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         loss = lm_loss + config.act_loss_weight * act_loss
         if outputs.gate_entropy is not None:
             # A per-batch mean, rescaled to this batch's share of the accumulated tokens.
-            loss = loss - config.gate_entropy_weight * outputs.gate_entropy * (n_valid / denominator)
+            loss = loss - config.gate_entropy_weight * outputs.gate_entropy.mean() * (n_valid / denominator)
 
         result.loss = loss
         result.lm_loss = lm_loss.detach()

@@ -23,6 +23,8 @@ def make_parser() -> TrlParser:
 
 def main(config: EvoMergeConfig) -> dict:
     summary = run_phase2(config)
+    if not summary.get("main_process", True):  # another rank searched and wrote
+        return summary
     state = summary["state"]
     print(f"\nPhase 2 champion in {summary['output_dir']} (base {summary['base_model']})")
     print(f"  search: {state.generation + 1} generations, stopped by {state.stopped}, {state.evaluations} evaluated, "

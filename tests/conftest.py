@@ -42,3 +42,10 @@ def tiny_config():
         return ForgeConfig.from_preset("tiny", **values)
 
     return make
+
+
+def pytest_configure(config) -> None:
+    """Markers transformers' common tests use (tests/modeling/test_transformers_common.py runs them)."""
+    for marker in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+                   "torch_compile_test", "is_pipeline_test", "is_training_test", "is_staging_test"):  # fmt: skip
+        config.addinivalue_line("markers", f"{marker}: used by transformers' common model tests")

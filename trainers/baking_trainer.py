@@ -39,6 +39,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
 
 from .baking_config import PromptBakingConfig
+from .bitnet_lora import register_bitnet_lora
 
 logger = logging.get_logger(__name__)
 
@@ -340,30 +341,18 @@ def _training_args(config: PromptBakingConfig, output_dir: str, steps: int) -> T
     )
 
 
-def lora_config(config: PromptBakingConfig, model=None) -> LoraConfig:
-    """The PEFT `LoraConfig` of a bake; for a model with shadow-form `BitLinear` layers (a BitNet checkpoint made
-    trainable with `bitnet_to_shadow`) it registers peft's LoRA `Linear` for them (peft's custom-module dispatch), so
-    the adapters merge into the shadow weights, which ternarize again at the next forward or pack."""
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules),
-        trainable_token_indices=list(config.trainable_token_indices) if config.trainable_token_indices else None,
-        bias="none",
+def lora_config(config: PromptBakingConfig) -> LoraConfig:
+    """The PEFT `LoraConfig` of a bake; ternary `BitLinear` targets get `BitLinearLora` adapters."""
+    return register_bitnet_lora(
+        LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules),
+            trainable_token_indices=list(config.trainable_token_indices) if config.trainable_token_indices else None,
+            bias="none",
+        )
     )
-    if model is not None and getattr(getattr(model, "config", None), "bitnet", None):
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        from modeling_forge.bitnet import BitLinear
-
-        if any(isinstance(module, BitLinear) and module.packed for module in model.modules()):
-            raise ValueError(
-                "bake_prompt got a model with packed BitLinear layers, whose ternary weights cannot take adapters. "
-                "Fix: call modeling_forge.bitnet.bitnet_to_shadow(model) first (and pack_bitnet after the bake)."
-            )
-        lora._register_custom_module({BitLinear: LoraLinear})
-    return lora
 
 
 @dataclass
@@ -417,7 +406,7 @@ class BakeResult:
 def _train_round(model, dataset: BakingDataset, config: PromptBakingConfig, steps: int, tokenizer, seed: int):
     """One LoRA bake of `steps` steps on `dataset`; returns the PeftModel and the trainer's log history."""
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, lora_config(config, model))
+    peft_model = get_peft_model(model, lora_config(config))
     output_dir = tempfile.mkdtemp(prefix="forge-bake-")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:

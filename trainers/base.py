@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .control import ControlCallback
 from .mugrokfast import (
     MuGrokfast,
     MuGrokfastCallback,
@@ -140,6 +141,9 @@ class ForgeTrainer(Trainer):
         self._optimizer_monitor: MuGrokfastCallback | None = None
         super().__init__(*args, **kwargs)
         self._metrics = {mode: defaultdict(list) for mode in ("train", "eval")}  # mode -> name -> values
+        control = ControlCallback.from_env()  # pause-and-checkpoint when a controller (the dashboard) asks
+        if control is not None:
+            self.add_callback(control)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """MuGrokfast / Muon when `ForgeTrainingArguments.optimizer_type` asks for it, else Trainer's optimizer; a

@@ -6,7 +6,7 @@ input model's parameter count is known (`resolve_size_defaults`); an explicit va
 
 from dataclasses import dataclass, field
 
-from modeling_forge.bitnet import EMBEDDING_BITS, KERNELS, QUANTIZABLE_GROUPS
+from modeling_forge.bitnet import EMBEDDING_BITS, KERNEL_CHOICES, QUANTIZABLE_GROUPS
 
 from .base import ForgeTrainingArguments
 from .config_fields import json_field
@@ -96,12 +96,21 @@ class BitNetConfig(ForgeTrainingArguments):
         default=32, metadata={"help": "Tokens generated per decode-speed measurement (fp32 vs packed); 0 skips it."}
     )
     kernel: str = field(
-        default="float",
-        metadata={"help": f"Matmul of the packed layers during evaluation, one of {KERNELS} (same outputs)."},
+        default="auto",
+        metadata={
+            "help": f"Matmul of the packed layers during evaluation, one of {KERNEL_CHOICES} (same outputs; "
+            "'auto': the fastest available)."
+        },
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Replace an existing phase folder at output_dir instead of refusing."}
     )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "A finished output_dir is kept and reported; an unfinished run continues from the newest "
+                  "complete STE checkpoint in its work folder (.<output_dir name>-work), redoing the deterministic "
+                  "quantization first."},
+    )  # fmt: skip
     # Phase 4 defaults of inherited fields.
     max_steps: int = field(
         default=-1, metadata={"help": "STE fine-tuning optimizer steps; -1: size-aware (0: quantize only)."}
@@ -154,7 +163,7 @@ class BitNetConfig(ForgeTrainingArguments):
             (self.embedding_group_size >= 1, "embedding_group_size", "must be >= 1", "use a divisor of hidden_size"),
             (0.0 <= self.distill_weight <= 1.0, "distill_weight", f"is {self.distill_weight}", "use one in [0, 1]"),
             (self.distill_temperature > 0, "distill_temperature", "must be > 0", "use 1.0"),
-            (self.kernel in KERNELS, "kernel", f"is {self.kernel!r}", f"use one of {KERNELS}"),
+            (self.kernel in KERNEL_CHOICES, "kernel", f"is {self.kernel!r}", f"use one of {KERNEL_CHOICES}"),
             (self.max_steps >= -1, "max_steps", f"is {self.max_steps}", "use -1 (size-aware), 0 or a step count"),
             (self.ste_mode or self.optimizer_type == "adamw", "ste_mode", "is off",
              "leave it on: the optimizer must update the shadow weights of the ternary layers"),

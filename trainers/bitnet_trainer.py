@@ -41,6 +41,7 @@ from modeling_forge.bitnet import (
 
 from .base import ForgeTrainer
 from .bitnet_config import BitNetConfig
+from .checkpointing import finished_output, last_complete_checkpoint, remove_work_dir
 from .data import CurriculumStage, build_curriculum, source_blocks
 from .phase_output import save_phase_output
 from .size_aware import size_defaults
@@ -377,9 +378,14 @@ def run_phase4(config: BitNetConfig) -> dict:
     started = time.time()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
+    if finished_output(output_dir) and config.resume and not config.overwrite:
+        logger.info("Phase 4 already finished at %s; nothing to resume.", output_dir)
+        report = json.loads((output_dir / REPORT_FILE).read_text())
+        return {"output_dir": str(output_dir), "report": report if state.is_main_process else None,
+                "resumed_finished": True}  # fmt: skip
     if output_dir.exists() and not config.overwrite:
-        raise FileExistsError(f"{output_dir} already holds a finished Phase 4. Fix: choose another output_dir or "
-                              "pass --overwrite.")  # fmt: skip
+        raise FileExistsError(f"{output_dir} already holds a finished Phase 4. Fix: choose another output_dir, pass "
+                              "--resume to keep it, or --overwrite.")  # fmt: skip
 
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path or config.model_name_or_path)
     teacher = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32).eval()
@@ -451,14 +457,16 @@ def run_phase4(config: BitNetConfig) -> dict:
             teacher=teacher if config.distill_weight > 0 else None, distill_weight=config.distill_weight,
             distill_temperature=config.distill_temperature,
         )  # fmt: skip
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # PTQ above is deterministic
+        checkpoint = config.resume_from_checkpoint
+        if checkpoint is None and config.resume:
+            checkpoint = last_complete_checkpoint(work_dir)  # one cut by a kill is removed, not resumed from
+        trainer.train(resume_from_checkpoint=checkpoint)  # PTQ above is deterministic
         student = trainer.model
         train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
 
     # 3. Pack to 2 bits, measure, write.
     pack_bitnet(student, kernel=config.kernel)
-    if config.kernel != "float":
-        set_bitnet_kernel(student, config.kernel)
+    kernel = set_bitnet_kernel(student, config.kernel)  # checks the kernel's requirements; what "auto" chose
     student.eval()
     summary = {"output_dir": str(output_dir)}
     if state.is_main_process:
@@ -472,13 +480,14 @@ def run_phase4(config: BitNetConfig) -> dict:
                                        tokenizer.pad_token_id)  # fmt: skip
             speed = {"fp32_tokens_per_s": tps["fp32"], "packed_tokens_per_s": tps["packed"],
                      "packed_vs_fp32": tps["packed"] / tps["fp32"], "batch_size": 1,
-                     "new_tokens": config.speed_new_tokens, "kernel": config.kernel,
+                     "new_tokens": config.speed_new_tokens, "kernel": kernel,
                      "threads": torch.get_num_threads()}  # fmt: skip
         report = _report(config, defaults, filled, n_params, ptq, (embedding_bits_first, embedding_bits), projected,
                          base_loss,
                          embedding_loss, quality, storage, input_bytes, speed, train_logs)  # fmt: skip
         _save(config, output_dir, student, tokenizer, report, train_logs, time.time() - started)
         summary.update(report=report, wall_time_s=time.time() - started)
+        remove_work_dir(work_dir)
     state.wait_for_everyone()
     return summary
 
@@ -594,6 +603,7 @@ def _save(config: BitNetConfig, output_dir: Path, model, tokenizer, report: dict
         model_name=f"forge-phase4-bitnet-{Path(config.model_name_or_path).name}", write_extras=write_extras,
         overwrite=config.overwrite,
         push_to_hub=(config.hub_model_id or f"{output_dir.parent.name}-phase4") if config.push_to_hub else None,
+        hub_token=config.hub_token, hub_private=config.hub_private_repo,
     )  # fmt: skip
 
 

@@ -16,7 +16,6 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import SequentialSampler
 from transformers import AutoTokenizer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from evaluation.corpus import corpus_texts
@@ -26,6 +25,7 @@ from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.tokenization import build_tokenizer
 
 from .base import ForgeTrainer
+from .checkpointing import finished_output, last_complete_checkpoint, remove_work_dir
 from .cognate_config import CognateConfig
 from .data import CurriculumData, build_curriculum
 from .diversity import diversity_report, write_diversity_report
@@ -165,7 +165,7 @@ def run_phase1(config: CognateConfig) -> dict:
     work_dir = phase_dir / ".work"
     init_dir = phase_dir / "init"
     names = list(config.specializations)
-    finished = [name for name in names if (phase_dir / name).exists()]
+    finished = [name for name in names if finished_output(phase_dir / name)]
     if finished and not config.resume:
         raise FileExistsError(
             f"{phase_dir} already holds finished specialisations {finished}. Fix: pass --resume to continue this "
@@ -175,7 +175,7 @@ def run_phase1(config: CognateConfig) -> dict:
         os.environ.setdefault("WANDB_MODE", "offline")  # offline unless the user chose a mode
 
     # 1. Tokenizer and the one shared initialisation (main process writes, everyone reads).
-    if state.is_main_process and not init_dir.exists():
+    if state.is_main_process and not finished_output(init_dir):
         tokenizer = _load_or_build_tokenizer(config, init_dir)
         vocab = config.model_vocab_size or -(-len(tokenizer) // 64) * 64
         model_config = ForgeConfig.from_preset(
@@ -201,7 +201,7 @@ def run_phase1(config: CognateConfig) -> dict:
     summary = {"output_dir": str(phase_dir), "specializations": {}}
     for name in names:
         final_dir = phase_dir / name
-        if final_dir.exists():
+        if finished_output(final_dir):
             logger.info("Phase 1 %s already finished at %s; skipping it.", name, final_dir)
             summary["specializations"][name] = json.loads((final_dir / "metrics.json").read_text())["metrics"]
             continue
@@ -234,7 +234,8 @@ def run_phase1(config: CognateConfig) -> dict:
         ]
         for monitor in monitors:
             trainer.add_callback(monitor)
-        checkpoint = get_last_checkpoint(args.output_dir) if config.resume and Path(args.output_dir).exists() else None
+        # The newest checkpoint Trainer wrote to the end (one cut by a kill is removed, not resumed from).
+        checkpoint = last_complete_checkpoint(args.output_dir) if config.resume else None
         spec_started = time.time()
         trainer.train(resume_from_checkpoint=checkpoint)
         final_eval = trainer.evaluate()
@@ -244,6 +245,7 @@ def run_phase1(config: CognateConfig) -> dict:
             _save_specialisation(final_dir, trainer, tokenizer, config, name, spec, overrides, init_dir, metrics,
                                  eval_results, events, time.time() - spec_started)  # fmt: skip
             summary["specializations"][name] = metrics
+            remove_work_dir(args.output_dir)  # its checkpoints are superseded by the finished folder
         state.wait_for_everyone()
 
     if state.is_main_process:
@@ -254,6 +256,7 @@ def run_phase1(config: CognateConfig) -> dict:
         )  # fmt: skip
         write_diversity_report(report, phase_dir)
         summary["diversity"] = {"diverged": report["diverged"], "pairs": report["pairs"]}
+        remove_work_dir(work_dir)
     summary["wall_time_s"] = time.time() - started
     return summary
 
@@ -328,7 +331,7 @@ def _save_specialisation(final_dir, trainer, tokenizer, config, name, spec, over
         card_sections={"specialization": name, "spec": json.dumps(spec), "events": event_text,
                        "curriculum": trainer.curriculum.schedule},
         write_extras=write_extras, overwrite=config.resume,
-        push_to_hub=_hub_repo(config, name),
+        push_to_hub=_hub_repo(config, name), hub_token=config.hub_token, hub_private=config.hub_private_repo,
     )  # fmt: skip
 
 

@@ -34,7 +34,7 @@ def _text_statistics(model: PreTrainedModel, blocks: torch.Tensor) -> dict:
         "avg_halt_step": float(halts.float().mean()),
         "halt_step_distribution": [float((halts == t).float().mean()) for t in range(steps)],
         "m_usage": float(1.0 - out.gate_means.mean()) if out.gate_means is not None else None,
-        "gate_means_per_layer": out.gate_means.tolist() if out.gate_means is not None else None,
+        "gate_means_per_layer": out.gate_means.mean(0).tolist() if out.gate_means is not None else None,
         "step_losses": out.step_losses.tolist(),
         "perplexity": math.exp(float(out.step_losses[-1])),
     }

@@ -55,8 +55,11 @@ from transformers.utils import logging
 
 from evaluation.tasks.base import stable_hash
 
+from .checkpointing import current_umask
+from .control import pause_point
 from .evomerge_config import EvoMergeConfig
 from .merging import Checkpoint, MergeRecipe, build_model, load_checkpoint, run_recipe
+from .tracking import LoopTracker
 
 logger = logging.get_logger(__name__)
 
@@ -612,6 +615,9 @@ def write_atomic(path: Path, text: str) -> None:
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w") as stream:
         stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; read like any other written file
     os.replace(tmp, path)
 
 
@@ -675,11 +681,13 @@ def evolve(
     key_of: Callable[[Genome], str] | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
+    on_generation: Callable[[EvolutionState], None] | None = None,
 ) -> EvolutionState:
     """Run (or resume) the search; `fitness(genome)` returns at least `{"fitness": float}`.
 
     Results are cached by `key_of(genome)` (default: the genome's JSON; Phase 2 passes the recipe hash). With
-    `state_path` the state is written after every generation; `resume=True` continues from it.
+    `state_path` the state is written after every generation; `resume=True` continues from it. `on_generation(state)`
+    runs after each generation's state is saved (tracking, pause requests).
     """
     key_of = key_of or (lambda genome: json.dumps(genome.to_dict(), sort_keys=True))
     state_path = Path(state_path) if state_path else None
@@ -767,6 +775,8 @@ def evolve(
             state.stopped = "generations"
         if state_path is not None:
             state.save(state_path)
+        if on_generation is not None:
+            on_generation(state)
     return state
 
 
@@ -854,17 +864,50 @@ def fitness_settings(config: EvoMergeConfig, *, final: bool = False) -> FitnessS
 
 
 def run_phase2(config: EvoMergeConfig) -> dict[str, Any]:
-    """Run Phase 2 end to end (resumable) and return a summary; see the module docstring."""
-    from transformers import AutoTokenizer
+    """Run Phase 2 end to end (resumable) and return a summary; see the module docstring.
 
-    from hub_cards import line_plot
-
-    from .phase_output import save_phase_output
+    Under `accelerate launch` with several processes only the main process searches and writes; the others return
+    `{"main_process": False}` once it has finished.
+    """
+    from accelerate import PartialState
 
     started = time.time()
     phase_dir = config.phase_dir
     champion_dir = phase_dir / "champion"
     state_path = phase_dir / STATE_FILE
+    if not PartialState().is_main_process:
+        # The search and the writing run once, on the main process (a search is not data-parallel); the others wait.
+        PartialState().wait_for_everyone()
+        return {"output_dir": str(champion_dir), "main_process": False}
+    try:
+        return _run_phase2_main(config, champion_dir, state_path, started)
+    finally:
+        PartialState().wait_for_everyone()
+
+
+def _finished_phase2(champion_dir: Path, state_path: Path) -> dict[str, Any]:
+    """The summary of a finished Phase 2, read back from its files (for `--resume` after the champion was written)."""
+    metrics = json.loads((champion_dir / "metrics.json").read_text())["metrics"]
+    sections = json.loads((champion_dir / "card_sections.json").read_text())
+    results = json.loads((champion_dir / "evomerge_results.json").read_text())
+    return {"output_dir": str(champion_dir), "base_model": sections["base_model"],
+            "state": EvolutionState.load(state_path), "comparison": sections["comparison"],
+            "best_parent": results["best_parent"], "improvement_pct": sections["improvement_pct"], "metrics": metrics,
+            "resumed_finished": True}  # fmt: skip
+
+
+def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Path, started: float) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from hub_cards import line_plot
+
+    from .checkpointing import finished_output
+    from .phase_output import save_phase_output
+
+    phase_dir = config.phase_dir
+    if finished_output(champion_dir) and config.resume and state_path.exists():
+        logger.info("Phase 2 already finished at %s; nothing to resume.", champion_dir)
+        return _finished_phase2(champion_dir, state_path)
     if champion_dir.exists() and not config.overwrite:
         raise FileExistsError(
             f"{champion_dir} already holds a finished Phase 2 champion. Fix: pass --overwrite to search again, or "
@@ -903,7 +946,18 @@ def run_phase2(config: EvoMergeConfig) -> dict[str, Any]:
         model = build_model(run_recipe(genome.recipe(parents, base), checkpoints))
         return evaluator.evaluate(model)
 
-    state = evolve(fitness, space, search_settings(config), key_of=key_of, state_path=state_path, resume=config.resume)
+    tracker = LoopTracker(config.report_to, project=config.project, run_name=f"{Path(config.output_dir).name}-phase2",
+                          config=asdict(config))  # fmt: skip
+
+    def on_generation(state: EvolutionState) -> None:
+        tracker.log({f"evomerge/{k}": float(v) for k, v in state.history[-1].items() if k != "generation"},
+                    step=state.generation)  # fmt: skip
+        pause_point(f"generation {state.generation}", run_name="phase2", step=state.generation,
+                    max_steps=config.generations - 1)  # fmt: skip
+
+    state = evolve(fitness, space, search_settings(config), key_of=key_of, state_path=state_path, resume=config.resume,
+                   on_generation=on_generation)  # fmt: skip
+    tracker.finish()
     write_atomic(phase_dir / RECORDS_FILE, "".join(json.dumps(r) + "\n" for r in state.records))
     plot_path = phase_dir / "plots" / "fitness.png"
     generations = [h["generation"] for h in state.history]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config_fields import json_field
+from .tracking import requested_backends
 
 # Parts of the composite fitness and their default weights (normalised to sum 1 when used). Each part is "higher is
 # better" and relative to the best parent on that metric: perplexity best/candidate, answer-token probability
@@ -100,6 +101,11 @@ class EvoMergeConfig:
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted search from its last generation."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing Phase 2 result."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar per generation."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Where each generation's fitness is logged, as Trainer's report_to: trackio, wandb, none."},
+    )
+    project: str = field(default="huggingface", metadata={"help": "Tracking project name (TrainingArguments')."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to upload the champion to."})
 
     def __post_init__(self) -> None:
@@ -116,6 +122,12 @@ class EvoMergeConfig:
                 "Fix: e.g. {perplexity: 0.4, task_likelihood: 0.2, ...}."
             )
         self.fitness_weights = {part: float(weights.get(part, 0.0)) for part in FITNESS_PARTS}
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        try:
+            requested_backends(self.report_to)
+        except ValueError as error:
+            raise ValueError(f"EvoMergeConfig.{error}") from None
 
         def positive(name: str) -> None:
             if getattr(self, name) is None or getattr(self, name) < 1:

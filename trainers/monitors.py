@@ -14,6 +14,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .tracking import send_alert
+
 logger = logging.get_logger(__name__)
 
 
@@ -31,6 +33,7 @@ class _Monitor(TrainerCallback):
         self._alarmed.add(name)
         self.events.append({"event": name, "step": step, "message": message, **details})
         logger.warning("step %d: %s", step, message)
+        send_alert(name, message, step)
 
     def _clear_alarm(self, name: str) -> None:
         self._alarmed.discard(name)
@@ -177,6 +180,7 @@ class LossSpikeRollback(_Monitor):
             "lr_factor": self.lr_factor,
         }
         self.events.append(event)
+        send_alert("rollback", f"{reason}; restored step {self._snapshot['step']}, lr x {self.lr_factor}", step)
         if self.sink is not None:
             self.sink["health/rollbacks"].append(float(self.rollbacks))
         logger.warning(

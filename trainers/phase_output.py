@@ -52,14 +52,36 @@ def weights_sha256(folder: Path) -> str | None:
     return digest.hexdigest()
 
 
+def _hub_id_of(source: str | Path, lineage: dict | None) -> str | None:
+    """The Hub id an input is known by: a pushed folder's recorded repo, or the source itself if it is a Hub id."""
+    if lineage is not None:
+        return lineage.get("hub_repo_id")
+    if Path(source).exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        return None
+    return str(source)
+
+
 def input_record(source: str | Path, kind: str = "model") -> tuple[dict, dict | None]:
-    """Describe one input (local folder or Hub id) and return its own lineage, if it has one."""
+    """Describe one input (local folder or Hub id) and return its own lineage, if it has one.
+
+    `hub_id` is the input's Hub repo id where one is known (a Hub id input, or a local folder that was pushed), so the
+    card's `base_model` never names a local path (the Hub rejects those).
+    """
     path = Path(source)
     if path.is_dir():
         parent = json.loads((path / LINEAGE_FILE).read_text()) if (path / LINEAGE_FILE).exists() else None
-        record = {"id": str(path), "kind": kind, "is_model": kind == "model", "sha256": weights_sha256(path)}
+        record = {"id": str(path), "kind": kind, "is_model": kind == "model", "sha256": weights_sha256(path),
+                  "hub_id": _hub_id_of(path, parent or {})}  # fmt: skip
         return record, parent
-    return {"id": str(source), "kind": kind, "is_model": kind == "model", "sha256": None}, None
+    record = {"id": str(source), "kind": kind, "is_model": kind == "model", "sha256": None,
+              "hub_id": _hub_id_of(source, None)}  # fmt: skip
+    return record, None
 
 
 def build_lineage(
@@ -122,6 +144,8 @@ def save_phase_output(
     write_extras: Callable[[Path], None] | None = None,
     overwrite: bool = False,
     push_to_hub: str | None = None,
+    hub_token: str | None = None,
+    hub_private: bool | None = None,
 ) -> Path:
     """Write a finished phase result into `output_dir` in one atomic step and return its path.
 
@@ -129,7 +153,7 @@ def save_phase_output(
     `forge_lineage.json`, `metrics.json` (`metrics` plus `eval_results` entries for the card's model-index:
     `{"dataset", "split", "metric", "value"}`), `card_sections.json`, whatever `write_extras(folder)` adds (plots
     under `plots/`, reports), and `README.md` rendered from those files. `push_to_hub` names a Hub repo to upload
-    the finished folder to.
+    the finished folder to (created if missing; a name without a namespace goes under the token's user).
     """
     started = time.time()
     lineage = build_lineage(
@@ -145,6 +169,11 @@ def save_phase_output(
         model_name=model_name or f"forge-phase{phase}-{phase_name}",
         card_template=card_template,
     )
+    if push_to_hub:
+        try:  # recorded so a later phase's card can name this folder by its Hub id (`base_model`)
+            lineage["hub_repo_id"] = hub_repo_id(push_to_hub, hub_token)
+        except Exception as error:  # the push below reports it, after the result is safely on disk
+            logger.warning("Could not resolve the Hub repo id %r before saving: %s", push_to_hub, error)
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
@@ -159,10 +188,45 @@ def save_phase_output(
     final = Path(output_dir)
     logger.info("Phase %d (%s) written to %s in %.1f s", phase, phase_name, final, time.time() - started)
     if push_to_hub:
-        from huggingface_hub import upload_folder
-
-        upload_folder(repo_id=push_to_hub, folder_path=str(final), commit_message=f"Agent Forge phase {phase}")
+        push_folder(final, lineage.get("hub_repo_id") or push_to_hub, token=hub_token, private=hub_private,
+                    commit_message=f"Agent Forge phase {phase} ({phase_name})")  # fmt: skip
     return final
 
 
-__all__ = ["LINEAGE_FILE", "build_lineage", "input_record", "library_versions", "save_phase_output", "weights_sha256"]
+def hub_repo_id(name: str, token: str | None = None) -> str:
+    """`name` as a full Hub repo id: kept when it has a namespace (`user/name`), else under the token's user."""
+    if "/" in name:
+        return name
+    from huggingface_hub import HfApi
+
+    user = HfApi().whoami(token=token)["name"]
+    return f"{user}/{name}"
+
+
+def push_folder(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                commit_message: str = "Agent Forge") -> str:  # fmt: skip
+    """Create the Hub repo if needed (`create_repo(exist_ok=True)`) and upload a finished folder; returns the repo id.
+
+    A repo id without a namespace goes under the token's user (`whoami`), as `Trainer.push_to_hub` does. Only the main
+    process should call this.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)  # a fresh client reads the endpoint (HF_ENDPOINT) now, not at import
+    full_id = hub_repo_id(repo_id, token)
+    api.create_repo(full_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=full_id, folder_path=str(folder), commit_message=commit_message)
+    logger.info("Pushed %s to the Hub as %s", folder, full_id)
+    return full_id
+
+
+__all__ = [
+    "LINEAGE_FILE",
+    "build_lineage",
+    "hub_repo_id",
+    "input_record",
+    "library_versions",
+    "push_folder",
+    "save_phase_output",
+    "weights_sha256",
+]

@@ -17,6 +17,7 @@ from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.tokenization import build_tokenizer
 
 from .base import ForgeTrainer
+from .checkpointing import remove_work_dir
 from .data import pack_texts
 from .phase_output import save_phase_output
 
@@ -139,6 +140,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         overwrite=True,
     )
 
+    remove_work_dir(args.output_dir)
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     reloaded_tokenizer = AutoTokenizer.from_pretrained(output_dir)
     probe = torch.tensor(eval_set[0]["input_ids"])[None]

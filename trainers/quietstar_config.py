@@ -124,6 +124,11 @@ class QuietStarConfig(ForgeTrainingArguments):
     )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Generated tokens per evaluation answer."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing <output_dir>/phase3."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "A finished <output_dir>/phase3 is kept and reported; an unfinished run starts over from "
+                  "its input (steps 1 and 2 are short and seeded, so the result is the same)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str, fix: str) -> None:

@@ -47,6 +47,7 @@ from modeling_forge.modeling_forge import ForgeThoughtMixer
 from modeling_forge.tokenization import STRATEGY_TOKENS, THOUGHT_END, THOUGHT_START, THOUGHT_TOKENS
 
 from .base import ForgeTrainer
+from .checkpointing import finished_output, remove_work_dir
 from .phase_output import save_phase_output
 from .quietstar_config import QuietStarConfig
 
@@ -1054,6 +1055,14 @@ def plain_bake_pairs(examples: Sequence, n_thought_pairs: int, config: QuietStar
     return [(e.prompt, e.target) for e in chosen]
 
 
+def _finished_phase3(output: Path) -> dict:
+    """The summary of a finished Phase 3, read back from its files."""
+    lineage = json.loads((output / "forge_lineage.json").read_text())
+    return {"output_dir": str(output), "metrics": json.loads((output / "metrics.json").read_text())["metrics"],
+            "anti_theater": json.loads((output / "anti_theater.json").read_text()),
+            "wall_time_s": lineage.get("wall_time_s") or 0.0, "resumed_finished": True}  # fmt: skip
+
+
 def run_phase3(config: QuietStarConfig) -> dict:
     """Run Phase 3 end to end and write `<output_dir>/phase3/`; returns a summary of the measurements."""
     from .baking_trainer import bake_examples
@@ -1061,8 +1070,13 @@ def run_phase3(config: QuietStarConfig) -> dict:
 
     started = time.time()
     output = Path(config.output_dir) / "phase3"
+    if finished_output(output) and config.resume and not config.overwrite:
+        logger.info("Phase 3 already finished at %s; nothing to resume.", output)
+        return _finished_phase3(output)
     if output.exists() and not config.overwrite:
-        raise FileExistsError(f"{output} already exists. Fix: pass --overwrite or choose another output_dir.")
+        raise FileExistsError(
+            f"{output} already exists. Fix: pass --resume to keep it, --overwrite or choose another output_dir."
+        )
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
@@ -1155,6 +1169,7 @@ def run_phase3(config: QuietStarConfig) -> dict:
     _save_phase3(
         output, config, model, tokenizer, trainer, metrics, teacher, reasoning, bake_summary, theater, samples, wall
     )
+    remove_work_dir(args.output_dir)
     return {"output_dir": str(output), "metrics": metrics, "anti_theater": theater.reports, "wall_time_s": wall}
 
 
@@ -1254,6 +1269,8 @@ def _save_phase3(
         write_extras=write_extras,
         overwrite=config.overwrite,
         push_to_hub=f"{config.hub_model_id or Path(config.output_dir).name}-phase3" if config.push_to_hub else None,
+        hub_token=config.hub_token,
+        hub_private=config.hub_private_repo,
     )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from transformers.utils import logging
 
 from evaluation.tasks import get_task_family
-from evaluation.tasks.base import Example
+from evaluation.tasks.base import Example, TaskFamily
 from modeling_forge.tokenization import STRATEGY_TOKENS, THOUGHT_END, THOUGHT_START, THOUGHT_TOKENS
 
 logger = logging.get_logger(__name__)
@@ -75,6 +75,24 @@ class Teacher(ABC):
     def describe(self) -> dict:
         """What identifies this teacher in lineage files and cards."""
         return {"teacher": self.name}
+
+    def hints(
+        self,
+        examples: Sequence[Example],
+        results: Sequence,
+        completions: Sequence[str],
+        family: TaskFamily | None = None,
+    ) -> list[str]:
+        """One hint per failed attempt (Phase 5): the task family's procedural hint from the sandbox result (the
+        failing input, what came back, what was expected, the step). Language-model teachers rewrite it. `family`
+        is the (configured) family instance whose sandbox settings re-run a failing call; default: the registered."""
+        hints = []
+        for example, result, completion in zip(examples, results, completions, strict=True):
+            family = family or get_task_family(example.family)
+            if not hasattr(family, "hint"):
+                raise ValueError(f"Task family {example.family!r} has no procedural hint. Fix: use the code family.")
+            hints.append(family.hint(example, result, completion) if result is not None else _no_body_hint(example))
+        return hints
 
 
 class ProceduralTeacher(Teacher):
@@ -132,6 +150,31 @@ class _RationaleTeacher(Teacher):
                 )
             )
         return results
+
+    def hints(
+        self,
+        examples: Sequence[Example],
+        results: Sequence,
+        completions: Sequence[str],
+        family: TaskFamily | None = None,
+    ) -> list[str]:
+        """The procedural hint's facts, rewritten by the language model as a hint (the facts alone when it writes
+        nothing)."""
+        facts = super().hints(examples, results, completions, family)
+        pairs = zip(examples, facts, strict=True)
+        texts = self.rationales([HINT_INSTRUCTION.format(prompt=e.prompt, facts=f) for e, f in pairs])
+        return [" ".join(t.split())[: self.max_thought_chars] or f for t, f in zip(texts, facts, strict=True)]
+
+
+HINT_INSTRUCTION = (
+    "A student's attempt at this function failed.\n\n{prompt}\nWhat the test run reported: {facts}\n\n"
+    "Write one short hint (one or two sentences) that helps the student fix it without giving the full code."
+)
+
+
+def _no_body_hint(example: Example) -> str:
+    """The hint for an attempt that wrote no function body at all."""
+    return f"Write the function body, indented under the docstring. Hint: {example.meta.get('step', '')}".rstrip()
 
 
 def extract_final_number(example: Example, text: str) -> str | None:
@@ -289,6 +332,7 @@ def write_reasoning_examples(teacher: Teacher, examples: Sequence[Example]) -> l
 
 
 __all__ = [
+    "HINT_INSTRUCTION",
     "INSTRUCTION",
     "ModelTeacher",
     "OpenAICompatibleTeacher",

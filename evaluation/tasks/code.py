@@ -673,16 +673,30 @@ def truncate_completion(completion: str) -> str:
     return completion[:end]
 
 
+class SandboxFailedError(RuntimeError):
+    """The sandbox failed as a whole (not one program): e.g. bubblewrap missing where isolation is required."""
+
+
 class CodeFamily(TaskFamily):
     """HumanEval-style function completion, scored by running the tests in the sandbox."""
 
     name = "code"
 
-    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 256, max_workers: int | None = None) -> None:
-        """Sandbox limits used when scoring (per program) and the parallelism of `score_batch`."""
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        memory_mb: int = 256,
+        max_workers: int | None = None,
+        isolation: str = "auto",
+        require_isolation: bool = False,
+    ) -> None:
+        """Sandbox limits used when scoring (per program), the parallelism of `score_batch`, and the isolation
+        `evaluation.sandbox.run_code` must use (`require_isolation=True` refuses the rlimits fallback)."""
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.max_workers = max_workers
+        self.isolation = isolation
+        self.require_isolation = require_isolation
 
     # -- generation ------------------------------------------------------------------------------------------------
 
@@ -759,10 +773,16 @@ class CodeFamily(TaskFamily):
         return None if body is None else example.prompt + body
 
     def _limits(self) -> dict[str, Any]:
-        return {"timeout_s": self.timeout_s, "memory_mb": self.memory_mb}
+        return {
+            "timeout_s": self.timeout_s,
+            "memory_mb": self.memory_mb,
+            "isolation": self.isolation,
+            "require_isolation": self.require_isolation,
+        }
 
     def run(self, examples: Sequence[Example], completions: Sequence[str]) -> list[ExecutionResult | None]:
-        """Sandbox results for aligned examples and completions (None where a completion has no body)."""
+        """Sandbox results for aligned examples and completions (None where a completion has no body); raises
+        `SandboxFailedError` when the sandbox cannot run the batch at all (never a silent zero score)."""
         from evaluation.sandbox import run_many
 
         if len(examples) != len(completions):
@@ -773,24 +793,27 @@ class CodeFamily(TaskFamily):
         results: list[ExecutionResult | None] = [None] * len(programs)
         if todo:
             jobs = [(programs[i], examples[i].meta["tests"]) for i in todo]
-            ran = run_many(jobs, max_workers=self.max_workers, **self._limits())
+            try:
+                ran = run_many(jobs, max_workers=self.max_workers, **self._limits())
+            except Exception as error:  # the sandbox failing as a whole: zeros would hide it and train on noise
+                raise SandboxFailedError(
+                    f"code: the sandbox could not run the batch ({type(error).__name__}: {error}); no program was "
+                    "scored. Fix: install bubblewrap (`apt-get install bubblewrap`, or `make system-deps`) and check "
+                    "that user namespaces are allowed, or pass require_isolation=False to accept the weaker rlimits "
+                    "fallback."
+                ) from error
             for i, result in zip(todo, ran, strict=True):
                 results[i] = result
         return results
 
     def score(self, example: Example, completion: str) -> float:
-        """1.0 when prompt + completion passes every test in the sandbox, else 0.0 (never raises)."""
+        """1.0 when prompt + completion passes every test in the sandbox, else 0.0 (`SandboxFailedError` when the
+        sandbox cannot run at all)."""
         return self.score_batch([example], [completion])[0]
 
     def score_batch(self, examples: Sequence[Example], completions: Sequence[str]) -> list[float]:
         """Scores of many completions, run in parallel in the sandbox."""
-        try:
-            results = self.run(examples, completions)
-        except ValueError:
-            raise
-        except Exception:  # the sandbox failing as a whole is a zero score, never a crash of the training loop
-            logger.warning("code: sandbox run failed; scoring the batch as 0", exc_info=True)
-            return [0.0] * len(examples)
+        results = self.run(examples, completions)  # raises SandboxFailedError when the sandbox fails as a whole
         return [1.0 if result is not None and result.passed else 0.0 for result in results]
 
     # -- hints -----------------------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ def test_lineage_chains_back_with_content_hashes(tiny_config, tmp_path):
     assert lineage["parents"][0]["phase"] == 1 and lineage["parents"][0]["seed"] == 3
     assert {"torch", "transformers"} <= set(lineage["library_versions"])
     card = ModelCard.load(second / "README.md")
-    assert card.data.base_model == [str(first), "org/hub-model"]
+    assert card.data.base_model == ["org/hub-model"]  # a local path is never a base_model (the Hub rejects it)
+    assert lineage["inputs"][0]["hub_id"] is None and lineage["inputs"][1]["hub_id"] == "org/hub-model"
     assert "phase 1 (cognate)" in card.text
 
 

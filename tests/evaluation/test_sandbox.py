@@ -101,6 +101,21 @@ def test_wrong_program_fails_and_names_the_failing_test(mode):
     assert "assert double(3) == 7" in result.stderr and "AssertionError" in result.stderr
 
 
+def test_one_string_is_one_test(mode):
+    """`tests="assert ..."` is one test, not a list of one-character tests that each fail with a NameError."""
+    good = run(mode, "def f(x):\n    return x + 1", "assert f(1) == 2\nassert f(2) == 3")
+    assert good.status == "passed" and good.tests_passed == [0], good.stderr
+    bad = run(mode, "def f(x):\n    return x + 1", "assert f(1) == 3")
+    assert bad.status == "failed" and bad.tests_failed == [0] and bad.failed_test == "assert f(1) == 3"
+    assert "NameError" not in bad.stderr
+
+
+@pytest.mark.parametrize("tests", [b"assert True", [b"assert True"], ["assert True", 3], 7])
+def test_tests_of_the_wrong_type_are_refused(tests):
+    with pytest.raises(TypeError, match="tests"):
+        run_code("x = 1", tests)
+
+
 def test_multiline_tests_share_the_namespace(mode):
     tests = ["import math\ndef close(a, b):\n    return math.isclose(a, b)", "assert close(area(1.0), math.pi)"]
     result = run(mode, "import math\ndef area(r):\n    return math.pi * r * r", tests)

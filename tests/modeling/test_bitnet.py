@@ -14,16 +14,19 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from modeling_forge import ForgeConfig, ForgeForCausalLM
+from modeling_forge import ForgeConfig, ForgeForCausalLM, bitnet
 from modeling_forge.bitnet import (
     BitLinear,
     BitNetLayout,
     QuantizedEmbedding,
     TiedLMHead,
+    bitlinear_product,
     bitnet_candidates,
     bitnet_to_shadow,
     convert_to_bitnet,
     dequantize_embedding,
+    lane_pack,
+    load_packed_kernel,
     pack_bitnet,
     pack_ternary,
     quantize_embedding,
@@ -207,6 +210,7 @@ def test_remote_code_route_loads_the_packed_checkpoint_without_the_package(tiny_
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         layer = model.model.layers[0].self_attn.q_proj
         assert type(layer).__name__ == "BitLinear" and layer.weight is None, layer
+        assert layer.kernel == "float", layer.kernel  # the folder has no C++ kernel source: the fp32 fallback
         with torch.no_grad():
             logits = model(torch.load({str(tmp_path / "x.pt")!r})).logits
         torch.save(logits, {str(tmp_path / "logits.pt")!r})
@@ -285,3 +289,134 @@ def test_invalid_bitnet_config_names_the_key(change, key):
         ForgeConfig.from_preset("tiny", bitnet={**spec, **change})
     with pytest.raises(ValueError, match="unknown keys"):
         ForgeConfig.from_preset("tiny", bitnet={**spec, "extra": 1})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The "packed" CPU kernel (C++, built once per machine and cached by torch.utils.cpp_extension)
+# ----------------------------------------------------------------------------------------------------------------
+
+needs_packed_kernel = pytest.mark.skipif(load_packed_kernel() is None, reason="the packed kernel did not build here")
+
+
+def test_lane_layout_holds_each_code_where_the_kernel_reads_it():
+    torch.manual_seed(0)
+    w_int = torch.randint(-1, 2, (7, 70))
+    lanes = lane_pack(pack_ternary(w_int.float()), 7)
+    assert lanes.shape == (8, 2 * 16) and lanes.dtype == torch.uint8  # rows to 8, columns to 128: 2 bits each
+    # Column 16 * L + j of block b lives in bits 2L of byte 16 * b + j; padding holds code 1 (weight 0).
+    blocks = lanes.view(8, 2, 1, 16)
+    codes = (blocks >> torch.tensor([0, 2, 4, 6]).view(1, 1, 4, 1)) & 3  # (rows, blocks, L, j)
+    decoded = codes.reshape(8, 128).to(torch.int64) - 1
+    assert torch.equal(decoded[:7, :70], w_int)
+    assert (decoded[7:] == 0).all() and (decoded[:, 70:] == 0).all()
+
+
+@needs_packed_kernel
+@pytest.mark.parametrize("activation_bits", [8, 4])
+@pytest.mark.parametrize("out_features", [1, 6, 66, 127])
+@pytest.mark.parametrize("in_features", [1, 17, 65, 160])
+def test_packed_kernel_gives_the_reference_bits_on_awkward_shapes(out_features, in_features, activation_bits):
+    torch.manual_seed(out_features * 7 + in_features)
+    w_int = torch.randint(-1, 2, (out_features, in_features)).float()
+    lanes = lane_pack(pack_ternary(w_int), out_features)
+    scale = torch.rand(1) + 0.05
+    bias = torch.randn(out_features) if out_features % 2 == 0 else None
+    for batch in (1, 3, 9):  # 9 tokens: two full tiles of 4 and a remainder
+        x = torch.randn(batch, in_features) * torch.logspace(-3, 2, batch)[:, None]
+        x[batch // 2] = 0.0  # an all-zero token: the absmax clamp
+        expected = bitlinear_product(x, w_int, scale, bias, activation_bits)[0]
+        qmax = 2 ** (activation_bits - 1) - 1
+        for isa in (0, 1, 2):  # scalar, AVX2, AVX-512 VNNI (capped at what this CPU has)
+            out = torch.ops.forge_bitnet.bitlinear(x, lanes, scale, bias, out_features, qmax, 1e-5, isa)
+            assert torch.equal(out, expected), (batch, isa, (out - expected).abs().max())
+
+
+@needs_packed_kernel
+def test_packed_kernel_splits_rows_across_threads_with_the_same_bits():
+    torch.manual_seed(0)
+    w_int = torch.randint(-1, 2, (1090, 320)).float()  # 273 row tiles: several tasks per thread
+    lanes, scale, bias = lane_pack(pack_ternary(w_int), 1090), torch.tensor([0.02]), torch.randn(1090)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for batch in (1, 7, 40):
+            x = torch.randn(batch, 320)
+            out = torch.ops.forge_bitnet.bitlinear(x, lanes, scale, bias, 1090, 127, 1e-5)
+            assert torch.equal(out, bitlinear_product(x, w_int, scale, bias, 8)[0]), batch
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_packed_kernel
+def test_packed_kernel_model_matches_the_other_kernels_bit_for_bit(tiny_config, tmp_path, caplog):
+    model, x, shadow_logits = _packed_model(tiny_config, embedding_bits=4)
+    layer = model.model.layers[1].mlp.down_proj
+    assert layer.kernel == "packed" and layer.weight_ternary is None  # pack_bitnet's default ("auto")
+    assert layer.weight_lanes.dtype == torch.uint8  # 2 bits per weight (64 x 192: no padding), no dense cache
+    assert layer.weight_lanes.numel() * 4 == layer.out_features * layer.in_features
+    with torch.no_grad():
+        logits = {"packed": model(x).logits}
+        tokens = {"packed": model.generate(x[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)}
+        kernels = ["float"] + (["int8"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
+        for kernel in kernels:
+            assert set_bitnet_kernel(model, kernel) == kernel
+            logits[kernel] = model(x).logits
+            tokens[kernel] = model.generate(x[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits["packed"], shadow_logits)
+    for kernel in kernels:
+        assert torch.equal(logits[kernel], logits["packed"]) and torch.equal(tokens[kernel], tokens["packed"])
+    # Under autograd (the C++ op has no backward) the layer records the reference product's graph, as "float" does.
+    h = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    reference = layer(h)
+    set_bitnet_kernel(model, "packed")
+    out = layer(h)
+    assert out.requires_grad and out.grad_fn is not None and torch.equal(out, reference)
+    # from_pretrained picks the packed kernel by default and says so in the log.
+    model.save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="modeling_forge.bitnet"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert "kernel 'packed'" in caplog.text
+    assert loaded.model.layers[1].mlp.down_proj.kernel == "packed"
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, logits["packed"])
+
+
+@needs_packed_kernel
+@pytest.mark.parametrize("embedding_bits", [8, 4])
+def test_lm_head_reads_the_embedding_codes_when_decoding(tiny_config, embedding_bits):
+    if torch.ops.forge_bitnet.isa() != "avx512-vnni":
+        pytest.skip("the LM head kernel needs AVX-512")
+    model, _, _ = _packed_model(tiny_config, embedding_bits)
+    head, embedding = model.lm_head, model.model.embed_tokens
+    h = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        assert head._reads_codes(h) and not head._reads_codes(torch.randn(1, 17, model.config.hidden_size))
+        fast = head(h)
+        single = torch.cat([head(h[:, i : i + 1]) for i in range(5)], dim=1)
+        head.read_codes = False
+        assert not head._reads_codes(h)
+        reference = head(h)
+    assert torch.equal(reference, F.linear(h, embedding.weight))
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)  # the same products, another fp32 sum order
+    assert not torch.equal(fast, reference)  # so the codes path really ran
+    assert torch.equal(single, fast)  # a fixed order: a position's logits do not depend on the batch
+
+
+def test_models_load_and_fall_back_when_the_packed_kernel_cannot_build(tiny_config, tmp_path, monkeypatch, caplog):
+    model, x, _ = _packed_model(tiny_config)
+    set_bitnet_kernel(model, "float")
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(bitnet, "_packed_kernel_state", {})  # forget the built kernel; no compiler on PATH
+    monkeypatch.setattr(bitnet.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert "no C++ compiler" in caplog.text and "Using kernel 'float'" in caplog.text
+    assert loaded.model.layers[0].self_attn.q_proj.kernel == "float"
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, expected)
+    with pytest.raises(ValueError, match="kernel='packed' is unavailable here: no C\\+\\+ compiler"):
+        set_bitnet_kernel(loaded, "packed")
+    with pytest.raises(ValueError, match="unknown"):
+        set_bitnet_kernel(loaded, "lut")

@@ -120,11 +120,23 @@ def test_peft_lora_trains_and_merges(tiny_tokenizer, tiny_config, tmp_path):
     assert trainable and all("lora_" in name for name in trainable)
     assert any("self_attn.q_proj" in n for n in trainable) and any("mlp.down_proj" in n for n in trainable)
     dataset = _dataset(tiny_tokenizer)
+    probe = torch.tensor(dataset[:8]["input_ids"])
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+
+    def probe_loss():
+        peft_model.eval()
+        with torch.no_grad():
+            return float(peft_model(input_ids=probe, labels=probe).loss)
+
+    before = probe_loss()
     args = _args(tmp_path, max_steps=20)
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=default_data_collator)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert losses[-1] < losses[0], losses
+    after = probe_loss()
+    # The adapters alone learned (measured 6.203 -> 6.108 nats on these training blocks, deterministic; without
+    # training the two are equal); the base stayed frozen.
+    assert after < before - 0.05, (before, after)
+    assert all(torch.equal(p, frozen[n]) for n, p in peft_model.named_parameters() if not p.requires_grad)
     peft_model.eval()
     x = torch.tensor(dataset[0]["input_ids"])[None]
     with torch.no_grad():

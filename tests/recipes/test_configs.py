@@ -32,6 +32,7 @@ def test_shipped_yaml_parses(path, tmp_path):
         ("phase2", "--fitness_weights", "EvoMergeConfig.fitness_weights"),
         ("phase3", "--reasoning_bake", "QuietStarConfig.reasoning_bake"),
         ("phase4", "--data_mixture", "BitNetConfig.data_mixture"),
+        ("phase5", "--bake", "CurriculumConfig.bake"),
     ],
 )
 def test_a_malformed_json_field_on_the_command_line_names_the_field_and_the_fix(recipe, flag, field, tmp_path):

@@ -266,8 +266,12 @@ def test_phase4_recipe_makes_a_loadable_smaller_working_model(phase1_checkpoint,
     assert lineage["inputs"][0]["sha256"] == weights_sha256(phase1_checkpoint)
     assert lineage["parents"][0]["phase"] == 1
     card = (output / "README.md").read_text()
-    assert f"{report['storage']['checkpoint_file_bytes']:,}" in card and "base_model" in card
+    assert f"{report['storage']['checkpoint_file_bytes']:,}" in card
+    assert "base_model" not in card.split("---")[1]  # the input is a local folder: never a Hub base_model
     assert f"{quality['bitnet']['perplexity']:.3f}" in card
+    change = quality["relative_change_vs_full_precision"]["bitnet"]
+    assert f"perplexity\n{100 * change['perplexity_increase']:+.1f}% after fine-tuning" in card
+    assert f"next-token accuracy {-100 * change['token_accuracy_drop']:+.1f}%" in card and "+-" not in card
     heatmap = output / "plots" / "bitnet_layers.png"
     assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and heatmap.stat().st_size > 5000
     with pytest.raises(FileExistsError, match="--overwrite"):

@@ -29,3 +29,38 @@ def test_crash_keeps_the_last_good_output(tmp_path):
     with atomic_directory(final, overwrite=True) as staging:
         (staging / "v").write_text("new")
     assert (final / "v").read_text() == "new"
+
+
+def test_finished_folder_has_save_pretrained_permissions(tmp_path, tiny_config):
+    """Not mkdtemp's 0700: the folder gets `save_pretrained`'s mode and every file a plain write's (umask applied;
+    transformers 5.23 itself leaves `model.safetensors` 0600, which we widen to match its other files)."""
+    import stat
+
+    from modeling_forge import ForgeForCausalLM
+    from trainers.phase_output import save_phase_output
+
+    model = ForgeForCausalLM(tiny_config())
+    reference = tmp_path / "reference"
+    model.save_pretrained(reference)
+    folder = save_phase_output(tmp_path / "phase1", model=model, tokenizer=None, phase=1, phase_name="cognate",
+                               config={})  # fmt: skip
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(folder) == mode(reference)
+    assert {p.name: mode(p) for p in folder.iterdir() if p.is_file()} == {
+        p.name: mode(reference / "config.json") for p in folder.iterdir() if p.is_file()
+    }
+
+
+def test_atomic_file_writes_are_not_private(tmp_path):
+    import stat
+
+    from trainers.evomerge import write_atomic
+
+    write_atomic(tmp_path / "state.json", "{}")
+    (tmp_path / "plain.json").write_text("{}")
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == stat.S_IMODE(
+        (tmp_path / "plain.json").stat().st_mode
+    )

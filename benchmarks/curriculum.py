@@ -1,0 +1,113 @@
+"""Does Phase 5 teach a small model to code? Phase 5 on a tiny Forge that solves level 1-2 tasks sometimes.
+
+Trains a tiny Forge on a share of the code family's level 1-2 reference solutions (`--base-steps`), so it solves
+some held-out problems but not all, then runs Phase 5 (`run_phase5`, the shipped machinery) from it over levels
+1-2 with dreams on and off, for each seed. Prints, per run: held-out greedy pass@1 per level before/after, the pool
+size per level, backward transfer on level 1 (BWT, LAMOL's measure: final success on level 1 minus success right
+after training it), wall time and sandbox throughput; then the dreams on-off difference of BWT per seed.
+
+    OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py                          # defaults: ~10 min, shared CPU
+    OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --seeds 0 1 2 --rounds 6
+
+The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
+measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments, default_data_collator
+
+from evaluation.corpus import corpus_texts
+from evaluation.tasks import get_task_family
+from modeling_forge import ForgeConfig, ForgeForCausalLM
+from modeling_forge.tokenization import build_tokenizer
+from trainers.base import ForgeTrainer
+from trainers.curriculum_config import CurriculumConfig
+from trainers.curriculum_trainer import run_phase5
+from trainers.data import pack_examples
+from trainers.phase_output import save_phase_output
+
+
+def train_base(folder: Path, steps: int, n_examples: int) -> None:
+    """A tiny Forge trained on `n_examples` level-1 and level-2 reference solutions (prompt + body) per level."""
+    family = get_task_family("code")
+    examples = [e for level in (1, 2) for e in family.generate("train", n_examples, seed=100, difficulty=level)]
+    texts = [family.training_text(e) for e in examples]
+    tokenizer = build_tokenizer(corpus_texts("train", max_chars=200_000) + texts, 1024)
+    blocks = pack_examples(texts, tokenizer, 256)
+    dataset = Dataset.from_dict({"input_ids": [b[0] for b in blocks], "labels": [b[1] for b in blocks]})
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
+    torch.manual_seed(0)
+    model = ForgeForCausalLM(ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), **special))
+    args = TrainingArguments(output_dir=str(folder.parent / "base-work"), max_steps=steps,
+                             per_device_train_batch_size=16, learning_rate=3e-3, lr_scheduler_type="cosine",
+                             warmup_steps=min(50, steps // 10), report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, logging_steps=max(steps // 5, 1), seed=0)  # fmt: skip
+    ForgeTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
+    save_phase_output(folder, model=model, tokenizer=tokenizer, phase=4, phase_name="benchmark-base",
+                      config={"steps": steps, "examples_per_level": n_examples}, seed=0, overwrite=True)  # fmt: skip
+
+
+def run(base: Path, output: Path, seed: int, dreams: bool, args) -> dict:
+    config = CurriculumConfig(
+        model_name_or_path=str(base), output_dir=str(output), overwrite=True, levels=[1, 2], num_levels=2,
+        placement_problems=8, placement_k=2, pool_size=args.pool, attempts_per_round=args.pool,
+        max_rounds=args.rounds, eval_problems=args.eval_problems, max_new_tokens=24, temperature=0.8,
+        train_epochs=2, bake={"steps": 0}, self_model_samples=1, self_model_bands=[4, 4], dreams=dreams,
+        dream_samples=16, learning_rate=args.lr, per_device_train_batch_size=8, seed=seed, use_cpu=True,
+        report_to="none", disable_tqdm=True, thinking="off", placement_target=0.99,
+    )  # fmt: skip
+    started = time.time()
+    summary = run_phase5(config)
+    report = summary["report"]
+    return {"seed": seed, "dreams": dreams, "wall_s": time.time() - started, "success": report["success"],
+            "pools": {r["level"]: [x["pool_active"] for x in r["rounds"]] for r in report["records"]},
+            "bwt": report["backward_transfer"]["bwt"], "totals": report["totals"],
+            "level1_after_level1": report["records"][0]["success_after"].get("1")}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-steps", type=int, default=600, help="base training steps (batch 16 x 256 tokens)")
+    parser.add_argument("--base-examples", type=int, default=150, help="reference solutions per level in the base")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--rounds", type=int, default=4, help="Phase 5 rounds per level")
+    parser.add_argument("--pool", type=int, default=16, help="tasks per level pool (all attempted each round)")
+    parser.add_argument("--eval-problems", type=int, default=24, help="held-out test problems per level")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Phase 5 learning rate (MuGrokfast P5 preset: 5e-4)")
+    parser.add_argument("--work", type=Path, default=Path("outputs/bench/curriculum"))
+    args = parser.parse_args()
+    base = args.work / f"base-{args.base_steps}"
+    if not base.exists():
+        started = time.time()
+        train_base(base, args.base_steps, args.base_examples)
+        print(f"base: {args.base_steps} steps in {time.time() - started:.0f} s -> {base}")
+    results = []
+    for seed in args.seeds:
+        for dreams in (True, False):
+            result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}", seed, dreams, args)
+            results.append(result)
+            success = ", ".join(f"L{lv} {v['before']:.3f} -> {v['after']:.3f}" for lv, v in result["success"].items())
+            pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
+            totals = result["totals"]
+            print(f"seed {seed} dreams {'on ' if dreams else 'off'}: held-out pass@1 {success}; pool per round "
+                  f"{pools}; BWT(level 1) {result['bwt']:+.3f}; {result['wall_s']:.0f} s; "
+                  f"{totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} programs/s "
+                  "(generation included)", flush=True)  # fmt: skip
+    print("\nBWT on level 1, dreams on minus off, per seed (positive = dreams forgot less):")
+    for seed in args.seeds:
+        on = next(r for r in results if r["seed"] == seed and r["dreams"])
+        off = next(r for r in results if r["seed"] == seed and not r["dreams"])
+        print(f"  seed {seed}: {on['bwt']:+.3f} - ({off['bwt']:+.3f}) = {on['bwt'] - off['bwt']:+.3f} "
+              f"(one held-out problem = {1 / args.eval_problems:.3f})")  # fmt: skip
+    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

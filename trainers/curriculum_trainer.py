@@ -1,0 +1,836 @@
+"""Phase 5 (curriculum): the model learns to code at the edge of its ability, with a sandboxed tool, hints, baking,
+self-modeling and dreams.
+
+`run_phase5(config)` loads the previous phase's folder (Phase 4's packed ternary model is turned back into shadow
+weights, trained with MuGrokfast in STE mode and packed again at the end), then:
+
+1. **Placement.** pass@k per code level on held-out problems, sampled in the sandbox; training starts at the level
+   whose success rate is closest to `placement_target` (the edge of ability; LILO's p(1-p) is largest there).
+2. **Per level**, rounds of: attempt pool tasks (drawn with weight p(1-p) of each task's smoothed success rate,
+   LILO arXiv 2502.12272); the model writes the body (thinking first in a `<think>` span when it has Phase 3's thought
+   tokens; spans are stripped before execution); the programs run in the sandbox in concurrent batches
+   (`evaluation.sandbox` via the code family). Success: a variant replaces the task, `successes_to_remove`
+   consecutive successes remove it. Failure: the teacher's hint (procedural by default, offline) and a retry with the
+   hint in context. The round trains on the successes and on the hinted successes **without the hint** in context
+   (STaR's rationalization, Zelikman et al. 2022), plus a replay share of earlier levels. The level ends when the
+   pool has shrunk to `mastery_fraction` of its size or the round budget is spent.
+3. **After each level:** half-bakes of the eudaimonia, OODA and identity prompts (`bake_prompt` machinery, LoRA on
+   the ternary layers via `trainers.bitnet_lora`); self-modeling in temperature bands (the model predicts masked
+   tokens of its own generations, tagged with the temperature; accuracy per band before/after); dream consolidation
+   (one epoch on high-temperature replays of the levels so far mixed with real reference solutions, never on
+   self-samples alone: Shumailov et al. 2024), with the held-out NLL of earlier levels before/after the dream.
+
+Each finished level is checkpointed atomically in `.<output>-work/level-<n>/`; `--resume` continues after the last.
+The phase folder holds the packed model, `curriculum_report.json`, plots, card and lineage.
+
+Written here, because no kept library does it: the pool bookkeeping, the placement rule, the masked self-prediction
+examples and the dream mix. Generation is `model.generate`; training is `ForgeTrainer` (transformers `Trainer`),
+one short run per round; bakes are `trainers.baking_trainer`; execution is `evaluation.sandbox`.
+"""
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.trainer_callback import PrinterCallback
+from transformers.utils import logging
+
+from evaluation.tasks import get_task_family
+from evaluation.tasks.base import Example
+from evaluation.tasks.code import STOP_SEQUENCES, CodeFamily, truncate_completion
+from hub_cards import line_plot
+from modeling_forge.bitnet import bitnet_to_shadow, pack_bitnet
+from modeling_forge.tokenization import THOUGHT_START
+
+from .baking_trainer import run_prompt_baking
+from .base import ForgeTrainer
+from .checkpointing import atomic_directory
+from .curriculum_config import CurriculumConfig
+from .phase_output import save_phase_output
+from .quietstar_trainer import strip_thoughts  # spans and stray thought tokens removed: the code that runs
+from .teachers import Teacher, get_teacher
+
+logger = logging.get_logger(__name__)
+
+REPORT_FILE = "curriculum_report.json"
+STATE_FILE = "curriculum_state.json"
+MASK_NOTE = "the pad token stands in for a masked token"
+
+
+def with_hint(prompt: str, hint: str) -> str:
+    """The retry prompt: the hint as comment lines above the function (the model stays in code mode)."""
+    lines = [line.strip() for line in hint.strip().splitlines() if line.strip()]
+    return "".join(f"# {line}\n" for line in lines) + prompt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model as the loop sees it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Policy(Protocol):
+    """What the curriculum loop needs from a model: raw completions (thought spans kept) for prompts."""
+
+    def complete(
+        self, prompts: Sequence[str], *, temperature: float | None, num_samples: int, seed: int
+    ) -> list[list[str]]: ...
+
+
+class ModelPolicy:
+    """`model.generate` completions, decoded with thought tokens kept (other special tokens dropped); with `think`
+    every completion starts inside a thought span (`<think>` is appended to the prompt and returned with the text)."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int, think: bool, batch_size: int = 16) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.think, self.batch_size = max_new_tokens, think, batch_size
+
+    @torch.no_grad()
+    def complete(self, prompts, *, temperature, num_samples=1, seed=0):
+        tokenizer, model = self.tokenizer, self.model
+        prefix = THOUGHT_START if self.think else ""
+        encoded = [tokenizer(p + prefix)["input_ids"] for p in prompts]
+        sample = temperature is not None and temperature > 0
+        drop = {i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
+        out: list[list[str]] = [[] for _ in prompts]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for start in range(0, len(encoded), self.batch_size):
+                    chunk = encoded[start : start + self.batch_size]
+                    batch = tokenizer.pad({"input_ids": chunk}, padding=True, padding_side="left", return_tensors="pt")
+                    batch = batch.to(model.device)
+                    kwargs = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if sample else {}
+                    generated = model.generate(
+                        **batch,
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=sample,
+                        num_return_sequences=num_samples,
+                        pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        stop_strings=list(STOP_SEQUENCES),
+                        tokenizer=tokenizer,
+                        **kwargs,
+                    )[:, batch["input_ids"].shape[1] :]
+                    for row, ids in enumerate(generated.tolist()):
+                        if tokenizer.eos_token_id in ids:
+                            ids = ids[: ids.index(tokenizer.eos_token_id)]
+                        text = tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+                        out[start + row // num_samples].append(prefix + text)
+        finally:
+            model.train(was_training)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task pool of one level
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolTask:
+    """One task of a level's pool: the current example (a variant after each success) and its history."""
+
+    task_id: int
+    example: Example
+    streak: int = 0
+    attempts: int = 0
+    successes: int = 0
+    variants: int = 0
+    hints: list[str] = field(default_factory=list)
+    hinted_attempts: int = 0
+    hinted_successes: int = 0
+    removed: bool = False
+
+    @property
+    def success_rate(self) -> float:
+        """Unaided success rate with a uniform Beta(1, 1) prior: an unseen task counts as 0.5."""
+        return (self.successes + 1) / (self.attempts + 2)
+
+
+class TaskPool:
+    """A level's pool. Success: a variant replaces the task (`make_variant`); `successes_to_remove` consecutive
+    successes remove it. Failure resets the streak and attaches the hint. The pool shrinking is the mastery signal."""
+
+    def __init__(self, examples: Sequence[Example], family: CodeFamily, successes_to_remove: int = 3) -> None:
+        self.tasks = [PoolTask(i, example) for i, example in enumerate(examples)]
+        self.family = family
+        self.successes_to_remove = successes_to_remove
+        self.initial_size = len(self.tasks)
+
+    @property
+    def active(self) -> list[PoolTask]:
+        return [task for task in self.tasks if not task.removed]
+
+    def sample(self, n: int, rng: random.Random, weighting: str = "lilo") -> list[PoolTask]:
+        """Up to `n` distinct active tasks; 'lilo' draws with weight p(1-p) of the smoothed success rate."""
+        active = self.active
+        if n >= len(active):
+            return active
+        weights = [t.success_rate * (1 - t.success_rate) if weighting == "lilo" else 1.0 for t in active]
+        chosen: list[PoolTask] = []
+        for _ in range(n):  # weighted sampling without replacement
+            index = rng.choices(range(len(active)), weights=weights)[0]
+            chosen.append(active.pop(index))
+            weights.pop(index)
+        return chosen
+
+    def record_success(self, task: PoolTask) -> None:
+        task.attempts += 1
+        task.successes += 1
+        task.streak += 1
+        if task.streak >= self.successes_to_remove:
+            task.removed = True
+        else:
+            task.example = self.family.make_variant(task.example, seed=task.variants + 1)
+            task.variants += 1
+
+    def record_failure(self, task: PoolTask) -> None:
+        task.attempts += 1
+        task.streak = 0
+
+    def mastered(self, fraction: float) -> bool:
+        return len(self.active) <= fraction * self.initial_size
+
+    def stats(self) -> dict:
+        return {
+            "initial": self.initial_size,
+            "active": len(self.active),
+            "removed": self.initial_size - len(self.active),
+            "variants": sum(t.variants for t in self.tasks),
+            "hints": sum(len(t.hints) for t in self.tasks),
+            "hinted_successes": sum(t.hinted_successes for t in self.tasks),
+        }
+
+
+@dataclass
+class TrainingPair:
+    """A training example: the prompt (never the hint) and the model's own successful completion (thoughts kept)."""
+
+    prompt: str
+    completion: str
+    kind: str  # "success", "hinted" or "replay"
+    level: int
+
+
+def training_completion(completion: str) -> str:
+    """What a success trains on: the completion cut at the first stop sequence (thought spans kept when the cut
+    leaves the executed code unchanged, else the code alone)."""
+    cut = truncate_completion(completion)
+    code = truncate_completion(strip_thoughts(completion))
+    return cut if truncate_completion(strip_thoughts(cut)) == code else code
+
+
+def run_level(
+    pool: TaskPool,
+    policy: Policy,
+    teacher: Teacher,
+    train: Callable[[list[TrainingPair]], dict],
+    *,
+    level: int,
+    config: CurriculumConfig,
+    replay: Sequence[TrainingPair] = (),
+    seed: int = 0,
+    on_round: Callable[[dict], None] | None = None,
+    learned: list[TrainingPair] | None = None,
+) -> list[dict]:
+    """Run one level's rounds until its pool is mastered or `config.max_rounds` is spent; returns per-round records.
+    The level's own training pairs (successes and hinted successes) are appended to `learned` when given."""
+    rng = random.Random(seed)
+    family = pool.family
+    rounds = []
+    for index in range(config.max_rounds):
+        if pool.mastered(config.mastery_fraction):
+            break
+        started = time.time()
+        tasks = pool.sample(config.attempts_per_round, rng, config.task_sampling)
+        examples = [task.example for task in tasks]
+        attempts = [c[0] for c in policy.complete([e.prompt for e in examples], temperature=config.temperature,
+                                                    num_samples=1, seed=seed + 1000 * index)]  # fmt: skip
+        results = family.run(examples, [strip_thoughts(a) for a in attempts])
+        programs = len(examples)
+        pairs: list[TrainingPair] = []
+        failed = []
+        for task, example, attempt, result in zip(tasks, examples, attempts, results, strict=True):
+            if result is not None and result.passed:
+                pairs.append(TrainingPair(example.prompt, training_completion(attempt), "success", level))
+                pool.record_success(task)
+            else:
+                pool.record_failure(task)
+                failed.append((task, example, attempt, result))
+        unaided = len(pairs)
+        hinted_attempts = hinted_successes = 0
+        for retry in range(config.hint_retries):
+            if not failed:
+                break
+            hints = teacher.hints([f[1] for f in failed], [f[3] for f in failed],
+                                  [strip_thoughts(f[2]) for f in failed], family)  # fmt: skip
+            prompts = [with_hint(f[1].prompt, hint) for f, hint in zip(failed, hints, strict=True)]
+            retries = [c[0] for c in policy.complete(prompts, temperature=config.temperature, num_samples=1,
+                                                     seed=seed + 1000 * index + 100 * (retry + 1))]  # fmt: skip
+            retry_results = family.run([f[1] for f in failed], [strip_thoughts(a) for a in retries])
+            programs += len(failed)
+            still = []
+            for (task, example, _, _), hint, attempt, result in zip(failed, hints, retries, retry_results,
+                                                                    strict=True):  # fmt: skip
+                task.hints.append(hint)
+                task.hinted_attempts += 1
+                hinted_attempts += 1
+                if result is not None and result.passed:  # trained WITHOUT the hint: the task's own prompt
+                    task.hinted_successes += 1
+                    hinted_successes += 1
+                    pairs.append(TrainingPair(example.prompt, training_completion(attempt), "hinted", level))
+                else:
+                    still.append((task, example, attempt, result))
+            failed = still
+        if learned is not None:
+            learned.extend(pairs)
+        n_replay = 0
+        if pairs and replay and config.replay_share > 0:
+            n_replay = min(len(replay), round(len(pairs) * config.replay_share / (1 - config.replay_share)))
+            pairs += rng.sample(list(replay), n_replay)
+        sandbox_s = time.time() - started
+        trained = train(pairs) if pairs else {}
+        record = {
+            "level": level,
+            "round": index,
+            "attempted": len(tasks),
+            "successes": unaided,
+            "success_rate": unaided / max(len(tasks), 1),
+            "hinted_attempts": hinted_attempts,
+            "hinted_successes": hinted_successes,
+            "replayed": n_replay,
+            "programs": programs,
+            "generate_and_run_s": sandbox_s,
+            "pool_active": len(pool.active),
+            "train": trained,
+        }
+        rounds.append(record)
+        logger.info("Phase 5 level %d round %d: %d/%d solved, %d/%d with hints, pool %d/%d", level, index, unaided,
+                    len(tasks), hinted_successes, hinted_attempts, len(pool.active), pool.initial_size)  # fmt: skip
+        if on_round is not None:
+            on_round(record)
+    return rounds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Placement and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def success_rates(
+    policy: Policy, family: CodeFamily, examples: Sequence[Example], *, k: int, temperature: float | None, seed: int
+) -> tuple[float, float, int]:
+    """(pass@1, pass@k, programs run) of `k` samples per example (greedy when `temperature` is None, then k=1)."""
+    samples = policy.complete([e.prompt for e in examples], temperature=temperature, num_samples=k, seed=seed)
+    flat_examples = [e for e, s in zip(examples, samples, strict=True) for _ in s]
+    results = family.run(flat_examples, [strip_thoughts(c) for s in samples for c in s])
+    correct, cursor = [], 0
+    for s in samples:
+        correct.append(sum(1 for r in results[cursor : cursor + len(s)] if r is not None and r.passed))
+        cursor += len(s)
+    n = len(samples[0]) if samples else 1
+    p1 = sum(pass_at_k(n, c, 1) for c in correct) / max(len(correct), 1)
+    pk = sum(pass_at_k(n, c, min(k, n)) for c in correct) / max(len(correct), 1)
+    return p1, pk, len(results)
+
+
+def choose_start_level(rates: dict[int, float], target: float = 0.5) -> int:
+    """The level whose success rate is closest to `target` (ties: the easier level)."""
+    return min(rates, key=lambda level: (abs(rates[level] - target), level))
+
+
+def place(policy: Policy, family: CodeFamily, config: CurriculumConfig) -> dict:
+    """pass@k per level on validation-split problems, and the start level at the edge of ability."""
+    first, last = config.levels
+    per_level, programs = {}, 0
+    for level in range(first, last + 1):
+        examples = family.generate("validation", config.placement_problems, seed=config.seed, difficulty=level)
+        p1, pk, ran = success_rates(policy, family, examples, k=config.placement_k,
+                                    temperature=config.temperature, seed=config.seed + level)  # fmt: skip
+        per_level[level] = {"pass@1": p1, f"pass@{config.placement_k}": pk, "lilo_weight": p1 * (1 - p1)}
+        programs += ran
+    start = choose_start_level({lv: r["pass@1"] for lv, r in per_level.items()}, config.placement_target)
+    return {"per_level": per_level, "start_level": start, "target": config.placement_target, "programs": programs,
+            "k": config.placement_k, "problems_per_level": config.placement_problems}  # fmt: skip
+
+
+def evaluate_levels(policy: Policy, family: CodeFamily, levels: Sequence[int], config: CurriculumConfig) -> dict:
+    """Greedy pass@1 on test-split problems per level (the held-out success the card reports)."""
+    out = {}
+    for level in levels:
+        examples = family.generate("test", config.eval_problems, seed=config.seed, difficulty=level)
+        out[level], _, _ = success_rates(policy, family, examples, k=1, temperature=None, seed=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs (Trainer), self-modeling and dreams
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TokenDataset(Dataset):
+    """Pre-tokenized examples: dicts of `input_ids` and `labels` (-100 where nothing is predicted)."""
+
+    def __init__(self, items: Sequence[dict]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def pad_collator(pad_id: int) -> Callable[[Sequence[dict]], dict]:
+    """Right-pads `input_ids` (pad id, attention 0) and `labels` (-100) to the longest example of the batch."""
+
+    def collate(items: Sequence[dict]) -> dict:
+        width = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n] = torch.tensor(item["input_ids"])
+            labels[row, :n] = torch.tensor(item["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
+def completion_item(tokenizer, prompt: str, completion: str, max_length: int) -> dict:
+    """`prompt + completion + EOS` with labels on the completion (and EOS) only; cut to `max_length` tokens."""
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def train_items(model, items: Sequence[dict], config: CurriculumConfig, pad_id: int, work_dir: Path,
+                epochs: float) -> dict:  # fmt: skip
+    """One short `ForgeTrainer` run (MuGrokfast, STE mode on ternary layers) over `items`; returns its losses."""
+    if not items:
+        return {}
+    world = PartialState().num_processes
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
+    steps = max(1, math.ceil(len(items) * epochs / per_step))
+    args = dataclasses.replace(config, output_dir=str(work_dir / "trainer"), max_steps=steps, push_to_hub=False,
+                               hub_model_id=None, resume_from_checkpoint=None, disable_tqdm=True,
+                               logging_steps=max(1, min(steps, int(config.logging_steps))))  # fmt: skip
+    trainer = ForgeTrainer(
+        model=model, args=args, train_dataset=TokenDataset(items), data_collator=pad_collator(pad_id)
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    shutil.rmtree(work_dir / "trainer", ignore_errors=True)
+    return {"steps": steps, "examples": len(items), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None}  # fmt: skip
+
+
+def band_temperatures(bands: int, low: float, high: float) -> list[float]:
+    """Midpoints of `bands` equal temperature ranges spanning [low, high]."""
+    width = (high - low) / bands
+    return [low + (i + 0.5) * width for i in range(bands)]
+
+
+def self_model_tag(temperature: float) -> str:
+    return f"# self-model: my own code at temperature {temperature:.2f}\n"
+
+
+def masked_self_items(tokenizer, prompt: str, completion: str, rate: float, rng: random.Random,
+                      max_length: int) -> dict | None:  # fmt: skip
+    """A self-prediction example: `rate` of the generation's tokens are replaced by the mask id in the input and
+    are the only labels (the model predicts its own masked tokens from the tagged prompt and the rest)."""
+    item = completion_item(tokenizer, prompt, completion, max_length)
+    positions = [i for i, label in enumerate(item["labels"]) if label != -100 and label != tokenizer.eos_token_id]
+    if not positions:
+        return None
+    masked = rng.sample(positions, max(1, round(rate * len(positions))))
+    ids, labels = list(item["input_ids"]), [-100] * len(item["input_ids"])
+    for i in masked:
+        labels[i] = ids[i]
+        ids[i] = tokenizer.pad_token_id  # MASK_NOTE
+    return {"input_ids": ids, "labels": labels}
+
+
+@torch.no_grad()
+def masked_accuracy(model, items: Sequence[dict], pad_id: int) -> float:
+    """Share of masked tokens the model predicts exactly (argmax) in `items`."""
+    if not items:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    batch = pad_collator(pad_id)(items)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    correct += int((logits.argmax(-1)[mask] == targets[mask]).sum())
+    total += int(mask.sum())
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def self_model(model, tokenizer, policy: ModelPolicy, prompts: Sequence[str], level: int, config: CurriculumConfig,
+               work_dir: Path, seed: int) -> dict:  # fmt: skip
+    """Self-modeling after a level: per temperature band, generate, mask, train on predicting the masked tokens;
+    accuracy per band on held-out self-generations before and after."""
+    if config.self_model_samples == 0 or not prompts:
+        return {}
+    rng = random.Random(seed)
+    temperatures = band_temperatures(config.bands_for(level), *config.self_model_temperatures)
+    train, held_out = [], {}
+    for band, temperature in enumerate(temperatures):
+        chosen = [rng.choice(prompts) for _ in range(2 * config.self_model_samples)]
+        tagged = [self_model_tag(temperature) + p for p in chosen]
+        outs = policy.complete(tagged, temperature=temperature, num_samples=1, seed=seed + band)
+        items = [masked_self_items(tokenizer, p, o[0], config.self_model_mask_rate, rng, config.max_length)
+                 for p, o in zip(tagged, outs, strict=True)]  # fmt: skip
+        items = [i for i in items if i is not None]
+        half = len(items) // 2
+        train += items[:half]
+        held_out[f"{temperature:.2f}"] = items[half:]
+    before = {t: masked_accuracy(model, items, tokenizer.pad_token_id) for t, items in held_out.items()}
+    trained = train_items(model, train, config, tokenizer.pad_token_id, work_dir, config.self_model_epochs)
+    after = {t: masked_accuracy(model, items, tokenizer.pad_token_id) for t, items in held_out.items()}
+    return {"bands": len(temperatures), "accuracy_before": before, "accuracy_after": after, "train": trained,
+            "mean_before": _mean(before.values()), "mean_after": _mean(after.values())}  # fmt: skip
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+@torch.no_grad()
+def reference_nll(model, tokenizer, examples: Sequence[Example], max_length: int) -> float:
+    """Mean per-token NLL of the reference bodies of `examples` (a forgetting probe that needs no generation)."""
+    items = [completion_item(tokenizer, e.prompt, e.target, max_length) for e in examples]
+    was_training = model.training
+    model.eval()
+    batch = pad_collator(tokenizer.pad_token_id)(items)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    nll = F.cross_entropy(logits[mask], targets[mask])
+    model.train(was_training)
+    return float(nll)
+
+
+def dream(model, tokenizer, policy: ModelPolicy, family: CodeFamily, levels: Sequence[int], config: CurriculumConfig,
+          work_dir: Path, seed: int) -> dict:  # fmt: skip
+    """Dream consolidation: one epoch on high-temperature replays of the levels so far, mixed with real reference
+    solutions; held-out reference NLL of those levels before and after."""
+    rng = random.Random(seed)
+    per_level = max(1, config.dream_samples // len(levels))
+    prompts = [e.prompt for lv in levels for e in family.generate("train", per_level, seed=seed, difficulty=lv)]
+    dreams = policy.complete(prompts, temperature=config.dream_temperature, num_samples=1, seed=seed)
+    items = [completion_item(tokenizer, p, truncate_completion(d[0]), config.max_length)
+             for p, d in zip(prompts, dreams, strict=True) if truncate_completion(d[0]).strip()]  # fmt: skip
+    n_real = max(1, round(len(prompts) * config.dream_real_share / (1 - config.dream_real_share)))
+    real = [e for lv in levels for e in family.generate("train", n_real, seed=seed + 1, difficulty=lv)]
+    real = rng.sample(real, min(n_real, len(real)))
+    items += [completion_item(tokenizer, e.prompt, e.target, config.max_length) for e in real]
+    rng.shuffle(items)
+    probe = [e for lv in levels for e in family.generate("validation", 4, seed=seed, difficulty=lv)]
+    before = reference_nll(model, tokenizer, probe, config.max_length)
+    trained = train_items(model, items, config, tokenizer.pad_token_id, work_dir, 1.0)
+    after = reference_nll(model, tokenizer, probe, config.max_length)
+    return {"dreams": len(items) - len(real), "real": len(real), "levels": list(levels), "train": trained,
+            "heldout_nll_before": before, "heldout_nll_after": after}  # fmt: skip
+
+
+def bake_level(model, tokenizer, config: CurriculumConfig, prompts: Sequence[str], seed: int):
+    """Half-bake each configured prompt (eudaimonia, OODA, identity) in turn; returns the model and strengths."""
+    bake_config = config.bake_config(seed)
+    if bake_config is None:
+        return model, {}
+    strengths = {}
+    for offset, (name, text) in enumerate(config.bake_prompts.items()):
+        result = run_prompt_baking(model, tokenizer, text, dataclasses.replace(bake_config, seed=seed + offset),
+                                   inputs=list(prompts) or [""])  # fmt: skip
+        model = result.model
+        strengths[name] = {"strength": result.strength, "kl_before": result.kl_initial, "kl_after": result.kl_final,
+                           "nominal": result.nominal_strength}  # fmt: skip
+    return model, strengths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The phase
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _work_dir(output_dir: Path) -> Path:
+    return output_dir.parent / f".{output_dir.name}-work"
+
+
+def _finished_levels(work_dir: Path) -> list[Path]:
+    found = [(int(p.name.split("-")[1]), p) for p in work_dir.glob("level-*") if (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def load_input(config: CurriculumConfig, path: str | None = None):
+    """The model (ternary layers in shadow form, trainable) and tokenizer; whether the model is ternary."""
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path or config.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path or config.model_name_or_path, dtype=torch.float32)
+    if model.config.model_type != "forge":
+        raise ValueError(f"{config.model_name_or_path} is a {model.config.model_type!r} model. Fix: Phase 5 takes a "
+                         "Forge checkpoint (Phase 4's output).")  # fmt: skip
+    ternary = model.config.bitnet is not None
+    if ternary and model.config.bitnet["format"] == "packed":
+        bitnet_to_shadow(model)  # train the shadow weights with STE; packed again at the end
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer needs pad and eos tokens. Fix: use the tokenizer of a Forge phase folder.")
+    return model, tokenizer, ternary
+
+
+def _use_thoughts(config: CurriculumConfig, model, tokenizer) -> bool:
+    if config.thinking != "auto":
+        return config.thinking == "on"
+    return THOUGHT_START in tokenizer.get_vocab() and getattr(model, "thought_mixer", None) is not None
+
+
+def run_phase5(config: CurriculumConfig) -> dict:
+    """Run Phase 5 end to end and return a summary (the report plus where it was written)."""
+    state = PartialState()
+    started = time.time()
+    set_seed(config.seed)
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not config.overwrite:
+        raise FileExistsError(f"{output_dir} already holds a finished Phase 5. Fix: choose another output_dir or "
+                              "pass --overwrite.")  # fmt: skip
+    work_dir = _work_dir(output_dir)
+    finished = _finished_levels(work_dir) if config.resume else []
+    if not config.resume and work_dir.exists():
+        shutil.rmtree(work_dir)
+    model, tokenizer, ternary = load_input(config, str(finished[-1]) if finished else None)
+    family = get_task_family(
+        "code",
+        timeout_s=config.sandbox_timeout_s,
+        memory_mb=config.sandbox_memory_mb,
+        max_workers=config.sandbox_workers,
+        require_isolation=config.require_isolation,
+    )
+    teacher = get_teacher(config.teacher, **config.teacher_kwargs)
+    think = _use_thoughts(config, model, tokenizer)
+    policy = ModelPolicy(model, tokenizer, max_new_tokens=config.max_new_tokens, think=think)
+
+    if finished:
+        saved = json.loads((finished[-1] / STATE_FILE).read_text())
+        placement, levels, records = saved["placement"], saved["levels"], saved["records"]
+        before, replay = {int(k): v for k, v in saved["before"].items()}, [TrainingPair(**p) for p in saved["replay"]]
+        logger.info("Phase 5: resuming after level %s from %s", records[-1]["level"], finished[-1])
+    else:
+        placement = place(policy, family, config)
+        start = placement["start_level"]
+        levels = list(range(start, min(start + config.num_levels - 1, config.levels[1]) + 1))
+        before = evaluate_levels(policy, family, levels, config)
+        records, replay = [], []
+        logger.info("Phase 5: placement %s -> levels %s", placement["per_level"], levels)
+
+    def train_round(pairs: list[TrainingPair]) -> dict:
+        items = [completion_item(tokenizer, p.prompt, p.completion, config.max_length) for p in pairs]
+        return train_items(model, items, config, tokenizer.pad_token_id, work_dir, config.train_epochs)
+
+    todo = levels[len(records) :]
+    for level in tqdm(todo, desc="Phase 5 levels", disable=config.disable_tqdm or not state.is_main_process):
+        level_started = time.time()
+        pool_examples = family.generate("train", config.pool_size, seed=config.seed, difficulty=level)
+        pool = TaskPool(pool_examples, family, config.successes_to_remove)
+        learned: list[TrainingPair] = []
+        rounds = run_level(pool, policy, teacher, train_round, level=level, config=config, replay=replay,
+                           seed=config.seed + 7919 * level, learned=learned)  # fmt: skip
+        replay += [dataclasses.replace(p, kind="replay") for p in learned]
+        prompts = [e.prompt for e in pool_examples]
+        model, bakes = bake_level(model, tokenizer, config, prompts[:8], config.seed + level)
+        policy.model = model
+        selfmodel = self_model(model, tokenizer, policy, prompts, level, config, work_dir, config.seed + level)
+        done_levels = levels[: levels.index(level) + 1]
+        dreams = dream(model, tokenizer, policy, family, done_levels, config, work_dir, config.seed + level) \
+            if config.dreams else {}  # fmt: skip
+        after = evaluate_levels(policy, family, done_levels, config)
+        records.append({"level": level, "rounds": rounds, "pool": pool.stats(), "bakes": bakes,
+                        "self_model": selfmodel, "dreams": dreams, "success_after": after,
+                        "mastered": pool.mastered(config.mastery_fraction),
+                        "wall_time_s": time.time() - level_started})  # fmt: skip
+        if state.is_main_process:
+            with atomic_directory(work_dir / f"level-{level}", overwrite=True) as folder:
+                model.save_pretrained(folder)
+                payload = {"placement": placement, "levels": levels, "records": records, "before": before,
+                           "replay": [dataclasses.asdict(p) for p in replay]}  # fmt: skip
+                (folder / STATE_FILE).write_text(json.dumps(payload, indent=2))
+        state.wait_for_everyone()
+
+    if ternary:
+        pack_bitnet(model)
+    model.eval()
+    summary = {"output_dir": str(output_dir)}
+    if state.is_main_process:
+        report = _report(config, placement, levels, before, records, ternary, think)
+        _save(config, output_dir, model, tokenizer, report, time.time() - started)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        summary.update(report=report, wall_time_s=time.time() - started)
+    state.wait_for_everyone()
+    return summary
+
+
+def backward_transfer(levels: Sequence[int], records: Sequence[dict]) -> dict:
+    """BWT (Lopez-Paz & Ranzato 2017, as in LAMOL): mean over levels but the last of (success at the end - success
+    right after training that level); per level too. Negative = forgetting."""
+    if len(records) < 2:
+        return {"bwt": None, "per_level": {}}
+    final = records[-1]["success_after"]
+    per_level = {}
+    for record in records[:-1]:
+        level = record["level"]
+        per_level[level] = final[str(level)] - record["success_after"][str(level)]
+    return {"bwt": sum(per_level.values()) / len(per_level), "per_level": per_level}
+
+
+def _report(config: CurriculumConfig, placement: dict, levels: list[int], before: dict, records: list[dict],
+            ternary: bool, think: bool) -> dict:  # fmt: skip
+    """The `curriculum_report.json` content; every number was measured in this run."""
+    records = json.loads(json.dumps(records))  # level keys as strings throughout (as when resumed)
+    final = records[-1]["success_after"] if records else {}
+    per_level = {
+        str(level): {"before": before[level], "after": final.get(str(level)),
+                     "gain": final[str(level)] - before[level] if str(level) in final else None}
+        for level in levels
+    }  # fmt: skip
+    rounds = [r for record in records for r in record["rounds"]]
+    programs = placement["programs"] + sum(r["programs"] for r in rounds)
+    run_s = sum(r["generate_and_run_s"] for r in rounds)
+    return {
+        "input": config.model_name_or_path,
+        "ternary": ternary,
+        "thinking": think,
+        "placement": placement,
+        "levels": levels,
+        "success": per_level,
+        "records": records,
+        "backward_transfer": backward_transfer(levels, records),
+        "totals": {
+            "rounds": len(rounds),
+            "attempts": sum(r["attempted"] for r in rounds),
+            "unaided_successes": sum(r["successes"] for r in rounds),
+            "hints_used": sum(r["hinted_attempts"] for r in rounds),
+            "hinted_successes": sum(r["hinted_successes"] for r in rounds),
+            "programs_run": programs,
+            "loop_generate_and_run_s": run_s,
+            "loop_programs_per_s": sum(r["programs"] for r in rounds) / run_s if run_s > 0 else None,
+        },
+    }
+
+
+def _plots(folder: Path, report: dict) -> None:
+    records = report["records"]
+    if any(r["rounds"] for r in records):
+        series = {f"level {r['level']}": ([x["round"] for x in r["rounds"]], [x["pool_active"] for x in r["rounds"]])
+                  for r in records if r["rounds"]}  # fmt: skip
+        line_plot(folder / "plots" / "pool_size.png", series, title="Phase 5: active pool per round",
+                  xlabel="round", ylabel="tasks left")  # fmt: skip
+    levels = report["levels"]
+    success = report["success"]
+    series = {"input": (levels, [success[str(lv)]["before"] for lv in levels])}
+    if all(success[str(lv)]["after"] is not None for lv in levels):
+        series["after Phase 5"] = (levels, [success[str(lv)]["after"] for lv in levels])
+    line_plot(folder / "plots" / "success_per_level.png", series, title="Phase 5: held-out pass@1 per level",
+              xlabel="level", ylabel="pass@1 (greedy)")  # fmt: skip
+    bands = [r for r in records if r["self_model"]]
+    if bands:
+        last = bands[-1]["self_model"]
+        temps = sorted(last["accuracy_before"], key=float)
+        line_plot(folder / "plots" / "self_model_accuracy.png",
+                  {"before": ([float(t) for t in temps], [last["accuracy_before"][t] for t in temps]),
+                   "after": ([float(t) for t in temps], [last["accuracy_after"][t] for t in temps])},
+                  title=f"Phase 5: self-prediction accuracy (level {bands[-1]['level']})", xlabel="temperature",
+                  ylabel="masked-token accuracy")  # fmt: skip
+
+
+def _save(config: CurriculumConfig, output_dir: Path, model, tokenizer, report: dict, wall_time: float) -> None:
+    metrics = {}
+    for level, values in report["success"].items():
+        metrics[f"curriculum/level{level}_pass@1_before"] = values["before"]
+        if values["after"] is not None:
+            metrics[f"curriculum/level{level}_pass@1_after"] = values["after"]
+    metrics.update({f"curriculum/{k}": v for k, v in report["totals"].items() if v is not None})
+    metrics["curriculum/start_level"] = report["placement"]["start_level"]
+    if report["backward_transfer"]["bwt"] is not None:
+        metrics["curriculum/bwt"] = report["backward_transfer"]["bwt"]
+    for record in report["records"]:
+        level = record["level"]
+        metrics[f"curriculum/level{level}_pool_left"] = record["pool"]["active"]
+        for name, bake in record["bakes"].items():
+            metrics[f"bake/level{level}_{name}_strength"] = bake["strength"]
+        if record["self_model"]:
+            metrics[f"self_model/level{level}_accuracy_before"] = record["self_model"]["mean_before"]
+            metrics[f"self_model/level{level}_accuracy_after"] = record["self_model"]["mean_after"]
+        if record["dreams"]:
+            metrics[f"dream/level{level}_heldout_nll_before"] = record["dreams"]["heldout_nll_before"]
+            metrics[f"dream/level{level}_heldout_nll_after"] = record["dreams"]["heldout_nll_after"]
+    eval_results = [
+        {"dataset": "agent-forge/code", "split": "test", "metric": "pass@1", "metric_name": f"pass@1 level {lv}",
+         "value": v["after"]}
+        for lv, v in report["success"].items() if v["after"] is not None
+    ]  # fmt: skip
+
+    def write_extras(folder: Path) -> None:
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        _plots(folder, report)
+
+    save_phase_output(
+        output_dir, model=model, tokenizer=tokenizer, phase=5, phase_name="curriculum",
+        config={"curriculum": {k: v for k, v in config.to_dict().items() if not k.startswith("_")},
+                "model_bitnet": model.config.bitnet},
+        inputs=[config.model_name_or_path], metrics=metrics, eval_results=eval_results, seed=config.seed,
+        wall_time_s=wall_time, datasets=["agent-forge/code"], tags=["curriculum", "code", "sandbox"],
+        card_sections={"report": report}, card_template="phase5_curriculum",
+        model_name=f"forge-phase5-curriculum-{Path(config.model_name_or_path).name}", write_extras=write_extras,
+        overwrite=config.overwrite,
+        push_to_hub=(config.hub_model_id or f"{output_dir.parent.name}-phase5") if config.push_to_hub else None,
+    )  # fmt: skip
+
+
+__all__ = [
+    "ModelPolicy",
+    "PoolTask",
+    "TaskPool",
+    "TrainingPair",
+    "backward_transfer",
+    "band_temperatures",
+    "choose_start_level",
+    "evaluate_levels",
+    "masked_self_items",
+    "pass_at_k",
+    "place",
+    "run_level",
+    "run_phase5",
+    "strip_thoughts",
+    "with_hint",
+]
