@@ -20,8 +20,8 @@ folder:
 | 6 persona | `<run>/phase5` | `<run>/phase6` |
 
 Phases write atomically, so a folder that exists is finished and is skipped; a phase cut short is run again with its
-own resume switch (Phase 1 and 2 `resume`, Phase 4 `resume_from_checkpoint` from its work folder, Phase 5 and 6
-`resume`; Phase 3 restarts). After the phases, every finished phase's model is evaluated on the **same** tasks
+own `resume` switch (Phases 1, 2, 4, 5 and 6 continue from their last checkpoint, generation, level or cycle; Phase 3
+starts over, being short and seeded). After the phases, every finished phase's model is evaluated on the **same** tasks
 (`evaluation`: test split of the built-in families, fixed seed and limit; phases select on train/validation items
 only) and `<run>/pipeline_report.md` (+ `<run>/plots/pipeline_*.png`) puts them side by side with each phase's change.
 
@@ -107,16 +107,13 @@ class PhaseSpec:
         return getattr(importlib.import_module(module), name)
 
 
-def _phase4_resume(run: Path) -> dict[str, Any]:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    work = run / ".phase4-work"
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    return {"resume_from_checkpoint": last} if last else {}
-
-
 def _phase1_finished(run: Path) -> Path:
     return run / "phase1" / PHASE1_MODELS[-1]
+
+
+def _resume(run: Path) -> dict[str, Any]:
+    """Every phase's own `resume` switch: a finished output is kept, a cut run continues where it can."""
+    return {"resume": True}
 
 
 PHASES: dict[int, PhaseSpec] = {
@@ -125,28 +122,29 @@ PHASES: dict[int, PhaseSpec] = {
         PhaseSpec(1, "cognate", "trainers.cognate_config:CognateConfig", "trainers.cognate_trainer:run_phase1",
                   chain=lambda run, source: {"output_dir": str(run)}, output=_phase1_finished,
                   models=lambda run: {f"1 cognate ({n})": run / "phase1" / n for n in PHASE1_MODELS},
-                  resume=lambda run: {"resume": True}, handover=lambda run: run / "phase1" / PHASE1_MODELS[0]),
+                  resume=_resume, handover=lambda run: run / "phase1" / PHASE1_MODELS[0]),
         PhaseSpec(2, "evomerge", "trainers.evomerge_config:EvoMergeConfig", "trainers.evomerge:run_phase2",
                   chain=lambda run, source: {"output_dir": str(run), "phase1_dir": str(run / "phase1")},
                   output=lambda run: run / "phase2" / "champion",
                   models=lambda run: {"2 evomerge (champion)": run / "phase2" / "champion"},
-                  resume=lambda run: {"resume": True} if (run / "phase2").exists() else {}),
+                  resume=_resume),
         PhaseSpec(3, "quietstar", "trainers.quietstar_config:QuietStarConfig", "trainers.quietstar_trainer:run_phase3",
                   chain=lambda run, source: {"output_dir": str(run), "model_name_or_path": str(source)},
-                  output=lambda run: run / "phase3", models=lambda run: {"3 quietstar": run / "phase3"}),
+                  output=lambda run: run / "phase3", models=lambda run: {"3 quietstar": run / "phase3"},
+                  resume=_resume),
         PhaseSpec(4, "bitnet", "trainers.bitnet_config:BitNetConfig", "trainers.bitnet_trainer:run_phase4",
                   chain=lambda run, source: {"output_dir": str(run / "phase4"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase4", models=lambda run: {"4 bitnet": run / "phase4"},
-                  resume=_phase4_resume),
+                  resume=_resume),
         PhaseSpec(5, "curriculum", "trainers.curriculum_config:CurriculumConfig",
                   "trainers.curriculum_trainer:run_phase5",
                   chain=lambda run, source: {"output_dir": str(run / "phase5"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase5", models=lambda run: {"5 curriculum": run / "phase5"},
-                  resume=lambda run: {"resume": True}),
+                  resume=_resume),
         PhaseSpec(6, "persona", "trainers.persona_config:PersonaConfig", "trainers.persona_trainer:run_phase6",
                   chain=lambda run, source: {"output_dir": str(run / "phase6"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase6", models=lambda run: {"6 persona": run / "phase6"},
-                  resume=lambda run: {"resume": True}),
+                  resume=_resume),
     )
 }  # fmt: skip
 
