@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.utils import logging
 
@@ -339,6 +340,7 @@ def run_ab_cycles(
     baked_prompts = [entry["prompt"] for entry in state.baked]
     current = {kind: scorer.score(kind, model, tokenizer, baked=baked_prompts) for kind in ("A", "B")}
     order = ["A", "B"] if config.first_cycle == "A" else ["B", "A"]
+    progress = tqdm(total=config.max_cycles, initial=len(state.cycles), desc="Phase 6 A/B cycles")
     while True:
         index = len(state.cycles)
         if all(state.streak[k] >= config.patience for k in ("A", "B")):
@@ -418,8 +420,11 @@ def run_ab_cycles(
         state.cycles.append(record)
         logger.info("Phase 6 cycle %d (%s): winner gain %+.3f [%.3f, %.3f] -> %s", index, kind, record["gain"],
                     record["ci_low"], record["ci_high"], "kept" if kept else "not kept")  # fmt: skip
+        progress.update(1)
+        progress.set_postfix(kind=kind, gain=f"{record['gain']:+.3f}", kept=kept)
         if on_cycle is not None:
             on_cycle(model, state)
+    progress.close()
     return model, state
 
 
