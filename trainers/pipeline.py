@@ -387,24 +387,28 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[int, Callable] | None 
 
 
 def push_run(config: PipelineConfig) -> list[str]:
-    """Upload every finished phase's model folder to `<hub_model_id>-phaseN[-name]` (the report goes with the last)."""
-    from huggingface_hub import create_repo, upload_file, upload_folder
+    """Upload every finished phase's model folder to `<hub_model_id>-phaseN` (Phase 1: `-phase1-<name>`) with
+    `push_folder`, then the run report and its plot into the last phase's repo; returns the repo ids."""
+    from huggingface_hub import HfApi
+
+    from .phase_output import push_folder
 
     pushed = []
-    last = None
     for number, spec in PHASES.items():
         for label, folder in spec.models(config.run_dir).items():
             if not (folder / "config.json").exists():
                 continue
             suffix = f"phase{number}" + (f"-{folder.name}" if number == 1 else "")
-            repo = f"{config.hub_model_id}-{suffix}"
-            create_repo(repo, exist_ok=True)
-            upload_folder(repo_id=repo, folder_path=str(folder), commit_message=f"Agent Forge {label}")
-            pushed.append(repo)
-            last = repo
+            pushed.append(
+                push_folder(folder, f"{config.hub_model_id}-{suffix}", commit_message=f"Agent Forge {label}")
+            )
     report = config.run_dir / REPORT_FILE
-    if last and report.exists():
-        upload_file(path_or_fileobj=str(report), path_in_repo=REPORT_FILE, repo_id=last)
+    if pushed and report.exists():
+        api = HfApi()
+        api.upload_file(path_or_fileobj=str(report), path_in_repo=REPORT_FILE, repo_id=pushed[-1])
+        plot = config.run_dir / "plots" / "pipeline_scores.png"
+        if plot.exists():
+            api.upload_file(path_or_fileobj=str(plot), path_in_repo="plots/pipeline_scores.png", repo_id=pushed[-1])
     return pushed
 
 
