@@ -329,6 +329,7 @@ def run_ab_cycles(
     bake: BakeFn | None = None,
     state: LoopState | None = None,
     on_cycle: Callable[[Any, LoopState], None] | None = None,
+    current: dict[str, np.ndarray] | None = None,
 ) -> tuple[Any, LoopState]:
     """Alternate A- and B-cycles from `state` (a fresh one by default) until both plateau; returns the final model.
 
@@ -338,7 +339,8 @@ def run_ab_cycles(
     state = state or LoopState()
     fraction = config.bake_config().fraction
     baked_prompts = [entry["prompt"] for entry in state.baked]
-    current = {kind: scorer.score(kind, model, tokenizer, baked=baked_prompts) for kind in ("A", "B")}
+    if current is None:  # per-item scores of the current model (given by the caller when it has them)
+        current = {kind: scorer.score(kind, model, tokenizer, baked=baked_prompts) for kind in ("A", "B")}
     order = ["A", "B"] if config.first_cycle == "A" else ["B", "A"]
     progress = tqdm(total=config.max_cycles, initial=len(state.cycles), desc="Phase 6 A/B cycles")
     while True:
@@ -523,15 +525,18 @@ def run_phase6(config: PersonaConfig, scorer: Scorer | None = None, bake: BakeFn
         raise ValueError(f"{source} is a {model.config.model_type!r} model. Fix: Phase 6 takes a Forge checkpoint.")
     repack = _prepare_bitnet(model)
     scorer = scorer or TaskScorer(config)
+    current = None
     if state is None:
         state = LoopState()
-        state.input_scores = {k: _mean(scorer, k, scorer.score(k, model, tokenizer)) for k in ("A", "B")}
+        current = {k: scorer.score(k, model, tokenizer) for k in ("A", "B")}
+        state.input_scores = {k: _mean(scorer, k, current[k]) for k in ("A", "B")}
     input_scores = state.input_scores
 
     def checkpoint(current_model, loop_state: LoopState) -> None:
         _save_work(work, current_model, tokenizer, loop_state)
 
-    model, state = run_ab_cycles(model, tokenizer, config, scorer, bake=bake, state=state, on_cycle=checkpoint)
+    model, state = run_ab_cycles(model, tokenizer, config, scorer, bake=bake, state=state, on_cycle=checkpoint,
+                                 current=current)  # fmt: skip
     baked = [b["prompt"] for b in state.baked]
     final_scores = {k: _mean(scorer, k, scorer.score(k, model, tokenizer, baked=baked)) for k in ("A", "B")}
     if repack:
