@@ -13,11 +13,12 @@ import ipaddress
 import os
 import secrets
 import sys
+from pathlib import Path
 
 import uvicorn
 
 from .app import create_app
-from .controller import Controller
+from .controller import REPO_ROOT, Controller
 
 
 def is_loopback(host: str) -> bool:
@@ -36,6 +37,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8765, help="Port (default 8765).")
     parser.add_argument("--preset", default="tiny", help="Config preset: recipes/configs/phaseN_<preset>.yaml.")
+    parser.add_argument(
+        "--pipeline",
+        default=None,
+        help="Pipeline YAML whose runner (recipes/pipeline.py) runs the phases; default: "
+        "recipes/configs/pipeline_<preset>.yaml when it exists.",
+    )
+    parser.add_argument("--no-pipeline", action="store_true", help="Run each phase's own recipe instead.")
     parser.add_argument("--config", action="append", default=[], metavar="N=FILE",
                         help="The YAML of phase N (repeatable); overrides --preset for that phase.")  # fmt: skip
     parser.add_argument(
@@ -57,9 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     token = args.token
     if token is None and not is_loopback(args.host):
         token = secrets.token_urlsafe(24)
-    controller = Controller(args.run, preset=args.preset, configs=configs)
+    pipeline = args.pipeline or REPO_ROOT / "recipes" / "configs" / f"pipeline_{args.preset}.yaml"
+    if args.no_pipeline or not Path(pipeline).exists():
+        pipeline = None
+    controller = Controller(args.run, preset=args.preset, configs=configs, pipeline=pipeline)
     url = f"http://{args.host}:{args.port}/"
     print(f"Agent Forge dashboard for {controller.run_dir}: {url}" + (f"#token={token}" if token else ""))
+    print(f"Phases run through {controller.pipeline or 'their own recipes (recipes/phaseN.py)'}.")
     if token:
         print(f"Control requests need 'Authorization: Bearer {token}'.")
     uvicorn.run(create_app(controller, token=token), host=args.host, port=args.port, log_level="warning")

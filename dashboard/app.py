@@ -6,6 +6,7 @@
     GET  /api/phases/{n}/card?folder=F    the model card of one finished model folder, as HTML
     POST /api/phases/{n}/configure        JSON object of config fields, validated by the phase's config class (422)
     POST /api/phases/{n}/start|pause|resume|stop
+    POST /api/pipeline/start|stop         every unfinished phase, then the shared evaluation (with a pipeline YAML)
     GET  /api/events?since=ID             the event log after ID, as JSON
     GET  /api/stream?since=ID             the same as server-sent events, live (`limit=N` closes after N)
     GET  /files/{path}                    a file of the run folder (nothing outside it)
@@ -53,7 +54,8 @@ def create_app(controller: Controller, *, token: str | None = None, poll_interva
     async def pipeline_status(request: Request) -> JSONResponse:
         status = controller.pipeline_status()
         info = {n: {"name": spec.name, "charts": spec.charts} for n, spec in PHASES.items()}
-        status.update({"last_event_id": hub.last_id, "token_required": token is not None, "phases_info": info})
+        status.update({"last_event_id": hub.last_id, "token_required": token is not None, "phases_info": info,
+                       "pipeline_config": str(controller.pipeline) if controller.pipeline else None})  # fmt: skip
         return JSONResponse(status)
 
     async def phase_status(request: Request) -> JSONResponse:
@@ -85,13 +87,20 @@ def create_app(controller: Controller, *, token: str | None = None, poll_interva
             return _error(404, f"No model card for {name!r} in phase {spec.number}.", folders=sorted(folders))
         return JSONResponse(render_card(folders[name], run_dir))
 
-    async def control(request: Request) -> JSONResponse:
+    def check_request(request: Request) -> JSONResponse | None:
+        """The token (when the app has one) and a JSON content type, for every control request."""
         if token is not None:
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return _error(401, "A token is required. Fix: send 'Authorization: Bearer <token>'.")
         if "application/json" not in request.headers.get("content-type", ""):
             return _error(415, "Control requests must be JSON. Fix: send 'Content-Type: application/json'.")
+        return None
+
+    async def control(request: Request) -> JSONResponse:
+        refused = check_request(request)
+        if refused is not None:
+            return refused
         spec = phase_or_404(request)
         action = request.path_params["action"]
         if action not in ACTIONS:
@@ -112,6 +121,23 @@ def create_app(controller: Controller, *, token: str | None = None, poll_interva
         except Conflict as error:
             return _error(409, str(error))
         hub.poll_once()  # the state change shows up in the stream at once
+        return JSONResponse(result)
+
+    async def pipeline_control(request: Request) -> JSONResponse:
+        refused = check_request(request)
+        if refused is not None:
+            return refused
+        action = request.path_params["action"]
+        try:
+            if action == "start":
+                result = controller.start(None)
+            elif action == "stop" and controller.live_phase() is not None:
+                result = controller.stop(controller.live_phase())
+            else:
+                return _error(404, f"Unknown pipeline action {action!r}. Actions: start, stop.")
+        except Conflict as error:
+            return _error(409, str(error))
+        hub.poll_once()
         return JSONResponse(result)
 
     async def events(request: Request) -> JSONResponse:
@@ -171,6 +197,7 @@ def create_app(controller: Controller, *, token: str | None = None, poll_interva
     routes = [
         Route("/", index),
         Route("/api/pipeline/status", pipeline_status),
+        Route("/api/pipeline/{action:str}", pipeline_control, methods=["POST"]),
         Route("/api/phases/{n:int}/status", phase_status),
         Route("/api/phases/{n:int}/metrics", phase_metrics),
         Route("/api/phases/{n:int}/card", phase_card),

@@ -33,6 +33,7 @@ PROGRESS_FILE = "progress.json"
 PAUSED_EXIT_CODE = 75
 PIPELINE_STATE_FILE = "pipeline_state.json"
 LOG_TAIL_CHARS = 4000
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
@@ -84,14 +85,17 @@ class Controller:
     """Configures, starts, pauses, resumes and stops the phases of one run folder, one child process at a time."""
 
     def __init__(self, run_dir: str | Path, *, preset: str = "tiny", config_dir: str | Path | None = None,
-                 configs: dict[int, str | Path] | None = None, python: str = sys.executable) -> None:  # fmt: skip
+                 configs: dict[int, str | Path] | None = None, pipeline: str | Path | None = None,
+                 python: str = sys.executable) -> None:  # fmt: skip
         self.run_dir = Path(run_dir).resolve()
         self.control_dir = self.run_dir / CONTROL_DIRNAME
-        self.config_dir = (
-            Path(config_dir) if config_dir else Path(__file__).resolve().parent.parent / "recipes/configs"
-        )
+        self.config_dir = Path(config_dir) if config_dir else REPO_ROOT / "recipes" / "configs"
         self.preset = preset
-        self.configs = {int(k): Path(v) for k, v in (configs or {}).items()}
+        self.configs = {int(k): Path(v).resolve() for k, v in (configs or {}).items()}
+        # With a pipeline YAML the child is the pipeline runner (recipes/pipeline.py) limited to the phase asked for;
+        # without one, the phase's own recipe.
+        self.pipeline = Path(pipeline).resolve() if pipeline else None
+        self._last_live: int | None = None
         self.python = python
         self.overrides: dict[int, dict] = {}
         self.outcomes: dict[int, dict] = {}  # this session's finished/paused/failed/stopped children
@@ -102,21 +106,40 @@ class Controller:
         self._log_handle = None
 
     # ---- configuration
-    def base_config(self, number: int) -> dict:
-        """The phase's YAML preset (`recipes/configs/phaseN_<preset>.yaml` unless a file was given for it)."""
+    def _pipeline_entries(self) -> dict[int, dict]:
+        data = yaml.safe_load(self.pipeline.read_text()) or {}
+        return {int(k): dict(v or {}) for k, v in (data.get("phases") or {}).items()}
+
+    def config_path(self, number: int) -> Path:
+        """The phase's YAML: given with `configs`, else named by the pipeline YAML, else the preset's."""
         get_phase(number)
-        path = self.configs.get(number, self.config_dir / f"phase{number}_{self.preset}.yaml")
+        if number in self.configs:
+            return self.configs[number]
+        if self.pipeline is not None and self._pipeline_entries().get(number, {}).get("config"):
+            path = Path(self._pipeline_entries()[number]["config"])
+            return path.resolve() if path.is_absolute() or path.exists() else REPO_ROOT / path
+        return self.config_dir / f"phase{number}_{self.preset}.yaml"
+
+    def base_config(self, number: int) -> dict:
+        """The phase's YAML (plus the pipeline YAML's overrides for it)."""
+        path = self.config_path(number)
         if not path.exists():
             raise ConfigError(
                 f"No config for phase {number}: {path} does not exist. Fix: pass --config {number}=FILE."
             )
-        return yaml.safe_load(path.read_text()) or {}
+        config = yaml.safe_load(path.read_text()) or {}
+        if self.pipeline is not None:
+            config.update(self._pipeline_entries().get(number, {}).get("overrides") or {})
+        return config
+
+    def added_fields(self, number: int) -> dict:
+        """What the service adds to a phase's config: the configured fields, then trackio tracking."""
+        return {**self.overrides.get(number, {}), **(TRACKING if get_phase(number).tracking else {})}
 
     def effective_config(self, number: int, *, resume: bool = False) -> dict:
         """Preset, then configured fields, then the run folder's paths and tracking (and resume fields)."""
         spec = get_phase(number)
-        config = {**self.base_config(number), **self.overrides.get(number, {})}
-        config.update(TRACKING)
+        config = {**self.base_config(number), **self.added_fields(number)}
         config.update(spec.paths(self.run_dir))
         if resume and spec.resume is not None:
             config.update(spec.resume(self.run_dir))
@@ -154,40 +177,78 @@ class Controller:
 
     # ---- the child process
     def live_phase(self) -> int | None:
+        """The phase the child is running now (for a whole-pipeline run: the runner's current phase)."""
         with self._lock:
             self.poll()
-            return self.process_phase if self.process is not None else None
+            if self.process is None:
+                return None
+            live = self.process_phase
+            if live is None:  # the whole pipeline: it says which phase it is in
+                state = read_report(self.run_dir / PIPELINE_STATE_FILE)
+                live = state.get("current_phase") if isinstance(state, dict) else None
+            self._last_live = live if live is not None else self._last_live
+            return live
 
-    def start(self, number: int, *, resume: bool = False) -> dict:
-        """Run phase `number` (resume=True: continue its paused run) in a child process."""
-        spec = get_phase(number)
+    def _pipeline_yaml(self, number: int | None) -> Path:
+        """The pipeline YAML of this run: the given one, with the run folder, absolute phase YAMLs, and each phase's
+        added fields as `overrides`; `number` limits it to one phase (without the shared evaluation)."""
+        data = yaml.safe_load(self.pipeline.read_text()) or {}
+        data["output_dir"] = str(self.run_dir)
+        entries = self._pipeline_entries()
+        for n in entries:
+            entries[n]["config"] = str(self.config_path(n))
+            entries[n]["overrides"] = {**(entries[n].get("overrides") or {}), **self.added_fields(n)}
+        data["phases"] = entries
+        if number is not None:
+            data.update(from_phase=number, to_phase=number, evaluate=False)
+        path = self.control_dir / ("pipeline.yaml" if number is None else f"pipeline-phase{number}.yaml")
+        _write_atomic(path, yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def start(self, number: int | None, *, resume: bool = False) -> dict:
+        """Run phase `number` (resume=True: continue its paused run) in a child process; `number=None` runs the
+        whole pipeline (every unfinished phase, then the shared evaluation and report; needs a pipeline YAML)."""
         with self._lock:
             live = self.live_phase()
-            if live is not None:
+            if self.process is not None:
                 raise Conflict(f"Phase {live} is running. Fix: wait for it, or pause/stop it first.")
-            if not resume and (self.run_dir / spec.finished_marker).exists():
-                raise Conflict(f"Phase {number} already finished in {self.run_dir}. Fix: use another run folder.")
-            config = self.effective_config(number, resume=resume)
-            self.validate(number, config)
-            yaml_path = self.control_dir / f"phase{number}.yaml"
-            _write_atomic(yaml_path, yaml.safe_dump(config, sort_keys=False))
+            if number is None and self.pipeline is None:
+                raise Conflict("No pipeline YAML. Fix: start the dashboard with --pipeline FILE, or start a phase.")
+            if number is not None:
+                spec = get_phase(number)
+                if not resume and (self.run_dir / spec.finished_marker).exists():
+                    raise Conflict(f"Phase {number} already finished in {self.run_dir}. Fix: use another run folder.")
+                self.validate(number, self.effective_config(number, resume=resume))
+            if self.pipeline is not None:
+                config_path = self._pipeline_yaml(number)
+                command = [self.python, "-m", "recipes.pipeline", "--config", str(config_path)]
+                if number is not None:  # the command line wins over the file
+                    command += ["--from_phase", str(number), "--to_phase", str(number), "--evaluate", "false"]
+            else:
+                config_path = self.control_dir / f"phase{number}.yaml"
+                config = self.effective_config(number, resume=resume)
+                _write_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
+                command = [self.python, "-m", f"recipes.phase{number}", "--config", str(config_path)]
             (self.control_dir / CONTROL_FILE).unlink(missing_ok=True)
             (self.control_dir / PROGRESS_FILE).unlink(missing_ok=True)
             env = {**os.environ, "FORGE_CONTROL_DIR": str(self.control_dir),
                    "TRACKIO_DIR": str(self.run_dir / "trackio")}  # fmt: skip
-            log_path = self.control_dir / f"phase{number}.log"
-            self._log_handle = open(log_path, "a")  # noqa: SIM115 - closed when the child is reaped
-            self._log_handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}\n")
+            name = "pipeline" if number is None else f"phase{number}"
+            self._log_handle = open(self.control_dir / f"{name}.log", "a")  # noqa: SIM115 - closed when reaped
+            self._log_handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
+                                   f"{' '.join(command)}\n")  # fmt: skip
             self._log_handle.flush()
-            self.process = subprocess.Popen(
-                [self.python, "-m", f"recipes.phase{number}", "--config", str(yaml_path)],
-                env=env, stdout=self._log_handle, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+            self.process = subprocess.Popen(command, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT,
+                                            start_new_session=True)  # fmt: skip
             self.process_phase = number
+            self._last_live = number
             self._stop_requested = False
-            self.outcomes.pop(number, None)
+            if number is None:
+                self.outcomes.clear()
+            else:
+                self.outcomes.pop(number, None)
             self._started = time.time()
-            return {"phase": number, "pid": self.process.pid, "resume": resume, "config": str(yaml_path)}
+            return {"phase": number, "pid": self.process.pid, "resume": resume, "config": str(config_path)}
 
     def pause(self, number: int) -> dict:
         """Ask the running phase to checkpoint at its next step and exit."""
@@ -205,8 +266,8 @@ class Controller:
         spec = get_phase(number)
         with self._lock:
             status = self.phase_status(number)["status"]
-            if status not in ("paused", "stopped", "failed"):
-                raise Conflict(f"Phase {number} is {status}; only a paused, stopped or failed phase resumes.")
+            if status not in ("paused", "stopped", "failed", "interrupted"):
+                raise Conflict(f"Phase {number} is {status}; a paused, stopped, failed or interrupted phase resumes.")
             if spec.resume is None:
                 raise Conflict(f"Phase {number} ({spec.name}) has no resume yet. Fix: start it again.")
             return self.start(number, resume=True)
@@ -225,7 +286,7 @@ class Controller:
         with self._lock:
             if self.process is None or self.process.poll() is None:
                 return
-            code, number = self.process.returncode, self.process_phase
+            code, number = self.process.returncode, self.process_phase or self._last_live
             if code == 0:
                 status = "finished"
             elif code == PAUSED_EXIT_CODE:
@@ -234,15 +295,17 @@ class Controller:
                 status = "stopped"
             else:
                 status = "failed"
-            error = None if status in ("finished", "paused", "stopped") else self._log_tail(number)
-            self.outcomes[number] = {"status": status, "returncode": code, "error": error,
-                                     "started": self._started, "ended": time.time()}  # fmt: skip
+            error = None if status in ("finished", "paused", "stopped") else self._log_tail(self.process_phase)
+            if number is not None and not (self.process_phase is None and status == "finished"):
+                # (a whole-pipeline run that finished leaves the statuses to pipeline_state.json)
+                self.outcomes[number] = {"status": status, "returncode": code, "error": error,
+                                         "started": self._started, "ended": time.time()}  # fmt: skip
             self._log_handle.close()
             self.process = self.process_phase = self._log_handle = None
             (self.control_dir / CONTROL_FILE).unlink(missing_ok=True)
 
-    def _log_tail(self, number: int) -> str:
-        path = self.control_dir / f"phase{number}.log"
+    def _log_tail(self, number: int | None) -> str:
+        path = self.control_dir / ("pipeline.log" if number is None else f"phase{number}.log")
         return path.read_text()[-LOG_TAIL_CHARS:] if path.exists() else ""
 
     def shutdown(self) -> None:
@@ -280,12 +343,10 @@ class Controller:
                 status = "pausing" if pausing else "running"
             elif outcome is not None:
                 status = outcome["status"]
-            elif pipeline is not None and pipeline.get("status"):
-                status = pipeline["status"]
             elif (self.run_dir / spec.finished_marker).exists():
                 status = "finished"
             else:
-                status = "pending"
+                status = _pipeline_status(pipeline) or "pending"
             return {
                 "phase": number,
                 "name": spec.name,
@@ -298,7 +359,26 @@ class Controller:
             }
 
     def pipeline_status(self) -> dict:
-        return {"run_dir": str(self.run_dir), "phases": [self.phase_status(n) for n in sorted(PHASES)]}
+        """Every phase's status, the pipeline runner's own state (when it has run here) and its report."""
+        state = read_report(self.run_dir / PIPELINE_STATE_FILE)
+        keys = ("status", "current_phase", "evaluation", "updated")
+        runner = {k: state.get(k) for k in keys} if isinstance(state, dict) else None
+        report = self.run_dir / "pipeline_report.md"
+        return {"run_dir": str(self.run_dir), "phases": [self.phase_status(n) for n in sorted(PHASES)],
+                "runner": runner, "report": "pipeline_report.md" if report.exists() else None}  # fmt: skip
+
+
+def _pipeline_status(entry: dict | None) -> str | None:
+    """A phase's status from pipeline_state.json when no child of this service runs it: a phase the runner was in
+    when it went away is `interrupted` (resumable); a pause it recorded as an error is `paused`."""
+    if not entry:
+        return None
+    status = entry.get("status")
+    if status == "running":
+        return "interrupted"
+    if status == "failed":
+        return "paused" if str(entry.get("error") or "").startswith("PauseRequested") else "failed"
+    return status if status == "finished" else None  # pending/skipped: the folder on disk decides
 
 
 class EventHub:

@@ -7,16 +7,8 @@ phase is one entry. Folder names follow the recipes' own layout (`<run>/phase1/<
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-
-def latest_checkpoint(folder: Path) -> str | None:
-    """The highest-numbered `checkpoint-N` folder under `folder` (what Trainer resumes from), or None."""
-    if not folder.is_dir():
-        return None
-    steps = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return str(max(steps)[1]) if steps else None
 
 
 @dataclass(frozen=True)
@@ -33,7 +25,7 @@ class PhaseSpec:
     resume: Callable[[Path], dict] | None  # config fields that continue a paused run; None: cannot resume
     reports: tuple[str, ...] = ()  # report files under the run folder shown in the phase view
     charts: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (title, metric names) plotted live
-    default_fields: dict = field(default_factory=dict)
+    tracking: bool = True  # the config has `report_to`/`project` (trackio logging)
 
     def load_config_class(self) -> type:
         module, name = self.config_class.split(":")
@@ -66,7 +58,7 @@ PHASES: dict[int, PhaseSpec] = {
             ("ACT mean halting step", ("train/act/avg_steps",)),
             ("MAG gate memory use", ("train/gate/m_usage",)),
         ),
-    ),  # fmt: skip
+    ),
     2: PhaseSpec(
         number=2,
         name="EvoMerge",
@@ -81,7 +73,7 @@ PHASES: dict[int, PhaseSpec] = {
             ("fitness per generation", ("evomerge/best", "evomerge/mean")),
             ("population diversity", ("evomerge/diversity",)),
         ),
-    ),  # fmt: skip
+    ),
     3: PhaseSpec(
         number=3,
         name="Quiet-STaR",
@@ -97,7 +89,7 @@ PHASES: dict[int, PhaseSpec] = {
             ("RL reward", ("train/quietstar/reward",)),
             ("KL to reference", ("train/quietstar/kl_ref",)),
         ),
-    ),  # fmt: skip
+    ),
     4: PhaseSpec(
         number=4,
         name="BitNet",
@@ -106,10 +98,39 @@ PHASES: dict[int, PhaseSpec] = {
         finished_marker="phase4/forge_lineage.json",
         model_folders=_single("phase4"),
         paths=lambda run: {"output_dir": str(run / "phase4"), "model_name_or_path": str(run / "phase3")},
-        resume=lambda run: {"resume_from_checkpoint": latest_checkpoint(run / ".phase4-work")},
+        resume=lambda run: {"resume": True},
         reports=("phase4/bitnet_report.json",),
         charts=(("STE training loss", ("train/loss",)), ("distillation KL", ("train/loss/distill_kl",))),
-    ),  # fmt: skip
+    ),
+    # Phases 5 and 6 resume at level / cycle boundaries (their own `resume`), not from a mid-step checkpoint, so
+    # they are stopped and started again rather than paused.
+    5: PhaseSpec(
+        number=5,
+        name="Curriculum",
+        recipe="recipes/phase5.py",
+        config_class="trainers.curriculum_config:CurriculumConfig",
+        finished_marker="phase5/forge_lineage.json",
+        model_folders=_single("phase5"),
+        paths=lambda run: {"output_dir": str(run / "phase5"), "model_name_or_path": str(run / "phase4")},
+        resume=None,
+        reports=("phase5/curriculum_report.json",),
+        charts=(
+            ("held-out pass@1 after each level", ("curriculum/pass@1_this_level", "curriculum/pass@1_levels_so_far")),
+            ("training loss", ("train/loss",)),
+        ),
+    ),
+    6: PhaseSpec(
+        number=6,
+        name="Tool & persona",
+        recipe="recipes/phase6.py",
+        config_class="trainers.persona_config:PersonaConfig",
+        finished_marker="phase6/forge_lineage.json",
+        model_folders=_single("phase6"),
+        paths=lambda run: {"output_dir": str(run / "phase6"), "model_name_or_path": str(run / "phase5")},
+        resume=None,
+        reports=("phase6/ab_history.json",),
+        charts=(("A/B scores after each cycle", ("ab/score_A", "ab/score_B")), ("winner gain", ("ab/gain",))),
+    ),
 }
 
 
@@ -120,4 +141,4 @@ def get_phase(number: int) -> PhaseSpec:
     return PHASES[number]
 
 
-__all__ = ["PHASES", "TRACKING", "PhaseSpec", "get_phase", "latest_checkpoint"]
+__all__ = ["PHASES", "TRACKING", "PhaseSpec", "get_phase"]

@@ -81,6 +81,7 @@ def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
         model_name=lineage.get("model_name", folder.name),
     )
     plots = sorted(str(path.relative_to(folder)) for path in (folder / "plots").glob("*.png"))
+    memory_type = _read_json(folder / "config.json", {}).get("memory_type")
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
     )
@@ -91,6 +92,7 @@ def render_card(folder: str | Path, template: str | None = None) -> ModelCard:
         eval_entries=metrics.get("eval_results", []),
         sections=sections,
         plots=plots,
+        memory_type=memory_type,
         config_json=json.dumps(lineage.get("config", {}), indent=2, sort_keys=True, default=str),
     )
     return ModelCard(text)

@@ -16,6 +16,8 @@ from .modeling_forge import (
     ForgeModelOutputWithPast,
     ForgePreTrainedModel,
     ema_scan,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
 )
 
 AutoConfig.register(ForgeConfig.model_type, ForgeConfig, exist_ok=True)
@@ -39,5 +41,7 @@ __all__ = [
     "bitnet_to_shadow",
     "convert_to_bitnet",
     "ema_scan",
+    "gated_delta_rule_chunked",
+    "gated_delta_rule_recurrent",
     "pack_bitnet",
 ]

@@ -50,7 +50,8 @@ SPEC_KEYS = ("format", "packing", "modules", "activation_bits", "embedding_bits"
 # Linear layers that can become BitLinear, by group; names relative to the backbone (`ForgeModel`).
 QUANTIZABLE_GROUPS: dict[str, str] = {
     "attention": r"^layers\.\d+\.self_attn\.(q|k|v|o)_proj$",
-    "memory": r"^layers\.\d+\.memory\.(down|up)_proj$",
+    # EMA: down/up; neural: q/k/v, output gate and output (its rate projections a/b stay full precision).
+    "memory": r"^layers\.\d+\.memory\.(down|up|q|k|v|g|o)_proj$",
     "gate": r"^layers\.\d+\.gate\.fc[12]$",
     "mlp": r"^layers\.\d+\.mlp\.(gate|up|down)_proj$",
     "trm": r"^recursion\.refiner\.(z_init|y_init|block\.(gate|up|down)_proj)$",

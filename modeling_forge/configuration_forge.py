@@ -7,7 +7,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-MEMORY_TYPES = ("ema", "none")
+MEMORY_TYPES = ("neural", "ema", "none")
 # Deep-supervision weights the specification gives for y0..y3 (three recursion steps).
 DEFAULT_STEP_WEIGHTS = (0.33, 0.5, 0.75, 1.0)
 
@@ -56,15 +56,33 @@ class ForgeConfig(PreTrainedConfig):
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             Activation of the SwiGLU blocks and of the gate MLP.
         memory_type (`str`, *optional*, defaults to `"ema"`):
-            Long-term memory branch: `"ema"` (a causal exponential moving average of a down-projection of the layer
-            input, read out through an up-projection, computed in parallel) or `"none"` (attention only, no gate;
-            the ablation).
+            Long-term memory branch: `"neural"` (Titans' linear memory: per head a matrix `S` written at every token
+            by one gradient step on `||S k_t - v_t||^2` with data-dependent step size and forgetting, i.e. the gated
+            delta rule, read as `S_t q_t`), `"ema"` (a causal exponential moving average of a down-projection of the
+            layer input, read out through an up-projection; the ablation without content addressing) or `"none"`
+            (attention only, no gate; the ablation).
         memory_size (`int`, *optional*, defaults to 160):
-            Width `d_mem` of the memory state.
+            Width `d_mem` of the memory: the EMA state, or the total query/key/value width of the neural memory
+            (`memory_num_heads` heads of `memory_size // memory_num_heads` channels).
+        memory_num_heads (`int`, *optional*):
+            Heads of the neural memory (each holds a `d x d` matrix, `d = memory_size // memory_num_heads`); defaults
+            to `num_attention_heads`.
+        memory_conv_size (`int`, *optional*, defaults to 4):
+            Taps of the short causal depthwise convolution on the neural memory's queries, keys and values.
+        memory_dt_min (`float`, *optional*, defaults to 0.001):
+        memory_dt_max (`float`, *optional*, defaults to 0.01):
+            Range of the neural memory's initial forgetting rates: per head `softplus(dt_bias)` is drawn log-uniformly
+            in `[memory_dt_min, memory_dt_max]` (Mamba2's dt initialisation), so the memory starts slow
+            (`a_t ~ exp(-dt)`, about 0.99-0.999 per token); fast initial forgetting (`a_t ~ 0.5`) left the recall
+            benchmark at chance.
+        memory_forget_scale (`float`, *optional*, defaults to 1.0):
+            Multiplies the neural memory's forgetting rate `-g_t` (below 1 remembers longer) without changing a
+            parameter; Phase 1's memory specialisation sets it (`memory_decay_scale`), Phase 2 merges average it.
         memory_decay (`float`, *optional*, defaults to 0.99):
-            EMA decay: `m_t = decay * m_{t-1} + (1 - decay) * W_down x_t`. Closer to 1 remembers longer.
+            EMA decay (`memory_type="ema"` only): `m_t = decay * m_{t-1} + (1 - decay) * W_down x_t`. Closer to 1
+            remembers longer.
         memory_chunk_size (`int`, *optional*, defaults to 64):
-            Chunk length of the parallel (chunked matrix) form of the memory scan; a speed knob, not a modelling one.
+            Chunk length of the parallel (chunked) form of either memory; a speed knob, not a modelling one.
         gate_hidden_size (`int`, *optional*, defaults to 160):
             Hidden width of the MAG gate MLP `g = sigmoid(MLP([y; m]))`.
         trm_max_steps (`int`, *optional*, defaults to 3):
@@ -153,6 +171,11 @@ class ForgeConfig(PreTrainedConfig):
     hidden_act: str = "silu"
     memory_type: str = "ema"
     memory_size: int = 160
+    memory_num_heads: int | None = None
+    memory_conv_size: int = 4
+    memory_dt_min: float = 0.001
+    memory_dt_max: float = 0.01
+    memory_forget_scale: float = 1.0
     memory_decay: float = 0.99
     memory_chunk_size: int = 64
     gate_hidden_size: int = 160
@@ -253,6 +276,27 @@ class ForgeConfig(PreTrainedConfig):
         if self.memory_type != "none":
             if self.memory_size <= 0:
                 fail("memory_size", f"must be >= 1, got {self.memory_size}", "set d_mem, e.g. hidden_size // 2")
+            if self.memory_type == "neural":
+                heads = self.memory_num_heads if self.memory_num_heads is not None else self.num_attention_heads
+                if heads <= 0 or self.memory_size % heads != 0:
+                    fail(
+                        "memory_num_heads",
+                        f"({heads}) must be positive and divide memory_size ({self.memory_size})",
+                        "choose memory_num_heads that divides memory_size, or leave it unset",
+                    )
+                if not 0.0 < self.memory_forget_scale < float("inf"):
+                    fail(
+                        "memory_forget_scale", f"must be a positive number, got {self.memory_forget_scale}", "use 1.0"
+                    )
+                if self.memory_conv_size < 2:
+                    fail("memory_conv_size", f"must be >= 2, got {self.memory_conv_size}", "use 4")
+                if not 0.0 < self.memory_dt_min <= self.memory_dt_max:
+                    fail(
+                        "memory_dt_min",
+                        f"and memory_dt_max must satisfy 0 < min <= max, got {self.memory_dt_min} and "
+                        f"{self.memory_dt_max}",
+                        "use 0.001 and 0.01",
+                    )
             if not 0.0 < self.memory_decay < 1.0:
                 fail("memory_decay", f"must lie strictly between 0 and 1, got {self.memory_decay}", "use e.g. 0.99")
             if self.memory_chunk_size <= 0:

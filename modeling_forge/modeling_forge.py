@@ -17,6 +17,7 @@ Shape legend:
     G gate hidden size, V vocabulary, K = trm_max_steps + 1 supervised answer states y_0..y_T, L layers.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,15 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_mask
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_recurrent_attention_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import can_return_tuple, is_flash_linear_attention_available, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .bitnet import BitLinear, QuantizedEmbedding, apply_bitnet_layout
@@ -249,60 +255,81 @@ class ForgeAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Long-term memory: causal EMA, parallel chunked scan, state carried in the cache
+# Long-term memory: Titans' neural (linear) memory as a gated delta rule, and the EMA ablation. Both run a chunked
+# parallel form for training and prefill, the recurrence for decoding, keep their state in fp32 in the cache, and
+# restart at every document start of a padding-free packed batch (`segments`: document index per position).
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ema_scan(
-    inputs: torch.Tensor, decay: float, initial_state: torch.Tensor | None = None, chunk_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All states of `m_t = decay * m_{t-1} + inputs_t` at once, without a loop over positions.
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision inputs (bf16 rounds a 0.999 decay to 1.0), float64 kept for exactness tests."""
+    return torch.promote_types(dtype, torch.float32)
 
-    Chunked matrix form: inside each chunk of C positions a lower-triangular (C, C) matrix of decay powers gives the
-    local sums; the chunk-end states are then carried forward with an (n, n) matrix of decay^(C*k) powers. Cost
-    O(T*C*M) instead of O(T^2*M), exact in float64 against the per-position loop.
+
+def ema_scan(
+    inputs: torch.Tensor,
+    decay: float,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    segments: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All states of `m_t = decay * m_{t-1} + inputs_t` at once, in fp32 (or float64) whatever the input dtype.
+
+    Chunked form: inside each chunk of C positions a lower-triangular (C, C) matrix of decay powers gives the local
+    sums; the chunk-end states are carried across the n chunks by a short loop over chunks. Cost O(T*C*M), exact in
+    float64 against the per-position loop.
 
     Args:
         inputs: (B, T, M) already-scaled inputs `(1 - decay) * W_down x_t` (zeros where masked).
         decay: scalar in (0, 1).
         initial_state: (B, M) state before the first position, or None for zeros.
         chunk_size: C.
+        segments: (B, T) document index per position (non-decreasing; the state restarts where it changes, and the
+            initial state belongs to document 0), or None for one document per row.
 
     Returns:
-        states (B, T, M) and the final state (B, M).
+        states (B, T, M) and the final state (B, M), both in the state dtype.
     """
+    dtype = _state_dtype(inputs.dtype)
+    inputs = inputs.to(dtype)
     batch, length, width = inputs.shape
-    if length == 1:  # a decoding step: the recurrence itself, without building chunk matrices
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype)
+    if length == 1 and segments is None:  # a decoding step: the recurrence itself
         state = inputs[:, 0] if initial_state is None else decay * initial_state + inputs[:, 0]
         return state[:, None], state
     chunk = max(1, min(chunk_size, length))
     n_chunks = -(-length // chunk)
-    x = F.pad(inputs, (0, 0, 0, n_chunks * chunk - length)).view(batch, n_chunks, chunk, width)  # (B, n, C, M)
-    base = torch.tensor(decay, dtype=inputs.dtype, device=inputs.device)
+    pad = n_chunks * chunk - length
+    x = F.pad(inputs, (0, 0, 0, pad)).view(batch, n_chunks, chunk, width)  # (B, n, C, M)
     idx = torch.arange(chunk, device=inputs.device)
     rel = idx[:, None] - idx[None, :]
-    intra = torch.where(rel >= 0, base ** rel.clamp(min=0).to(inputs.dtype), torch.zeros((), dtype=inputs.dtype))
+    intra = torch.where(rel >= 0, decay ** rel.clamp(min=0).to(dtype), torch.zeros((), dtype=dtype))  # (C, C)
+    into_chunk = decay ** (idx + 1).to(dtype)  # (C,) decay from the chunk's entry state to each position
+    if segments is not None:
+        seg = torch.cat([segments, segments[:, -1:].expand(batch, pad)], 1).view(batch, n_chunks, chunk)
+        seg_prev = torch.cat([torch.zeros_like(seg[:, :1, 0]), seg[:, :-1, -1]], 1)  # (B, n) document entering
+        intra = intra * (seg[..., :, None] == seg[..., None, :]).to(dtype)  # (B, n, C, C)
+        connected = (seg == seg_prev[..., None]).to(dtype)  # (B, n, C) still in the entering document
+        into = into_chunk * connected
+    else:
+        into = into_chunk.expand(batch, n_chunks, chunk)
     local = torch.matmul(intra, x)  # (B, n, C, M): sums within each chunk
-    ends = local[:, :, -1]  # (B, n, M)
-    cidx = torch.arange(n_chunks, device=inputs.device)
-    crel = cidx[:, None] - cidx[None, :] - 1
-    inter = torch.where(
-        crel >= 0, base ** (chunk * crel.clamp(min=0)).to(inputs.dtype), torch.zeros((), dtype=inputs.dtype)
-    )
-    carry = torch.matmul(inter, ends)  # (B, n, M): state entering each chunk
-    if initial_state is not None:
-        carry = carry + (base ** (chunk * cidx).to(inputs.dtype))[None, :, None] * initial_state[:, None, :]
-    into_chunk = base ** (idx + 1).to(inputs.dtype)  # (C,)
-    states = local + into_chunk[None, None, :, None] * carry[:, :, None, :]
-    states = states.reshape(batch, n_chunks * chunk, width)[:, :length]
+    carry = torch.zeros(batch, width, dtype=dtype, device=inputs.device) if initial_state is None else initial_state
+    states = []
+    for local_c, into_c in zip(local.unbind(1), into.unbind(1), strict=True):  # n = T / C updates of (B, C, M)
+        states.append(local_c + into_c[..., None] * carry[:, None])
+        carry = states[-1][:, -1]
+    states = torch.stack(states, 1).reshape(batch, n_chunks * chunk, width)[:, :length]
     return states, states[:, -1]
 
 
 class ForgeEMAMemory(nn.Module):
-    """Long-term memory `m_t = decay*m_{t-1} + (1-decay)*W_down x_t`, read out as `W_up m_t`.
+    """Long-term memory `m_t = decay*m_{t-1} + (1-decay)*W_down x_t`, read out as `W_up m_t` (the ablation: no content
+    addressing).
 
-    Causal by construction; the state starts at zero for every sequence (padding contributes nothing) and is carried
-    between generation steps in the cache's recurrent-state slot of this layer.
+    Causal by construction; the state starts at zero for every sequence and document (padding contributes nothing),
+    is kept in fp32 and is carried between generation steps in the cache's recurrent-state slot of this layer.
     """
 
     def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
@@ -313,19 +340,283 @@ class ForgeEMAMemory(nn.Module):
         self.up_proj = nn.Linear(config.memory_size, config.hidden_size, bias=False)
 
     def forward(
-        self, hidden_states: torch.Tensor, memory_mask: torch.Tensor | None, past_key_values: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         decay = self.config.memory_decay
-        inputs = self.down_proj(hidden_states) * (1.0 - decay)  # (B, T, M)
+        inputs = self.down_proj(hidden_states).to(_state_dtype(hidden_states.dtype)) * (1.0 - decay)  # (B, T, M) fp32
         if memory_mask is not None:
             inputs = inputs * memory_mask[..., None].to(inputs.dtype)
         initial_state = past_key_values.get_recurrent_state(self.layer_idx) if past_key_values is not None else None
-        states, final_state = ema_scan(inputs, decay, initial_state, self.config.memory_chunk_size)
+        states, final_state = ema_scan(inputs, decay, initial_state, self.config.memory_chunk_size, segments)
         if past_key_values is not None:
             past_key_values.update_recurrent_state(final_state, self.layer_idx)
             # `update_recurrent_state` leaves the flag to the conv-state path, which this memory does not use.
             past_key_values.layers[self.layer_idx].has_previous_state[0] = True
-        return self.up_proj(states)
+        return self.up_proj(states.to(hidden_states.dtype))
+
+
+def gated_delta_rule_recurrent(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule token by token (decoding, and the reference the chunked form is tested against).
+
+    `S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T`, `o_t = S_t^T q_t`, with `a_t = exp(g_t)`: one gradient
+    step of size `b_t` on `||S^T k_t - v_t||^2` after forgetting (Titans' memory update, linear memory).
+
+    Args:
+        query, key: (B, H, T, Dk); value: (B, H, T, Dv); g (log forgetting, <= 0), beta (step size): (B, H, T).
+        initial_state: (B, H, Dk, Dv) or None for zeros.
+        segments: (B, T) document index per position (see `ema_scan`), or None.
+
+    Returns:
+        outputs (B, H, T, Dv) and the final state (B, H, Dk, Dv), in fp32 (float64 for float64 inputs).
+    """
+    dtype = _state_dtype(query.dtype)
+    query, key, value, g, beta = (x.to(dtype) for x in (query, key, value, g, beta))
+    batch, heads, length, _ = key.shape
+    state = (
+        torch.zeros(batch, heads, key.shape[-1], value.shape[-1], dtype=dtype, device=key.device)
+        if initial_state is None
+        else initial_state.to(dtype)
+    )
+    outputs = []
+    if segments is not None:
+        starts = (segments != F.pad(segments, (1, 0))[:, :-1]).to(dtype)  # (B, T) 1 where a document starts
+    per_token = zip(*(x.unbind(2) for x in (query, key, value, g, beta)), strict=True)  # unbind: O(T) backward
+    for t, (q_t, k_t, v_t, g_t, beta_t) in enumerate(per_token):
+        if segments is not None:
+            state = state * (1.0 - starts[:, t, None, None, None])
+        state = state * g_t.exp()[..., None, None]
+        delta = beta_t[..., None] * (v_t - (state * k_t[..., :, None]).sum(-2))  # (B, H, Dv)
+        state = state + k_t[..., :, None] * delta[..., None, :]
+        outputs.append((state * q_t[..., :, None]).sum(-2))
+    return torch.stack(outputs, 2), state
+
+
+def gated_delta_rule_chunked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule in the chunked WY/UT form, equal to `gated_delta_rule_recurrent` (same arguments).
+
+    Inside a chunk of C positions, the C delta-rule updates fold into one unit-lower-triangular solve
+    (`(I + tril(diag(b) K K^T * Gamma, -1))^-1`, the UT transform of DeltaNet); across the n chunks a short loop
+    carries the (Dk, Dv) chunk states. Hand-written because transformers keeps its copy
+    (`torch_chunk_gated_delta_rule`, models/qwen3_next) model-private and without document resets; the algorithm
+    follows it and fla's `naive.py`. Computed in fp32 whatever the input dtype. Keys must be L2-normalised (an
+    unnormalised `b k^T k` above 2 makes the solve blow up, fla issues #99, #537).
+    """
+    dtype = _state_dtype(query.dtype)
+    query, key, value, g, beta = (x.to(dtype) for x in (query, key, value, g, beta))
+    batch, heads, length, d_k = key.shape
+    d_v = value.shape[-1]
+    chunk = max(1, min(chunk_size, length))
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    query, key, value = (F.pad(x, (0, 0, 0, pad)).view(batch, heads, n_chunks, chunk, -1) for x in (query, key, value))
+    g, beta = (F.pad(x, (0, pad)).view(batch, heads, n_chunks, chunk) for x in (g, beta))  # pad: no write, no decay
+
+    cum = g.cumsum(-1)  # (B, H, n, C) log-decay from the chunk start
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
+    if segments is not None:
+        seg = torch.cat([segments, segments[:, -1:].expand(batch, pad)], 1).view(batch, 1, n_chunks, chunk)
+        seg_prev = torch.cat([torch.zeros_like(seg[..., :1, 0]), seg[..., :-1, -1]], -1)  # (B, 1, n) entering doc
+        same_doc = causal & (seg[..., :, None] == seg[..., None, :])  # (B, 1, n, C, C)
+        from_start = (seg == seg_prev[..., None]).to(dtype)  # (B, 1, n, C): reads/updates the entering state
+        to_end = (seg == seg[..., -1:]).to(dtype)  # (B, 1, n, C): reaches the chunk-end state
+    else:
+        same_doc, from_start, to_end = causal, 1.0, 1.0
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~same_doc, float("-inf")).exp()  # (B, H, n, C, C)
+
+    k_beta = key * beta[..., None]
+    system = (k_beta @ key.transpose(-1, -2)) * decay  # its strictly lower part defines the UT system
+    start_decay = cum.exp() * from_start  # (B, H, n, C)
+    rhs = torch.cat([value * beta[..., None], k_beta * start_decay[..., None]], -1)  # one solve for both
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    new_values, k_cumdecay = solved[..., :d_v], solved[..., d_v:]
+    intra = (query @ key.transpose(-1, -2)) * decay  # (B, H, n, C, C)
+    query_in = query * start_decay[..., None]
+    key_out = key * ((cum[..., -1:] - cum).exp() * to_end)[..., None]
+    chunk_decay = cum[..., -1].exp() * (from_start[..., -1] if segments is not None else 1.0)  # (B, H, n)
+
+    state = (
+        torch.zeros(batch, heads, d_k, d_v, dtype=dtype, device=key.device)
+        if initial_state is None
+        else initial_state.to(dtype)
+    )
+    outputs = []
+    # unbind, not [:, :, c]: the backward of indexing in a loop would fill a full-size zero tensor per chunk
+    per_chunk = (x.unbind(2) for x in (new_values, k_cumdecay, query_in, intra, key_out, chunk_decay))
+    for values_c, k_cumdecay_c, query_c, intra_c, key_c, decay_c in zip(*per_chunk, strict=True):
+        corrected = values_c - k_cumdecay_c @ state  # (B, H, C, Dv): what S does not yet predict
+        outputs.append(query_c @ state + intra_c @ corrected)
+        state = state * decay_c[..., None, None] + key_c.transpose(-1, -2) @ corrected
+    out = torch.stack(outputs, 2).reshape(batch, heads, n_chunks * chunk, d_v)[:, :, :length]
+    return out, state
+
+
+def _fla_chunk_gated_delta_rule(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-linear-attention's Triton kernel (CUDA only, optional extra `agent-forge[gpu]`); same maths as
+    `gated_delta_rule_chunked` without document resets. Imported lazily so CPU code never touches it."""
+    if is_flash_linear_attention_available():  # also tells transformers' remote-code import check it is optional
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    else:
+        raise ImportError("flash-linear-attention is not installed. Fix: pip install 'agent-forge[gpu]'.")
+    out, state = chunk_gated_delta_rule(
+        q=query.transpose(1, 2),  # fla takes (B, T, H, D)
+        k=key.transpose(1, 2),
+        v=value.transpose(1, 2),
+        g=g.float().transpose(1, 2),
+        beta=beta.transpose(1, 2),
+        scale=1.0,
+        initial_state=initial_state.float() if initial_state is not None else None,
+        output_final_state=True,
+    )
+    return out.transpose(1, 2), state
+
+
+def short_causal_conv(
+    inputs: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None, segments: torch.Tensor | None
+) -> torch.Tensor:
+    """Depthwise causal convolution `out_t = sum_j weight[:, K-1-j] * x_{t-j}` (nn.Conv1d's tap order).
+
+    Args:
+        inputs: (B, C, T) new inputs; weight: (C, K); tail: (B, C, K-1) inputs before these (cache) or None (zeros).
+        segments: (B, T) document index per position, or None; taps never reach into an earlier document.
+
+    Returns:
+        (B, C, T).
+    """
+    taps = weight.shape[-1]
+    length = inputs.shape[-1]
+    if tail is None:
+        full = F.pad(inputs, (taps - 1, 0))
+    else:
+        full = torch.cat([tail.to(inputs.dtype), inputs], -1)[..., -(taps - 1 + length) :]
+        full = F.pad(full, (taps - 1 + length - full.shape[-1], 0))
+    if segments is not None:
+        seg_full = F.pad(segments, (taps - 1, 0))  # the tail belongs to document 0
+    out = weight[:, taps - 1, None] * inputs
+    for lag in range(1, taps):
+        piece = full[..., taps - 1 - lag : taps - 1 - lag + length]
+        if segments is not None:
+            same_doc = seg_full[:, taps - 1 - lag : taps - 1 - lag + length] == segments  # (B, T)
+            piece = piece * same_doc[:, None].to(piece.dtype)
+        out = out + weight[:, taps - 1 - lag, None] * piece
+    return out
+
+
+class ForgeNeuralMemory(nn.Module):
+    """Titans' long-term memory, linear form: per head a matrix `S` written at every token by one gradient step on
+    the associative loss `||S^T k_t - v_t||^2` with a data-dependent step size `b_t = sigmoid(W_b x_t)` (Titans'
+    theta_t) after forgetting `a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias))` (Titans' alpha_t), read as
+    `o_t = S_t^T q_t`: the gated delta rule (Yang et al., "Gated Delta Networks", 2024). q, k, v pass a short causal
+    depthwise conv and SiLU; q, k are L2-normalised; the output is RMS-normed per head, gated by `SiLU(W_g x)` and
+    projected back to the model width.
+
+    The memory keeps writing as it reads at inference too (Titans' test-time memorisation). Its state `S` (fp32)
+    and the conv tail live in the cache's recurrent/conv slots of this layer; a padded position writes nothing and
+    every document of a packed batch starts from an empty memory.
+    """
+
+    def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        self.num_heads = config.memory_num_heads or config.num_attention_heads
+        self.head_dim = config.memory_size // self.num_heads
+        self.conv_size = config.memory_conv_size
+        width = config.memory_size
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.b_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)  # step size (write strength)
+        self.a_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)  # forgetting
+        self.g_proj = nn.Linear(config.hidden_size, width, bias=False)  # output gate
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3 * width, self.conv_size))  # depthwise taps for [q; k; v]
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+        self.out_norm = ForgeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    @torch.no_grad()
+    def reset_memory_parameters(self) -> None:
+        """Conv taps as nn.Conv1d's default; A = 1; softplus(dt_bias) log-uniform in [dt_min, dt_max] (Mamba2's dt
+        initialisation): the memory starts forgetting slowly, which the recall benchmark needs to learn at all."""
+        bound = self.conv_size**-0.5
+        init.uniform_(self.conv_weight, -bound, bound)
+        init.zeros_(self.A_log)
+        low, high = math.log(self.config.memory_dt_min), math.log(self.config.memory_dt_max)
+        dt = torch.exp(torch.rand(self.num_heads, device=self.dt_bias.device) * (high - low) + low)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        dtype = _state_dtype(hidden_states.dtype)  # fp32 (float64 kept) for the rates and the state
+        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        beta = torch.sigmoid(self.b_proj(hidden_states).to(dtype))  # (B, T, H)
+        g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(hidden_states).to(dtype) + self.dt_bias.to(dtype))
+        g = g * self.config.memory_forget_scale  # (B, T, H) log forgetting, <= 0
+        if memory_mask is not None:  # a padded position reads zeros, writes nothing and forgets nothing
+            keep = memory_mask[..., None]
+            qkv, beta, g = qkv * keep.to(qkv.dtype), beta * keep.to(dtype), g * keep.to(dtype)
+        initial_state, tail = None, None
+        if past_key_values is not None:
+            initial_state = past_key_values.get_recurrent_state(self.layer_idx)
+            tail = past_key_values.get_conv_state(self.layer_idx)
+            tail = tail.clone() if tail is not None else None  # the update below overwrites the cached tensor
+            past_key_values.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_size - 1)
+        qkv = F.silu(short_causal_conv(qkv.transpose(1, 2), self.conv_weight, tail, segments)).transpose(1, 2)
+        heads = (batch, length, self.num_heads, self.head_dim)
+        query, key, value = (x.reshape(heads).transpose(1, 2) for x in qkv.split(self.config.memory_size, -1))
+        query = F.normalize(query.to(dtype), dim=-1, eps=1e-6)  # (B, H, T, Dk)
+        key = F.normalize(key.to(dtype), dim=-1, eps=1e-6)
+        beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (B, H, T)
+        if length == 1 and segments is None:
+            out, state = gated_delta_rule_recurrent(query, key, value, g, beta, initial_state)
+        elif hidden_states.is_cuda and segments is None and is_flash_linear_attention_available():
+            out, state = _fla_chunk_gated_delta_rule(query, key, value.to(dtype), g, beta, initial_state)
+        else:
+            out, state = gated_delta_rule_chunked(
+                query, key, value, g, beta, initial_state, segments, self.config.memory_chunk_size
+            )
+        if past_key_values is not None:
+            past_key_values.update_recurrent_state(state, self.layer_idx)
+        out = self.out_norm(out.transpose(1, 2).to(hidden_states.dtype))  # (B, T, H, Dv)
+        out = out.reshape(batch, length, -1) * F.silu(self.g_proj(hidden_states))
+        return self.o_proj(out)
+
+
+MEMORY_CLASSES = {"neural": ForgeNeuralMemory, "ema": ForgeEMAMemory}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,15 +625,19 @@ class ForgeEMAMemory(nn.Module):
 
 
 class ForgeMAGGate(nn.Module):
-    """Per-channel gate `g = sigmoid(MLP([y; m]))` mixing attention `y` and memory `m` as `g*y + (1-g)*m`."""
+    """Titans §4.2 "memory as gate": both branches RMS-normed (learnable weights), then per channel
+    `g = sigmoid(MLP([y; m]))` mixes them as `g*y + (1-g)*m`."""
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
+        self.attn_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.memory_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.fc1 = nn.Linear(2 * config.hidden_size, config.gate_hidden_size)
         self.fc2 = nn.Linear(config.gate_hidden_size, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, attn: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, memory = self.attn_norm(attn), self.memory_norm(memory)
         gate = torch.sigmoid(self.fc2(self.act_fn(self.fc1(torch.cat([attn, memory], dim=-1)))))  # (B, T, D)
         return gate * attn + (1.0 - gate) * memory, gate
 
@@ -353,6 +648,14 @@ def binary_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(p * p.log() + (1.0 - p) * (1.0 - p).log())
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-row mean (B,) of (B, T, D) values over the real tokens of a (B, T) mask (all tokens when None)."""
+    if mask is None:
+        return values.mean(dim=(1, 2))
+    weights = mask[..., None].to(values.dtype)
+    return (values * weights).sum(dim=(1, 2)) / (weights.sum(dim=(1, 2)) * values.shape[-1]).clamp(min=1.0)
+
+
 class ForgeDecoderLayer(GradientCheckpointingLayer):
     """x + MAG(attn(norm x), memory(norm x)), then + SwiGLU(norm .)."""
 
@@ -360,7 +663,7 @@ class ForgeDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = ForgeAttention(config, layer_idx)
         has_memory = config.memory_type != "none"
-        self.memory = ForgeEMAMemory(config, layer_idx) if has_memory else None
+        self.memory = MEMORY_CLASSES[config.memory_type](config, layer_idx) if has_memory else None
         self.gate = ForgeMAGGate(config) if has_memory else None
         self.mlp = ForgeMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -374,10 +677,12 @@ class ForgeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
         output_attention_logit_max: bool = False,
+        memory_segments: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Returns the new hidden states (B, T, D), the gate mean and entropy per batch row (B,), and per-head max
-        logits."""
+        """Returns the new hidden states (B, T, D), the gate mean and entropy per batch row over its real tokens (B,),
+        and per-head max logits. `memory_segments` (B, T): document index per position under padding-free packing, or
+        None."""
         residual = hidden_states
         normed = self.input_layernorm(hidden_states)
         attn, _, logit_max = self.self_attn(
@@ -385,10 +690,10 @@ class ForgeDecoderLayer(GradientCheckpointingLayer):
         )
         gate_mean = gate_entropy = None
         if self.memory is not None:
-            memory = self.memory(normed, memory_mask, past_key_values)
+            memory = self.memory(normed, memory_mask, past_key_values, memory_segments)
             attn, gate = self.gate(attn, memory)
-            gate_mean = gate.detach().mean(dim=(1, 2))  # (B,)
-            gate_entropy = binary_entropy(gate).mean(dim=(1, 2))  # (B,)
+            gate_mean = masked_mean(gate.detach(), memory_mask)  # (B,)
+            gate_entropy = masked_mean(binary_entropy(gate), memory_mask)  # (B,)
         hidden_states = residual + attn
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, gate_mean, gate_entropy, logit_max
@@ -637,6 +942,8 @@ class ForgePreTrainedModel(PreTrainedModel):
             module.init_from_checkpoint(self.config.initializer_range)
             return
         super()._init_weights(module)
+        if isinstance(module, ForgeNeuralMemory):
+            module.reset_memory_parameters()
 
 
 class ForgeModel(ForgePreTrainedModel):
@@ -700,6 +1007,7 @@ class ForgeModel(ForgePreTrainedModel):
         else:
             masks = forge_attention_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
             sliding_mask, memory_mask = masks["sliding_attention"], masks["linear_attention"]
+        memory_segments = self._memory_segments(position_ids, attention_mask, past_key_values, inputs_embeds.shape[0])
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -717,6 +1025,7 @@ class ForgeModel(ForgePreTrainedModel):
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 output_attention_logit_max=output_attention_logit_max,
+                memory_segments=memory_segments,
                 **kwargs,
             )
             if gate_mean is not None:
@@ -741,6 +1050,23 @@ class ForgeModel(ForgePreTrainedModel):
             gate_entropy=torch.stack(gate_entropies, dim=-1).mean(-1) if gate_entropies else None,  # (B,)
             attention_logit_max=torch.stack(logit_maxes) if logit_maxes else None,
         )
+
+    def _memory_segments(
+        self,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        batch_size: int,
+    ) -> torch.LongTensor | None:
+        """(B, T) document index per position when a padding-free packed batch is given (no attention mask,
+        `position_ids` restarting as `DataCollatorWithFlattening` and TRL's `padding_free` produce, nothing cached
+        yet), so every document's memory starts empty; None otherwise. The rule is transformers' packed-sequence
+        detection for attention masks (`find_packed_sequence_indices`)."""
+        if self.config.memory_type == "none" or attention_mask is not None or position_ids.shape[-1] < 2:
+            return None
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return None
+        return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
 
 
 class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
@@ -942,4 +1268,6 @@ __all__ = [
     "ForgeModelOutputWithPast",
     "ForgeThoughtMixer",
     "ema_scan",
+    "gated_delta_rule_chunked",
+    "gated_delta_rule_recurrent",
 ]

@@ -323,6 +323,8 @@ def compare_decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int, pa
 COLUMNS = (
     ("q_proj", r"self_attn.q_proj"), ("k_proj", r"self_attn.k_proj"), ("v_proj", r"self_attn.v_proj"),
     ("o_proj", r"self_attn.o_proj"), ("mem.down", r"memory.down_proj"), ("mem.up", r"memory.up_proj"),
+    ("mem.q", r"memory.q_proj"), ("mem.k", r"memory.k_proj"), ("mem.v", r"memory.v_proj"),
+    ("mem.g", r"memory.g_proj"), ("mem.o", r"memory.o_proj"),
     ("gate.fc1", r"gate.fc1"), ("gate.fc2", r"gate.fc2"), ("mlp.gate", r"mlp.gate_proj"), ("mlp.up", r"mlp.up_proj"),
     ("mlp.down", r"mlp.down_proj"), ("z_init", r"refiner.z_init"), ("y_init", r"refiner.y_init"),
     ("trm.gate", r"block.gate_proj"), ("trm.up", r"block.up_proj"), ("trm.down", r"block.down_proj"),

@@ -65,7 +65,7 @@ class CognateTrainer(ForgeTrainer):
         self._memory_rms: list[float] = []
         self.stage_evaluations: list[dict] = []
         for module in self.model.modules():  # memory/* metrics: RMS of each memory readout while training
-            if type(module).__name__ == "ForgeEMAMemory":
+            if type(module).__name__ in ("ForgeEMAMemory", "ForgeNeuralMemory"):
                 module.register_forward_hook(self._record_memory)
         self.add_callback(CurriculumCallback(curriculum, evaluate=self.eval_dataset is not None))
 
@@ -92,9 +92,11 @@ class CognateTrainer(ForgeTrainer):
             if self._memory_rms:
                 metrics["memory/readout_rms"].append(sum(self._memory_rms) / len(self._memory_rms))
                 self._memory_rms.clear()
-            decay = getattr(self.model.config, "memory_decay", None)
-            if decay is not None:
-                metrics["memory/decay"].append(decay)
+            memory_type = getattr(self.model.config, "memory_type", None)
+            if memory_type == "ema":
+                metrics["memory/decay"].append(self.model.config.memory_decay)
+            elif memory_type == "neural":
+                metrics["memory/forget_scale"].append(self.model.config.memory_forget_scale)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -117,10 +119,13 @@ class CognateTrainer(ForgeTrainer):
 
 
 def _specialised_overrides(base: ForgeConfig, spec: dict) -> dict:
-    """ForgeConfig overrides of one specialisation; `memory_decay_scale` scales the memory's forgetting rate."""
+    """ForgeConfig overrides of one specialisation; `memory_decay_scale` scales the memory's forgetting rate (the
+    EMA's `1 - memory_decay`, the neural memory's `memory_forget_scale`)."""
     overrides = dict(spec.get("model", {}))
     scale = overrides.pop("memory_decay_scale", None)
-    if scale is not None:
+    if scale is not None and base.memory_type == "neural":
+        overrides["memory_forget_scale"] = base.memory_forget_scale * float(scale)
+    elif scale is not None:
         overrides["memory_decay"] = 1.0 - (1.0 - base.memory_decay) * float(scale)
     if "trm_max_steps" in overrides and "trm_step_weights" not in overrides:
         overrides["trm_step_weights"] = None  # re-derive the weights for the new depth

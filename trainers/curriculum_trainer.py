@@ -62,6 +62,7 @@ from .curriculum_config import CurriculumConfig
 from .phase_output import save_phase_output
 from .quietstar_trainer import strip_thoughts  # spans and stray thought tokens removed: the code that runs
 from .teachers import Teacher, get_teacher
+from .tracking import LoopTracker
 
 logger = logging.get_logger(__name__)
 
@@ -658,6 +659,8 @@ def run_phase5(config: CurriculumConfig) -> dict:
         items = [completion_item(tokenizer, p.prompt, p.completion, config.max_length) for p in pairs]
         return train_items(model, items, config, tokenizer.pad_token_id, work_dir, config.train_epochs)
 
+    tracker = LoopTracker(config.report_to if state.is_main_process else "none", project=config.project,
+                          run_name=f"{Path(config.output_dir).parent.name}-phase5-levels")  # fmt: skip
     todo = levels[len(records) :]
     for level in tqdm(todo, desc="Phase 5 levels", disable=config.disable_tqdm or not state.is_main_process):
         level_started = time.time()
@@ -679,6 +682,9 @@ def run_phase5(config: CurriculumConfig) -> dict:
                         "self_model": selfmodel, "dreams": dreams, "success_after": after,
                         "mastered": pool.mastered(config.mastery_fraction),
                         "wall_time_s": time.time() - level_started})  # fmt: skip
+        tracker.log({"curriculum/level": level, "curriculum/pass@1_this_level": after[level],  # each level
+                     "curriculum/pass@1_levels_so_far": sum(after.values()) / len(after),
+                     "curriculum/wall_time_s": records[-1]["wall_time_s"]}, step=level)  # fmt: skip
         if state.is_main_process:
             with atomic_directory(work_dir / f"level-{level}", overwrite=True) as folder:
                 model.save_pretrained(folder)
@@ -686,6 +692,7 @@ def run_phase5(config: CurriculumConfig) -> dict:
                            "replay": [dataclasses.asdict(p) for p in replay]}  # fmt: skip
                 (folder / STATE_FILE).write_text(json.dumps(payload, indent=2))
         state.wait_for_everyone()
+    tracker.finish()
 
     if ternary:
         pack_bitnet(model)

@@ -125,7 +125,7 @@ class EvoMergeConfig:
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
         try:
-            requested_backends(self.report_to)
+            requested_backends(self.report_to, strict=True)
         except ValueError as error:
             raise ValueError(f"EvoMergeConfig.{error}") from None
 

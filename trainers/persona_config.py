@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .baking_config import PromptBakingConfig
 from .config_fields import json_field
+from .tracking import requested_backends
 
 # A-cycle prompt pool: how to use the sandbox tool, read its errors and test before answering.
 DEFAULT_TOOL_PROMPTS = [
@@ -52,6 +53,13 @@ class PersonaConfig:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing finished phase folder."})
     resume: bool = field(default=False, metadata={"help": "Continue after the last finished cycle (work folder)."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling, bakes and the bootstrap."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Where each A/B cycle's gain and scores are logged, as Trainer's report_to: trackio, wandb."
+        },
+    )
+    project: str = field(default="huggingface", metadata={"help": "Tracking project name (TrainingArguments')."})
 
     # A-cycle: tool-use prompts scored on code tasks in the sandbox.
     tool_prompts: list | str | None = field(
@@ -131,6 +139,11 @@ class PersonaConfig:
             raise ValueError(f"PersonaConfig.{name} {problem}. Fix: {fix}.")
 
         owner = "PersonaConfig"
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        try:
+            requested_backends(self.report_to, strict=True)
+        except ValueError as error:
+            raise ValueError(f"PersonaConfig.{error}") from None
         self.tool_prompts = json_field(self.tool_prompts, owner, "tool_prompts") or list(DEFAULT_TOOL_PROMPTS)
         self.persona_templates = json_field(self.persona_templates, owner, "persona_templates") or list(
             DEFAULT_PERSONA_TEMPLATES

@@ -56,6 +56,7 @@ from hub_cards.plots import line_plot
 from .checkpointing import atomic_directory
 from .persona_config import PersonaConfig
 from .phase_output import save_phase_output
+from .tracking import LoopTracker
 
 logger = logging.get_logger(__name__)
 
@@ -532,11 +533,19 @@ def run_phase6(config: PersonaConfig, scorer: Scorer | None = None, bake: BakeFn
         state.input_scores = {k: _mean(scorer, k, current[k]) for k in ("A", "B")}
     input_scores = state.input_scores
 
+    tracker = LoopTracker(config.report_to, project=config.project, run_name=f"{output_dir.parent.name}-phase6",
+                          config=dataclasses.asdict(config))  # fmt: skip
+
     def checkpoint(current_model, loop_state: LoopState) -> None:
         _save_work(work, current_model, tokenizer, loop_state)
+        record = loop_state.cycles[-1]  # each A/B cycle to the tracking backends, as EvoMerge's generations
+        tracker.log({"ab/gain": record["gain"], "ab/ci_low": record["ci_low"], "ab/ci_high": record["ci_high"],
+                     "ab/kept": float(record["kept"]), "ab/score_A": record["scores_now"]["A"],
+                     "ab/score_B": record["scores_now"]["B"]}, step=len(loop_state.cycles))  # fmt: skip
 
     model, state = run_ab_cycles(model, tokenizer, config, scorer, bake=bake, state=state, on_cycle=checkpoint,
                                  current=current)  # fmt: skip
+    tracker.finish()
     baked = [b["prompt"] for b in state.baked]
     final_scores = {k: _mean(scorer, k, scorer.score(k, model, tokenizer, baked=baked)) for k in ("A", "B")}
     if repack:

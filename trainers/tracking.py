@@ -18,13 +18,15 @@ logger = logging.get_logger(__name__)
 LOOP_BACKENDS = ("trackio", "wandb")
 
 
-def requested_backends(report_to: str | Sequence[str] | None) -> list[str]:
-    """The loop backends named in a `report_to` value ('none', 'trackio', ['trackio', 'wandb'], ...)."""
+def requested_backends(report_to: str | Sequence[str] | None, strict: bool = False) -> list[str]:
+    """The loop backends named in a `report_to` value ('none', 'trackio', ['trackio', 'wandb'], ...); `strict`
+    refuses other names (configs of non-Trainer phases, where nothing else would read them), else they are left to
+    Trainer's own integrations."""
     if report_to is None:
         return []
     names = [report_to] if isinstance(report_to, str) else list(report_to)
-    unknown = [name for name in names if name not in (*LOOP_BACKENDS, "none", "all", "tensorboard")]
-    if unknown:
+    unknown = [name for name in names if name not in (*LOOP_BACKENDS, "none", "all")]
+    if strict and unknown:
         raise ValueError(f"report_to={names} names unknown backends {unknown}. Fix: use trackio, wandb or none.")
     if "all" in names:
         return [name for name in LOOP_BACKENDS if importlib.util.find_spec(name) is not None]

@@ -161,6 +161,18 @@ function renderView(number, status) {
   }
   const theater = reports["phase3/anti_theater.json"];
   if (theater) view.append(el("h3", {text: "Anti-theater checks"}), el("pre", {text: JSON.stringify(theater, null, 1).slice(0, 2000)}));
+  const curriculum = reports["phase5/curriculum_report.json"];
+  if (curriculum && curriculum.success) {
+    const rows = Object.entries(curriculum.success).map(([level, v]) => ({level, "pass@1 before": v.before,
+      "pass@1 after": v.after ?? ""}));
+    view.append(el("h3", {text: "Per-level success"}), table(rows, ["level", "pass@1 before", "pass@1 after"]));
+  }
+  const history = reports["phase6/ab_history.json"];
+  const cycles = Array.isArray(history) ? history : history && (history.cycles || history.history);
+  if (Array.isArray(cycles) && cycles.length) {
+    const rows = cycles.map(flatten);
+    view.append(el("h3", {text: "A/B history"}), table(rows, Object.keys(rows[0]).slice(0, 8)));
+  }
   const bitnet = reports["phase4/bitnet_report.json"];
   if (bitnet && bitnet.layers) {
     view.append(el("h3", {text: "Layer-by-layer quantization"}),
@@ -209,6 +221,19 @@ async function main() {
   const status = await api("/api/pipeline/status");
   document.getElementById("run-dir").textContent = status.run_dir;
   for (const [number, info] of Object.entries(status.phases_info)) buildPhase(Number(number), info);
+  if (status.pipeline_config) {
+    const button = document.getElementById("run-pipeline");
+    button.hidden = false;
+    button.title = status.pipeline_config;
+    button.addEventListener("click", async () => {
+      try { await api("/api/pipeline/start", {method: "POST", body: "{}"}); }
+      catch (e) { addAlert({phase: null, data: {title: "pipeline start refused", text: e.message, level: "error"}}); }
+    });
+  }
+  if (status.report) {
+    const link = document.getElementById("pipeline-report");
+    Object.assign(link, {hidden: false, href: `/files/${status.report}`, target: "_blank"});
+  }
   const stream = new EventSource(`/api/stream?since=${status.last_event_id}`);
   const connection = document.getElementById("connection");
   stream.onopen = () => { connection.textContent = "live"; connection.className = "badge live"; };

@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 TINY_PHASE1 = Path(__file__).with_name("phase1_dashboard_tiny.yaml")
+TINY_PIPELINE = Path(__file__).with_name("pipeline_dashboard_tiny.yaml")
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
@@ -33,4 +34,4 @@ def max_weight_difference(folder_a: Path, folder_b: Path) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
-__all__ = ["TINY_PHASE1", "max_weight_difference", "phase_status", "wait_for"]
+__all__ = ["TINY_PHASE1", "TINY_PIPELINE", "max_weight_difference", "phase_status", "wait_for"]

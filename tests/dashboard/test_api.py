@@ -1,6 +1,7 @@
 """The dashboard API over a run folder on disk (Starlette's TestClient; no phase is started here)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def client(run_dir):
 def test_pipeline_and_phase_status_read_from_the_run_folder(client):
     status = client.get("/api/pipeline/status").json()
     assert [(p["phase"], p["status"]) for p in status["phases"]] == [
-        (1, "finished"), (2, "pending"), (3, "pending"), (4, "pending"),
+        (1, "finished"), (2, "pending"), (3, "pending"), (4, "pending"), (5, "pending"), (6, "pending"),
     ]  # fmt: skip
     assert status["token_required"] is False and status["last_event_id"] == 0
     phase1 = client.get("/api/phases/1/status").json()
@@ -197,3 +198,32 @@ def test_event_log_reports_metrics_and_alerts_in_order(run_dir, monkeypatch):
         with client.stream("GET", "/api/stream", params={"since": 0, "limit": 3}) as stream:
             lines = [line for line in stream.iter_lines() if line.startswith(("id:", "event:"))]
         assert lines == ["id: 1", "event: metric", "id: 2", "event: metric", "id: 3", "event: alert"]
+
+
+def test_statuses_from_the_pipeline_runner_state(run_dir, client):
+    """pipeline_state.json (the runner's live state) decides where no child of this service ran the phase."""
+    state = {"status": "failed", "current_phase": None, "phases": {
+        "2": {"number": 2, "status": "failed", "error": "PauseRequested: 75"},
+        "3": {"number": 3, "status": "running", "error": None},
+        "4": {"number": 4, "status": "failed", "error": "RuntimeError: out of memory"},
+        "5": {"number": 5, "status": "skipped", "note": "outside the requested range"},
+    }}  # fmt: skip
+    (run_dir / "pipeline_state.json").write_text(json.dumps(state))
+    status = client.get("/api/pipeline/status").json()
+    assert [p["status"] for p in status["phases"]] == ["finished", "paused", "interrupted", "failed", "pending",
+                                                       "pending"]  # fmt: skip
+    assert status["runner"]["status"] == "failed" and status["report"] is None
+    assert client.post("/api/phases/5/resume", json={}).status_code == 409  # pending: nothing to resume
+    assert client.post("/api/pipeline/start", json={}).status_code == 409  # this service has no pipeline YAML
+    assert client.post("/api/pipeline/stop", json={}).status_code == 404  # nothing running
+
+
+def test_no_other_package_imports_the_dashboard():
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        str(path.relative_to(root))
+        for package in ("modeling_forge", "trainers", "evaluation", "hub_cards", "recipes", "benchmarks")
+        for path in (root / package).rglob("*.py")
+        if re.search(r"^\s*(from|import)\s+dashboard\b", path.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dashboard_helpers import TINY_PHASE1
+from dashboard_helpers import TINY_PHASE1, TINY_PIPELINE
 
 from dashboard import Controller, create_app
 
@@ -38,7 +38,7 @@ def served_run(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    controller = Controller(tmp_path / "run", configs={1: TINY_PHASE1})
+    controller = Controller(tmp_path / "run", configs={1: TINY_PHASE1}, pipeline=TINY_PIPELINE)  # as the CLI does
     server = uvicorn.Server(uvicorn.Config(create_app(controller, poll_interval_s=0.2), host="127.0.0.1", port=port,
                                            log_level="warning"))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
@@ -78,7 +78,7 @@ def test_page_follows_and_controls_a_tiny_run(served_run, tmp_path):
         phase.locator("details.configure textarea").fill('{"max_stepz": 5}')
         phase.locator("details.configure button").click()
         expect(phase.locator("details.configure .error")).to_contain_text("max_stepz", timeout=60_000)
-        phase.locator("details.configure textarea").fill('{"max_steps": 120}')  # long enough to pause mid-run
+        phase.locator("details.configure textarea").fill('{"max_steps": 80}')  # long enough to pause mid-run
         phase.locator("details.configure button").click()
         expect(phase.locator("details.configure .error")).to_contain_text("kept", timeout=30_000)
 
@@ -98,9 +98,9 @@ def test_page_follows_and_controls_a_tiny_run(served_run, tmp_path):
         expect(badge).to_have_text("finished", timeout=300_000)
         expect(page.locator("#timeline-1 .badge")).to_have_text("finished")
         assert page.evaluate("() => window.forgeCharts['1:0'].data[0].length") > paused_points  # it went on
-        card = phase.locator('.model[data-folder="phase1/reasoning"] details')
+        card = phase.locator('.model[data-folder="phase1/speed"] details')
         card.locator("summary").click()
-        expect(card.locator(".card")).to_contain_text("forge-phase1-reasoning", timeout=30_000)
+        expect(card.locator(".card")).to_contain_text("forge-phase1-speed", timeout=30_000)
         page.screenshot(path=str(artifacts / "dashboard-finished.png"), full_page=True)
         browser.close()
     assert refused == [422], refused

@@ -22,7 +22,7 @@ def _reference_scan(inputs, decay, initial=None):
     return torch.stack(states, 1), state
 
 
-@pytest.mark.parametrize("memory_type", ["ema", "none"])
+@pytest.mark.parametrize("memory_type", ["neural", "ema", "none"])
 @pytest.mark.parametrize("training", [True, False])
 def test_future_tokens_never_change_past_logits(tiny_config, memory_type, training):
     config = tiny_config(memory_type=memory_type, sliding_window=8)
@@ -49,7 +49,7 @@ def test_window_limits_attention_and_memory_reaches_beyond(tiny_config):
     y = x.clone()
     y[0, 0] = (x[0, 0] + 1) % 97
     reach = 2 * (8 - 1)  # two layers, window 8
-    for memory_type, expect_far_change in (("none", False), ("ema", True)):
+    for memory_type, expect_far_change in (("none", False), ("ema", True), ("neural", True)):
         model = _model(tiny_config(memory_type=memory_type, sliding_window=8)).eval()
         with torch.no_grad():
             diff = (model(x, act_halting=False).logits - model(y, act_halting=False).logits).abs().amax(-1)[0]

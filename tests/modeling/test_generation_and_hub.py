@@ -17,7 +17,7 @@ def _model(config, seed=0):
     return ForgeForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("memory_type", ["ema", "none"])
+@pytest.mark.parametrize("memory_type", ["neural", "ema", "none"])
 def test_cached_generation_equals_uncached_with_left_padding(tiny_config, memory_type):
     """Greedy, 64 new tokens, window 8 (so the cache slides), two prompts of different lengths, left-padded."""
     # A wide init so an untrained model's greedy stream depends on its context (std 0.02 repeats one token).
@@ -184,7 +184,7 @@ def test_unknown_preset_and_wrong_model_type(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).model_type == "llama"  # Auto classes still route it correctly
 
 
-@pytest.mark.parametrize("memory_type", ["ema", "none"])
+@pytest.mark.parametrize("memory_type", ["neural", "ema", "none"])
 def test_multi_token_continuation_from_the_cache_equals_one_forward(tiny_config, memory_type):
     """Chunked prefill: feeding the sequence in pieces of 1-12 tokens through the cache (window 8, so the window
     slides inside and across pieces) gives the logits of one uncached forward, exactly in float64."""

@@ -82,8 +82,9 @@ def test_pause_point_of_a_loop(tmp_path, monkeypatch):
 def test_requested_backends():
     assert requested_backends("none") == [] and requested_backends(None) == []
     assert requested_backends(["trackio", "wandb"]) == ["trackio", "wandb"]
+    assert requested_backends(["trackio", "mlflow"]) == ["trackio"]  # Trainer's other integrations: not ours
     with pytest.raises(ValueError, match="unknown backends"):
-        requested_backends(["trackoi"])
+        requested_backends(["trackoi"], strict=True)
 
 
 def test_loop_tracker_without_backends_is_silent(tmp_path):

@@ -33,7 +33,13 @@ IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "auto_map", "arc
 RUNTIME_CONFIG_KEYS = ("use_cache", "output_hidden_states", "output_attentions", "return_dict")
 # Config fields that keep every parameter shape but differ between Phase 1's specialisations; weight-space merges
 # combine them with the merge's model weights (see `merge_config_fields`).
-WEIGHTED_CONFIG_FIELDS = ("trm_max_steps", "act_threshold", "memory_decay", "layer_input_scales")
+WEIGHTED_CONFIG_FIELDS = (
+    "trm_max_steps",
+    "act_threshold",
+    "memory_decay",
+    "memory_forget_scale",
+    "layer_input_scales",
+)
 INTEGER_CONFIG_FIELDS = ("trm_max_steps",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

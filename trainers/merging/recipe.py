@@ -58,6 +58,7 @@ CONFIG_OVERRIDES = {
     "act_threshold": (float, 0.0, 1.0, "a number strictly between 0 and 1"),
     "act_halting": (bool, None, None, "true or false"),
     "memory_decay": (float, 0.0, 1.0, "a number strictly between 0 and 1"),
+    "memory_forget_scale": (float, 0.0, float("inf"), "a positive number"),
 }
 
 

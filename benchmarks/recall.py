@@ -1,0 +1,200 @@
+"""Can the model recall what its attention window cannot see? Multi-query associative recall (MQAR), Forge's memories
+vs Llama with full and with sliding-window attention, same data, steps and optimizer (issue 13's evidence).
+
+    OMP_NUM_THREADS=1 nice python benchmarks/recall.py                          # all models, TRM 0 and 3 steps
+    python benchmarks/recall.py --models neural ema --trm-steps 0 --steps 300    # a subset, quicker
+    python benchmarks/recall.py --timing                                         # chunked vs recurrent memory
+
+Each sequence: 2 "far" key-value pairs, a filler gap longer than two stacked attention windows, 2 "near" pairs,
+then a query for each of the 4 keys (in random order) whose answer is its value. Only the answers are trained on;
+held-out sequences are scored separately for near pairs (inside the window: does the model know the task?) and far
+pairs (beyond it: only a memory can answer). Values are drawn from 64 tokens, so guessing scores ~0.016.
+
+All models have the tiny preset's width and depth (d 64, 2 layers, 4 heads): Forge `neural`, `ema`, `none` (with
+`trm_max_steps` as given), `LlamaForCausalLM` (full attention) and `MistralForCausalLM` with the same sliding window
+(Mistral is Llama plus a sliding window; transformers' Llama has none). Reported: accuracy near/far, per-layer MAG gate
+means on recall data (share of attention), parameters and training time. `--timing` times the neural memory's
+forward+backward at B=8, T=1024 (cognate-25m's memory shape: 5 heads of 32) in the chunked and the per-token form.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from _timing import time_it
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    get_cosine_schedule_with_warmup,
+)
+
+from modeling_forge import ForgeConfig, ForgeForCausalLM, gated_delta_rule_chunked, gated_delta_rule_recurrent
+
+FILLER = range(1, 17)  # 16 filler tokens
+KEYS = range(32, 96)  # 64 key tokens
+VALUES = range(128, 192)  # 64 value tokens
+VOCAB = 256
+PAIRS_FAR, PAIRS_NEAR = 2, 2
+
+
+def make_batch(batch: int, gap: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, is_far) for `batch` sequences; labels are -100 except at answers; is_far (B, T) marks the
+    answers whose pair lies before the gap."""
+    n_pairs = PAIRS_FAR + PAIRS_NEAR
+    keys = torch.stack([torch.randperm(len(KEYS), generator=generator)[:n_pairs] for _ in range(batch)]) + KEYS[0]
+    values = torch.randint(VALUES[0], VALUES[-1] + 1, (batch, n_pairs), generator=generator)
+    pairs = torch.stack([keys, values], -1)  # (B, P, 2)
+    filler = torch.randint(FILLER[0], FILLER[-1] + 1, (batch, gap), generator=generator)
+    order = torch.stack([torch.randperm(n_pairs, generator=generator) for _ in range(batch)])  # (B, P)
+    queries = torch.stack([keys.gather(1, order), values.gather(1, order)], -1)  # (B, P, 2)
+    far = pairs[:, :PAIRS_FAR].reshape(batch, -1)
+    near = pairs[:, PAIRS_FAR:].reshape(batch, -1)
+    input_ids = torch.cat([far, filler, near, queries.reshape(batch, -1)], 1)
+    labels = torch.full_like(input_ids, -100)
+    answer_positions = input_ids.shape[1] - 2 * n_pairs + 1 + 2 * torch.arange(n_pairs)
+    labels[:, answer_positions] = input_ids[:, answer_positions]
+    is_far = torch.zeros_like(input_ids, dtype=torch.bool)
+    is_far[:, answer_positions] = order < PAIRS_FAR
+    return input_ids, labels, is_far
+
+
+def build(name: str, window: int, trm_steps: int, length: int, overrides: dict) -> torch.nn.Module:
+    """A tiny model of the given kind (same width/depth for all)."""
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": length,
+              "tie_word_embeddings": True}  # fmt: skip
+    if name == "llama (full attention)":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    if name == "mistral (sliding window)":
+        return MistralForCausalLM(MistralConfig(sliding_window=window, **common))
+    memory_type = name.split()[-1]
+    config = ForgeConfig.from_preset("tiny", vocab_size=VOCAB, sliding_window=window, memory_type=memory_type,
+                                     max_position_embeddings=length, trm_max_steps=trm_steps,
+                                     **overrides)  # fmt: skip
+    return ForgeForCausalLM(config)
+
+
+def loss_of(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's own training loss (Forge: deep supervision, ACT and gate terms; Llama: shifted CE)."""
+    return model(input_ids=input_ids, labels=labels).loss
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: list[tuple[torch.Tensor, ...]]) -> dict:
+    """Greedy accuracy at the answer positions, near and far, and per-layer gate means (Forge with memory)."""
+    model.eval()
+    hits = {"near": [], "far": []}
+    gates = []
+    for input_ids, labels, is_far in data:
+        out = model(input_ids=input_ids)
+        predicted = F.pad(out.logits.argmax(-1), (1, 0))[:, :-1]  # position t predicts token t
+        answers = labels != -100
+        correct = predicted == labels
+        hits["far"].append(correct[answers & is_far].float())
+        hits["near"].append(correct[answers & ~is_far].float())
+        if getattr(out, "gate_means", None) is not None:
+            means = out.gate_means
+            gates.append(means.mean(0) if means.dim() == 2 else means)  # (L,) or batch-shaped (B, L)
+    model.train()
+    result = {key: torch.cat(values).mean().item() for key, values in hits.items()}
+    result["gate_means"] = [round(v, 3) for v in torch.stack(gates).mean(0).tolist()] if gates else None
+    return result
+
+
+def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict:
+    length = 4 * (PAIRS_FAR + PAIRS_NEAR) + args.gap
+    torch.manual_seed(args.seed)
+    model = build(name, args.window, trm_steps, length, json.loads(args.forge_overrides)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 20), args.steps)
+    generator = torch.Generator().manual_seed(args.seed)  # the same batches for every model
+    started, recent = time.time(), []
+    for step in range(1, args.steps + 1):
+        input_ids, labels, _ = make_batch(args.batch, args.gap, generator)
+        loss = loss_of(model, input_ids, labels)
+        recent.append(loss.item())
+        if step % 100 == 0:
+            print(f"  {name} step {step}: loss {sum(recent) / len(recent):.3f}", flush=True)
+            recent = []
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    seconds = time.time() - started
+    held_out = torch.Generator().manual_seed(10_000 + args.seed)
+    data = [make_batch(64, args.gap, held_out) for _ in range(args.eval_batches)]
+    result = evaluate(model, data)
+    result.update(params=sum(p.numel() for p in model.parameters()), train_seconds=round(seconds, 1))
+    return result
+
+
+def memory_timing(repeats: int) -> None:
+    """Forward+backward of the neural memory, chunked (C=64) vs per-token recurrence, B=8, T=1024, 5 heads of 32."""
+    torch.manual_seed(0)
+    batch, heads, length, dim = 8, 5, 1024, 32
+    q = torch.randn(batch, heads, length, dim, requires_grad=True)
+    k = F.normalize(torch.randn(batch, heads, length, dim), dim=-1).requires_grad_()
+    v = torch.randn(batch, heads, length, dim, requires_grad=True)
+    g = (-torch.rand(batch, heads, length) * 0.1).requires_grad_()
+    b = torch.rand(batch, heads, length).requires_grad_()
+    weights = torch.randn(batch, heads, length, dim)
+
+    def run(form):
+        def step():
+            for x in (q, k, v, g, b):
+                x.grad = None
+            (form(q, k, v, g, b)[0] * weights).sum().backward()
+
+        return step
+
+    with torch.no_grad():
+        gap = (gated_delta_rule_chunked(q, k, v, g, b)[0] - gated_delta_rule_recurrent(q, k, v, g, b)[0]).abs().max()
+    chunked = time_it(run(gated_delta_rule_chunked), repeats=repeats)
+    recurrent = time_it(run(gated_delta_rule_recurrent), warmup=0, repeats=1)
+    print(f"neural memory fwd+bwd, B={batch} T={length} {heads} heads x {dim}, threads {torch.get_num_threads()}, "
+          f"max |chunked - recurrent| {gap:.1e} (fp32)")  # fmt: skip
+    print(f"  chunked (C=64): {chunked * 1e3:8.1f} ms   per-token recurrence: {recurrent * 1e3:8.1f} ms   "
+          f"speed-up {recurrent / chunked:.1f}x")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["neural", "ema", "none", "llama", "mistral"])
+    parser.add_argument("--trm-steps", nargs="+", type=int, default=[0, 3])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--gap", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forge-overrides", default="{}", help="JSON ForgeConfig fields for the Forge models")
+    parser.add_argument("--timing", action="store_true", help="only time the memory forms")
+    args = parser.parse_args()
+    if args.timing:
+        memory_timing(repeats=3)
+        return
+    names = {"neural": "forge neural", "ema": "forge ema", "none": "forge none",
+             "llama": "llama (full attention)", "mistral": "mistral (sliding window)"}  # fmt: skip
+    print(f"MQAR: {PAIRS_FAR} far + {PAIRS_NEAR} near pairs, gap {args.gap}, window {args.window}, {args.steps} steps "
+          f"x {args.batch}, AdamW lr {args.lr}, threads {torch.get_num_threads()}; chance ~{1 / len(VALUES):.3f}; "
+          f"Forge overrides {args.forge_overrides}")  # fmt: skip
+    results = {}
+    for key in args.models:
+        name = names[key]
+        for trm_steps in args.trm_steps if name.startswith("forge") else [None]:
+            label = name if trm_steps is None else f"{name}, trm_max_steps={trm_steps}"
+            results[label] = train_and_score(name, args, trm_steps or 0)
+            r = results[label]
+            print(f"{label:>36}: near {r['near']:.3f}  far {r['far']:.3f}  gates {r['gate_means']}  "
+                  f"{r['params'] / 1e3:.0f}k params  {r['train_seconds']} s", flush=True)  # fmt: skip
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The long-term memories: the gated delta rule (Titans' linear memory) chunked vs per-token, its analytic recall,
+streaming, causality, fp32 state, document resets under padding-free packing, and gate statistics on real tokens."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_forge import ForgeForCausalLM, ema_scan, gated_delta_rule_chunked, gated_delta_rule_recurrent
+from modeling_forge.modeling_forge import ForgeNeuralMemory, short_causal_conv
+
+
+def _inputs(batch=2, heads=3, length=37, d_k=8, d_v=5, dtype=torch.float64, seed=0, g_scale=1.0, beta=None):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, d_k, generator=generator).to(dtype)
+    k = F.normalize(torch.randn(batch, heads, length, d_k, generator=generator), dim=-1).to(dtype)
+    v = torch.randn(batch, heads, length, d_v, generator=generator).to(dtype)
+    g = (-torch.rand(batch, heads, length, generator=generator) * g_scale).to(dtype)
+    b = torch.rand(batch, heads, length, generator=generator).to(dtype) if beta is None else torch.full_like(g, beta)
+    return q, k, v, g, b
+
+
+def _model(config, seed=0):
+    torch.manual_seed(seed)
+    return ForgeForCausalLM(config)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"g_scale": 1.0},
+        {"g_scale": 0.0},  # g = 0: no forgetting
+        {"g_scale": 30.0},  # strong decay: exp(cumulative g) underflows inside a chunk
+        {"beta": 1e-9},  # b -> 0: nothing written
+        {"beta": 1.0},  # b = 1: each write replaces the value stored under its key
+    ],
+)
+def test_chunked_equals_recurrent_outputs_state_and_gradients(chunk, case):
+    """T=37 is not a multiple of any chunk size; float64 to 1e-10, with an initial state and documents."""
+    q, k, v, g, b = (x.requires_grad_() for x in _inputs(**case))
+    initial = torch.randn(2, 3, 8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(2, 3, 37, 5, dtype=torch.float64)
+    for segments in (None, torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [1] * 30 + [2] * 7])):
+        results = []
+        for form in (lambda *a: gated_delta_rule_chunked(*a, chunk_size=chunk), gated_delta_rule_recurrent):
+            out, state = form(q, k, v, g, b, initial, segments)
+            grads = torch.autograd.grad((out * weights).sum() + state.sum(), (q, k, v, g, b))
+            results.append((out, state, grads))
+        (out_c, state_c, grads_c), (out_r, state_r, grads_r) = results
+        torch.testing.assert_close(out_c, out_r, rtol=0, atol=1e-10)
+        torch.testing.assert_close(state_c, state_r, rtol=0, atol=1e-10)
+        for grad_c, grad_r in zip(grads_c, grads_r, strict=True):
+            torch.testing.assert_close(grad_c, grad_r, rtol=0, atol=1e-10)
+
+
+def test_chunked_equals_recurrent_in_fp32_and_keeps_fp32_for_bf16():
+    q, k, v, g, b = _inputs(length=200, d_k=16, d_v=16, dtype=torch.float32, g_scale=0.05)
+    out_c, state_c = gated_delta_rule_chunked(q, k, v, g, b, chunk_size=64)
+    out_r, state_r = gated_delta_rule_recurrent(q, k, v, g, b)
+    assert (out_c - out_r).abs().max() <= 1e-5 and (state_c - state_r).abs().max() <= 1e-5
+    out_bf, state_bf = gated_delta_rule_chunked(*(x.bfloat16() for x in (q, k, v, g, b)), chunk_size=64)
+    assert out_bf.dtype == torch.float32 and state_bf.dtype == torch.float32
+
+
+def test_gradcheck_tiny_case():
+    q, k, v, g, b = (x.requires_grad_() for x in _inputs(batch=1, heads=1, length=6, d_k=3, d_v=2))
+    assert torch.autograd.gradcheck(lambda *a: gated_delta_rule_chunked(*a, chunk_size=4)[0], (q, k, v, g, b))
+
+
+def test_streaming_in_pieces_equals_one_run():
+    q, k, v, g, b = _inputs(length=50)
+    whole, final = gated_delta_rule_chunked(q, k, v, g, b, chunk_size=16)
+    pieces, state = [], None
+    for start, end in ((0, 7), (7, 8), (8, 31), (31, 50)):
+        part = (x[:, :, start:end] for x in (q, k, v, g, b))
+        out, state = gated_delta_rule_chunked(*part, initial_state=state, chunk_size=16)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(state, final, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_analytic_recall_at_any_distance_and_overwrite(form):
+    """b = 1, g = 0, orthonormal keys: reading with q = k_i returns v_i however far back; a key written twice
+    returns its second value."""
+    run = gated_delta_rule_recurrent if form == "recurrent" else lambda *a: gated_delta_rule_chunked(*a, chunk_size=16)
+    d, length = 8, 70
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]  # orthonormal columns
+    key_ids = torch.tensor([0, 1, 2, 3] + [4] * (length - 6) + [2, 5])  # key 2 rewritten near the end
+    keys = basis.T[key_ids][None, None]  # (1, 1, T, d)
+    values = torch.randn(1, 1, length, 4, dtype=torch.float64)
+    queries = torch.zeros_like(keys)
+    _, state = run(queries, keys, values, torch.zeros(1, 1, length, dtype=torch.float64),
+                   torch.ones(1, 1, length, dtype=torch.float64))  # fmt: skip
+    read = lambda i: torch.einsum("kv,k->v", state[0, 0], basis[:, i])  # noqa: E731
+    for i, position in ((0, 0), (1, 1), (3, 3)):  # written 66-69 tokens before the end
+        torch.testing.assert_close(read(i), values[0, 0, position], rtol=0, atol=1e-10)
+    torch.testing.assert_close(read(2), values[0, 0, length - 2], rtol=0, atol=1e-10)  # the second write wins
+    assert (read(2) - values[0, 0, 2]).abs().max() > 1e-3
+
+
+def test_outputs_are_causal():
+    q, k, v, g, b = _inputs(length=40)
+    out, _ = gated_delta_rule_chunked(q, k, v, g, b, chunk_size=16)
+    for t in (0, 15, 16, 39):
+        changed = [x.clone() for x in (q, k, v, g, b)]
+        for x in changed:
+            x[:, :, t:] = x[:, :, t:] + 1.0 if x.dim() == 4 else x[:, :, t:] * 0.5
+        out2, _ = gated_delta_rule_chunked(*changed, chunk_size=16)
+        torch.testing.assert_close(out2[:, :, :t], out[:, :, :t], rtol=0, atol=1e-12)
+        assert (out2[:, :, t:] - out[:, :, t:]).abs().max() > 1e-6
+
+
+def test_short_conv_matches_conv1d_and_respects_documents_and_tail():
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    weight = torch.randn(6, 4, dtype=torch.float64)
+    expected = F.conv1d(F.pad(x, (3, 0)), weight[:, None], groups=6)
+    torch.testing.assert_close(short_causal_conv(x, weight, None, None), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(short_causal_conv(x[..., 5:], weight, x[..., 2:5], None), expected[..., 5:])
+    segments = torch.tensor([[0] * 5 + [1] * 7] * 2)
+    split = short_causal_conv(x, weight, None, segments)
+    torch.testing.assert_close(split[..., 5:], short_causal_conv(x[..., 5:], weight, None, None))
+    assert (split[..., 5:8] - expected[..., 5:8]).abs().max() > 1e-6
+
+
+def test_forgetting_starts_slow_log_uniform(tiny_config):
+    """softplus(dt_bias) lies in [memory_dt_min, memory_dt_max] and A = 1, so a_t starts near 0.99-0.999."""
+    model = _model(tiny_config(memory_type="neural", memory_num_heads=32, memory_size=64))
+    memory = model.model.layers[0].memory
+    dt = F.softplus(memory.dt_bias)
+    assert isinstance(memory, ForgeNeuralMemory)
+    assert dt.min() >= 0.001 - 1e-7 and dt.max() <= 0.01 + 1e-7 and dt.std() > 0
+    assert torch.log(dt).mean().item() == pytest.approx((math.log(0.001) + math.log(0.01)) / 2, abs=0.4)
+    assert memory.A_log.abs().max() == 0
+
+
+@pytest.mark.parametrize("memory_type", ["neural", "ema"])
+def test_packed_documents_do_not_see_each_others_memory(tiny_config, memory_type):
+    """Padding-free packing (position_ids restarting, no mask): each document's logits equal its own run; the same
+    tokens without the restart (one long document) differ, so the check can fail."""
+    model = _model(tiny_config(memory_type=memory_type, sliding_window=64, initializer_range=0.3)).double().eval()
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 97, (1, n), generator=gen) for n in (13, 20, 7)]
+    packed = torch.cat(docs, 1)
+    positions = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        together = model(packed, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
+        as_one = model(packed, use_cache=False).logits
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-10)
+    assert (as_one[:, 13:] - alone[:, 13:]).abs().max() > 1e-4
+
+
+def test_right_padding_writes_nothing(tiny_config):
+    """The neural memory's state after a right-padded row equals the state after the bare row (a padded position
+    neither writes nor forgets; the EMA ablation's scalar decay keeps running over padding)."""
+    model = _model(tiny_config(memory_type="neural", pad_token_id=0, initializer_range=0.3)).double().eval()
+    row = torch.randint(1, 97, (1, 15), generator=torch.Generator().manual_seed(4))
+    padded = torch.cat([row, torch.zeros(1, 5, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 15), torch.zeros(1, 5)], 1).long()
+    with torch.no_grad():
+        bare = model(row, use_cache=True).past_key_values
+        with_pad = model(padded, attention_mask=mask, use_cache=True).past_key_values
+        unmasked = model(padded, use_cache=True).past_key_values
+    for layer in range(model.config.num_hidden_layers):
+        expected = bare.get_recurrent_state(layer)
+        torch.testing.assert_close(with_pad.get_recurrent_state(layer), expected, rtol=0, atol=1e-10)
+        assert (unmasked.get_recurrent_state(layer) - expected).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("memory_type", ["neural", "ema"])
+def test_bf16_model_keeps_fp32_state_and_decode_matches_prefill(tiny_config, memory_type):
+    """In bf16 the state stays fp32 (an EMA decay of 0.999 rounds to 1.0 in bf16), and the state after a prefill
+    equals the state after decoding the same tokens one by one."""
+    model = _model(tiny_config(memory_type=memory_type, memory_decay=0.999)).to(torch.bfloat16).eval()
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        prefill = model(x, use_cache=True).past_key_values
+        cache = model(x[:, :1], use_cache=True).past_key_values
+        for t in range(1, 12):
+            cache = model(x[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+    for layer in range(model.config.num_hidden_layers):
+        state = prefill.get_recurrent_state(layer)
+        assert state.dtype == torch.float32
+        # bf16 activations feed both paths; the fp32 state keeps prefill and decode within bf16 input rounding
+        torch.testing.assert_close(cache.get_recurrent_state(layer), state, rtol=0.05, atol=0.02)
+
+
+def test_ema_scan_is_fp32_for_bf16_inputs():
+    """bf16 rounds 0.999 to 1.0; the scan computes powers and states in fp32 and equals the fp32 scan."""
+    inputs = torch.randn(2, 300, 4)
+    states, _ = ema_scan(inputs.bfloat16(), 0.999, chunk_size=64)
+    expected, _ = ema_scan(inputs.bfloat16().float(), 0.999, chunk_size=64)
+    assert states.dtype == torch.float32
+    torch.testing.assert_close(states, expected, rtol=0, atol=1e-5)
+
+
+def test_gate_statistics_count_real_tokens_only(tiny_config):
+    """A left-padded row reports the gate mean and entropy of its real tokens (padding excluded)."""
+    model = _model(tiny_config(memory_type="neural", pad_token_id=0, initializer_range=0.3)).eval()
+    row = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(6))
+    padded = torch.cat([torch.zeros(1, 30, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 30), torch.ones(1, 10)], 1).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        bare = model.model(row, act_halting=False)
+        with_pad = model.model(padded, attention_mask=mask, position_ids=positions, act_halting=False)
+    torch.testing.assert_close(with_pad.gate_means, bare.gate_means, rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_pad.gate_entropy, bare.gate_entropy, rtol=0, atol=1e-5)
