@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -230,10 +231,36 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z']+", text.lower())
 
 
-def degeneracy_reasons(text: str, earlier: Sequence[str], perplexity: float, config: PersonaConfig) -> list[str]:
-    """Why a self-description is unusable as a persona prompt (empty list: usable)."""
+@functools.lru_cache(maxsize=1)
+def _corpus_words() -> frozenset[str]:
+    """Words of the built-in corpus (training split): what counts as a real word for the degeneracy check."""
+    from evaluation.corpus import corpus_texts
+
+    return frozenset(word for text in corpus_texts("train", max_chars=3_000_000) for word in _words(text))
+
+
+def known_words(config: PersonaConfig) -> frozenset[str]:
+    """Real words: the corpus's plus those of the prompt pools and the self-description prompt."""
+    own = " ".join([*config.tool_prompts, *config.persona_templates, config.self_description_prompt])
+    return _corpus_words() | frozenset(_words(own))
+
+
+def degeneracy_reasons(
+    text: str,
+    earlier: Sequence[str],
+    perplexity: float,
+    config: PersonaConfig,
+    vocabulary: frozenset[str] | None = None,
+) -> list[str]:
+    """Why a self-description is unusable as a persona prompt (empty list: usable). `vocabulary` (default:
+    `known_words(config)`) holds the words that count as real for `min_known_words`."""
     reasons = []
     words = _words(text)
+    if words and config.min_known_words > 0:
+        vocabulary = known_words(config) if vocabulary is None else vocabulary
+        share = sum(word in vocabulary for word in words) / len(words)
+        if share < config.min_known_words:
+            reasons.append(f"known words {share:.2f} < {config.min_known_words}")
     if len(words) < config.min_words:
         reasons.append(f"{len(words)} words < {config.min_words}")
     elif len(set(words)) / len(words) < config.min_distinct_ratio:
