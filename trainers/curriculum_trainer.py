@@ -25,7 +25,9 @@ The phase folder holds the packed model, `curriculum_report.json`, plots, card a
 
 Written here, because no kept library does it: the pool bookkeeping, the placement rule, the masked self-prediction
 examples and the dream mix. Generation is `model.generate`; training is `ForgeTrainer` (transformers `Trainer`),
-one short run per round; bakes are `trainers.baking_trainer`; execution is `evaluation.sandbox`.
+one short run per round (so the optimizer's state, Grokfast EMA and momenta, restarts every round); bakes are
+`trainers.baking_trainer`; execution is `evaluation.sandbox`. Under `accelerate launch` every process generates and
+runs the same attempts (same seeds) and the training runs are data-parallel.
 """
 
 import dataclasses
@@ -71,6 +73,20 @@ STATE_FILE = "curriculum_state.json"
 MASK_NOTE = "the pad token stands in for a masked token"
 
 
+def split_context(prompt: str) -> tuple[str, str]:
+    """(context, suffix): the prompt without its trailing whitespace, and that whitespace. The model continues the
+    context and writes the newline and indent itself: BPE merges them with the next token ("\n    return") in
+    training text, so a prompt ending in a bare newline is a token boundary the model has rarely seen (it answers
+    EOS). Completions are therefore continuations of the context, and training uses the same context."""
+    context = prompt.rstrip()
+    return context, prompt[len(context) :]
+
+
+def reference_completion(example: Example) -> str:
+    """The reference body as a continuation of the example's context (`split_context`)."""
+    return split_context(example.prompt)[1] + example.target
+
+
 def with_hint(prompt: str, hint: str) -> str:
     """The retry prompt: the hint as comment lines above the function (the model stays in code mode)."""
     lines = [line.strip() for line in hint.strip().splitlines() if line.strip()]
@@ -91,8 +107,10 @@ class Policy(Protocol):
 
 
 class ModelPolicy:
-    """`model.generate` completions, decoded with thought tokens kept (other special tokens dropped); with `think`
-    every completion starts inside a thought span (`<think>` is appended to the prompt and returned with the text)."""
+    """`model.generate` continuations of each prompt's context (`split_context`), decoded with thought tokens kept
+    (other special tokens dropped); with `think` every completion starts inside a thought span (`<think>` is
+    appended to the context and returned with the text). The code that runs is `prompt + strip_thoughts(completion)`
+    (the completion's own leading newline then makes an empty line, which Python ignores)."""
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int, think: bool, batch_size: int = 16) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -102,7 +120,7 @@ class ModelPolicy:
     def complete(self, prompts, *, temperature, num_samples=1, seed=0):
         tokenizer, model = self.tokenizer, self.model
         prefix = THOUGHT_START if self.think else ""
-        encoded = [tokenizer(p + prefix)["input_ids"] for p in prompts]
+        encoded = [tokenizer(split_context(p)[0] + prefix)["input_ids"] for p in prompts]
         sample = temperature is not None and temperature > 0
         drop = {i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
         out: list[list[str]] = [[] for _ in prompts]
@@ -423,8 +441,9 @@ def pad_collator(pad_id: int) -> Callable[[Sequence[dict]], dict]:
 
 
 def completion_item(tokenizer, prompt: str, completion: str, max_length: int) -> dict:
-    """`prompt + completion + EOS` with labels on the completion (and EOS) only; cut to `max_length` tokens."""
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    """`context + completion + EOS` (the context as `ModelPolicy` generates from it, `split_context`) with labels on
+    the completion (and EOS) only; cut to `max_length` tokens."""
+    prompt_ids = list(tokenizer(split_context(prompt)[0])["input_ids"])
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     ids = (prompt_ids + completion_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
@@ -532,7 +551,7 @@ def _mean(values) -> float:
 @torch.no_grad()
 def reference_nll(model, tokenizer, examples: Sequence[Example], max_length: int) -> float:
     """Mean per-token NLL of the reference bodies of `examples` (a forgetting probe that needs no generation)."""
-    items = [completion_item(tokenizer, e.prompt, e.target, max_length) for e in examples]
+    items = [completion_item(tokenizer, e.prompt, reference_completion(e), max_length) for e in examples]
     was_training = model.training
     model.eval()
     batch = pad_collator(tokenizer.pad_token_id)(items)
@@ -557,7 +576,7 @@ def dream(model, tokenizer, policy: ModelPolicy, family: CodeFamily, levels: Seq
     n_real = max(1, round(len(prompts) * config.dream_real_share / (1 - config.dream_real_share)))
     real = [e for lv in levels for e in family.generate("train", n_real, seed=seed + 1, difficulty=lv)]
     real = rng.sample(real, min(n_real, len(real)))
-    items += [completion_item(tokenizer, e.prompt, e.target, config.max_length) for e in real]
+    items += [completion_item(tokenizer, e.prompt, reference_completion(e), config.max_length) for e in real]
     rng.shuffle(items)
     probe = [e for lv in levels for e in family.generate("validation", 4, seed=seed, difficulty=lv)]
     before = reference_nll(model, tokenizer, probe, config.max_length)
@@ -836,8 +855,10 @@ __all__ = [
     "masked_self_items",
     "pass_at_k",
     "place",
+    "reference_completion",
     "run_level",
     "run_phase5",
+    "split_context",
     "strip_thoughts",
     "with_hint",
 ]

@@ -221,7 +221,7 @@ def test_lilo_sampling_prefers_tasks_near_half_success():
 def test_self_model_items_mask_only_generated_tokens(tiny_tokenizer):
     rng = random.Random(0)
     item = masked_self_items(tiny_tokenizer, "def f(x):\n", "    return x + 1\n", 0.5, rng, 128)
-    prompt_len = len(tiny_tokenizer("def f(x):\n")["input_ids"])
+    prompt_len = len(tiny_tokenizer("def f(x):")["input_ids"])  # the context: the prompt without trailing space
     masked = [i for i, label in enumerate(item["labels"]) if label != -100]
     assert masked and min(masked) >= prompt_len
     assert all(item["input_ids"][i] == tiny_tokenizer.pad_token_id for i in masked)
