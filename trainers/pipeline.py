@@ -464,6 +464,7 @@ def _phase_metrics(folder: Path) -> dict[str, float]:
 
 HEADLINE_METRICS = (
     "eval/perplexity", "search/validation_fitness", "after_rl/accuracy_with_thoughts", "bitnet/compression_vs_fp32",
+    "curriculum/start_level", "curriculum/level1_pass@1_before", "curriculum/level1_pass@1_after",
     "phase6/kept_bakes", "phase6/final_code_pass@1",
 )  # fmt: skip
 
