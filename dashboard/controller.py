@@ -150,10 +150,12 @@ class Controller:
         one the message names as `Class.field`, else a `submitted` one it mentions, else any it mentions)."""
         cls = get_phase(number).load_config_class()
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        # The class annotations, not `Field.type`: transformers' argument parser rewrites `Field.type` in place.
+        hints = typing.get_type_hints(cls)
         for name, value in config.items():
             if name not in fields:
                 raise ConfigError(f"{name}: {cls.__name__} has no field {name!r}.", name)
-            _check_type(name, fields[name].type, value)
+            _check_type(name, hints.get(name, fields[name].type), value)
         try:
             cls(**config)
         except (ValueError, TypeError) as error:

@@ -13,6 +13,8 @@ from trainers.quickstart import QuickstartConfig, run_quickstart
 def main() -> None:
     (config,) = HfArgumentParser(QuickstartConfig).parse_args_into_dataclasses()
     result = run_quickstart(config)
+    if not result.get("main_process", True):  # another rank measured and wrote
+        return
     steps = ", ".join(f"y{t}: {loss:.3f}" for t, loss in enumerate(result["eval_step_losses"]))
     print(f"\nSaved to {result['output_dir']} and reloaded with AutoModelForCausalLM.")
     print(f"Training loss: {result['train_loss_first_window']:.3f} (first window) -> "

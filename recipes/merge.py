@@ -11,6 +11,7 @@ its forge_lineage.json names every input with its weights hash.
 
 from trl import TrlParser
 
+from trainers.config_fields import parse_recipe_config
 from trainers.merging import MergeConfig, corpus_perplexity, write_merge
 
 
@@ -35,5 +36,5 @@ def main(config: MergeConfig) -> str:
 
 
 if __name__ == "__main__":
-    (config,) = make_parser().parse_args_and_config()
+    (config,) = parse_recipe_config(make_parser())
     main(config)

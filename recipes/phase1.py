@@ -17,6 +17,7 @@ from trl import TrlParser
 
 from trainers.cognate_config import CognateConfig
 from trainers.cognate_trainer import run_phase1
+from trainers.config_fields import parse_recipe_config
 
 
 def make_parser() -> TrlParser:
@@ -38,5 +39,5 @@ def main(config: CognateConfig) -> dict:
 
 
 if __name__ == "__main__":
-    (config,) = make_parser().parse_args_and_config()
+    (config,) = parse_recipe_config(make_parser())
     main(config)

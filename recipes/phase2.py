@@ -13,6 +13,7 @@ history), `<output_dir>/phase2/evolution.jsonl` (every candidate) and `<output_d
 
 from trl import TrlParser
 
+from trainers.config_fields import parse_recipe_config
 from trainers.evomerge import run_phase2
 from trainers.evomerge_config import EvoMergeConfig
 
@@ -43,5 +44,5 @@ def main(config: EvoMergeConfig) -> dict:
 
 
 if __name__ == "__main__":
-    (config,) = make_parser().parse_args_and_config()
+    (config,) = parse_recipe_config(make_parser())
     main(config)

@@ -17,6 +17,7 @@ forge_lineage.json; anti_theater.json). `--push_to_hub true` uploads it to `<hub
 
 from trl import TrlParser
 
+from trainers.config_fields import parse_recipe_config
 from trainers.quietstar_config import QuietStarConfig
 from trainers.quietstar_trainer import run_phase3
 
@@ -27,6 +28,8 @@ def make_parser() -> TrlParser:
 
 def main(config: QuietStarConfig) -> dict:
     summary = run_phase3(config)
+    if not summary.get("main_process", True):  # another rank measured and wrote
+        return summary
     metrics = summary["metrics"]
     print(f"\nPhase 3 (Quiet-STaR) written to {summary['output_dir']} in {summary['wall_time_s']:.0f} s")
     if "bake/strength" in metrics:
@@ -53,5 +56,5 @@ def main(config: QuietStarConfig) -> dict:
 
 
 if __name__ == "__main__":
-    (config,) = make_parser().parse_args_and_config()
+    (config,) = parse_recipe_config(make_parser())
     main(config)

@@ -17,6 +17,7 @@ from trl import TrlParser
 
 from trainers.bitnet_config import BitNetConfig
 from trainers.bitnet_trainer import run_phase4
+from trainers.config_fields import parse_recipe_config
 
 
 def make_parser() -> TrlParser:
@@ -50,5 +51,5 @@ def main(config: BitNetConfig) -> dict:
 
 
 if __name__ == "__main__":
-    (config,) = make_parser().parse_args_and_config()
+    (config,) = parse_recipe_config(make_parser())
     main(config)

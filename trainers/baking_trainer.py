@@ -309,7 +309,8 @@ class PromptBakingTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logprobs = student_target_logprobs(model, inputs, **forward_kwargs(model))
+        # Under DDP `model` is the wrapper (forward through it so gradients synchronise; read the config underneath).
+        logprobs = student_target_logprobs(model, inputs, **forward_kwargs(self.accelerator.unwrap_model(model)))
         kl = topk_kl(logprobs, inputs["target_ids"], inputs["target_logprobs"])  # (B, n)
         mask = inputs["target_mask"]
         loss = kl[mask].sum() / mask.sum().clamp(min=1)

@@ -54,6 +54,11 @@ def forge_metrics(outputs) -> dict[str, float]:
 
 
 OPTIMIZER_TYPES = ("mugrokfast", "muon", "adamw")
+# MuGrokfastConfig field -> the ForgeTrainingArguments field that sets it (for error messages)
+OPTIMIZER_ARGUMENTS = {"lr": "learning_rate", "weight_decay": "weight_decay", "fallback_lr": "fallback_lr",
+                       "grokfast_alpha": "grokfast_alpha", "grokfast_lambda": "grokfast_lambda",
+                       "qk_clip_tau": "qk_clip_tau", "ste_mode": "ste_mode",
+                       "metrics_interval": "optim_metrics_interval"}  # fmt: skip
 TRAINER_DEFAULT_LR = 5e-5  # TrainingArguments' own default, kept for optimizer_type="adamw"
 
 
@@ -108,7 +113,15 @@ class ForgeTrainingArguments(TrainingArguments):
             self.learning_rate = TRAINER_DEFAULT_LR if self.learning_rate is None else self.learning_rate
             self.weight_decay = 0.0 if self.weight_decay is None else self.weight_decay
         else:
-            config = self.mugrokfast_config()
+            try:
+                config = self.mugrokfast_config()
+            except (TypeError, ValueError) as error:  # name the argument the user set, not the optimizer's field
+                message = str(error)
+                for name, argument in OPTIMIZER_ARGUMENTS.items():
+                    message = message.replace(f"MuGrokfastConfig.{name} ", f"{argument} (MuGrokfastConfig.{name}) ")
+                if "preset for phase" in message:
+                    message = f"mugrokfast_phase={self.mugrokfast_phase}: {message}"
+                raise ValueError(message) from None
             self.learning_rate, self.weight_decay = config.lr, config.weight_decay
         super().__post_init__()
 
@@ -179,7 +192,10 @@ class ForgeTrainer(Trainer):
                     "QK-clip is on but the model returned no `attention_logit_max`. Fix: use a model whose forward "
                     "supports output_attention_logit_max=True, or turn QK-clip off (qk_clip=False)."
                 )
-            qk_optimizer.record_attention_logit_max(outputs.attention_logit_max)
+            logit_max = outputs.attention_logit_max
+            if self.accelerator.num_processes > 1:  # every rank clips by the same (global) maximum, so replicas agree
+                logit_max = self.accelerator.gather(logit_max[None]).amax(0)
+            qk_optimizer.record_attention_logit_max(logit_max)
         if outputs.loss is None:
             raise ValueError(
                 f"The model returned no loss; the batch has keys {sorted(inputs)}. Fix: the data collator must "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from modeling_forge.bitnet import EMBEDDING_BITS, KERNEL_CHOICES, QUANTIZABLE_GROUPS
 
 from .base import ForgeTrainingArguments
-from .config_fields import json_field
+from .config_fields import check_own_field_types, json_field
 from .data import TASK_SOURCES
 from .size_aware import SizeDefaults
 
@@ -125,6 +125,7 @@ class BitNetConfig(ForgeTrainingArguments):
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints during fine-tuning ('no')."})
 
     def __post_init__(self) -> None:
+        check_own_field_types(self, "BitNetConfig")
         self.data_mixture = json_field(self.data_mixture, "BitNetConfig", "data_mixture") or dict(DEFAULT_MIXTURE)
         self.task_difficulty = list(json_field(self.task_difficulty, "BitNetConfig", "task_difficulty") or [1, 3])
         self.quantize_groups = list(

@@ -43,6 +43,7 @@ from .base import ForgeTrainer
 from .bitnet_config import BitNetConfig
 from .checkpointing import finished_output, last_complete_checkpoint, remove_work_dir
 from .data import CurriculumStage, build_curriculum, source_blocks
+from .inputs import check_checkpoint_folder
 from .phase_output import save_phase_output
 from .size_aware import size_defaults
 
@@ -376,7 +377,7 @@ def _relative_drop(after: float, before: float, higher_is_better: bool) -> float
 
 def run_phase4(config: BitNetConfig) -> dict:
     """Run Phase 4 end to end and return a summary (the report plus where it was written)."""
-    state = PartialState()
+    state = PartialState(cpu=config.use_cpu)  # as the Trainer below will (gloo on CPU)
     started = time.time()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
@@ -389,7 +390,9 @@ def run_phase4(config: BitNetConfig) -> dict:
         raise FileExistsError(f"{output_dir} already holds a finished Phase 4. Fix: choose another output_dir, pass "
                               "--resume to keep it, or --overwrite.")  # fmt: skip
 
+    check_checkpoint_folder(config.model_name_or_path)  # a cut or foreign folder fails here, naming the file and fix
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path or config.model_name_or_path)
+    check_checkpoint_folder(config.model_name_or_path, tokenizer=tokenizer)
     teacher = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32).eval()
     if teacher.config.model_type != "forge":
         raise ValueError(f"{config.model_name_or_path} is a {teacher.config.model_type!r} model. Fix: Phase 4 "

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 
 from .base import ForgeTrainingArguments
-from .config_fields import json_field
+from .config_fields import check_own_field_types, json_field
 from .data import CurriculumStage, default_curriculum, validate_curriculum
 
 # What makes each specialisation different. Only fields that keep every parameter's shape may differ, so the
@@ -84,6 +84,7 @@ class CognateConfig(ForgeTrainingArguments):
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run in the same output_dir."})
 
     def __post_init__(self) -> None:
+        check_own_field_types(self, "CognateConfig")
         self.model_overrides = json_field(self.model_overrides, "CognateConfig", "model_overrides") or {}
         self.specializations = json_field(self.specializations, "CognateConfig", "specializations") or {
             name: dict(values) for name, values in DEFAULT_SPECIALIZATIONS.items()
@@ -93,6 +94,15 @@ class CognateConfig(ForgeTrainingArguments):
         if not isinstance(self.specializations, dict) or not self.specializations:
             raise ValueError("CognateConfig.specializations must map names to settings. Fix: see the YAML presets.")
         for name, spec in self.specializations.items():
+            kinds = {"seed": int, "model": dict, "mixture_scale": dict}
+            if not isinstance(spec, dict) or any(
+                key in spec and (not isinstance(spec[key], kind) or isinstance(spec[key], bool))
+                for key, kind in kinds.items()
+            ):
+                raise ValueError(
+                    f"CognateConfig.specializations[{name!r}] is {spec!r}. Fix: give a mapping with seed (int), model "
+                    "(a mapping of ForgeConfig fields) and mixture_scale (a mapping of source -> multiplier)."
+                )
             unknown = set(spec) - {"seed", "model", "mixture_scale"}
             if unknown:
                 raise ValueError(f"CognateConfig.specializations[{name!r}] has unknown keys {sorted(unknown)}. "
@@ -103,10 +113,18 @@ class CognateConfig(ForgeTrainingArguments):
                     f"CognateConfig.specializations[{name!r}] changes {sorted(changed)}, which change parameter "
                     "shapes; the three models must share one initialisation. Fix: set them in model_overrides."
                 )
-        self._stages = (
-            [CurriculumStage.from_dict(stage) for stage in curriculum] if curriculum else default_curriculum()
-        )
-        validate_curriculum(self._stages)
+        if curriculum and (not isinstance(curriculum, list) or not all(isinstance(s, dict) for s in curriculum)):
+            raise ValueError(
+                f"CognateConfig.curriculum is {curriculum!r}; it must be a list of stages. Fix: write stages as "
+                "[{name, end, seq_len, mixture, difficulty}, ...] (see recipes/configs/phase1_tiny.yaml)."
+            )
+        try:
+            self._stages = (
+                [CurriculumStage.from_dict(stage) for stage in curriculum] if curriculum else default_curriculum()
+            )
+            validate_curriculum(self._stages)
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"CognateConfig.curriculum: {error}") from None
         self.curriculum = [
             {
                 "name": s.name,

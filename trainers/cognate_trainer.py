@@ -29,6 +29,7 @@ from .checkpointing import finished_output, last_complete_checkpoint, remove_wor
 from .cognate_config import CognateConfig
 from .data import CurriculumData, build_curriculum
 from .diversity import diversity_report, write_diversity_report
+from .inputs import check_checkpoint_folder
 from .monitors import ACTHaltingMonitor, GateSaturationMonitor, LossSpikeRollback, check_parameter_budget
 from .phase_output import save_phase_output
 
@@ -164,7 +165,7 @@ def _validation_blocks(tokenizer, seq_len: int, n_blocks: int = 8) -> torch.Tens
 
 def run_phase1(config: CognateConfig) -> dict:
     """Run Phase 1 end to end (resumable) and return a summary; see the module docstring."""
-    state = PartialState()
+    state = PartialState(cpu=config.use_cpu)  # as the Trainer below will (gloo on CPU)
     started = time.time()
     phase_dir = Path(config.output_dir) / "phase1"
     work_dir = phase_dir / ".work"
@@ -199,6 +200,7 @@ def run_phase1(config: CognateConfig) -> dict:
         )  # fmt: skip
     state.wait_for_everyone()
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    check_checkpoint_folder(init_dir, tokenizer=tokenizer)  # a resumed run's init must be intact
     init_model = ForgeForCausalLM.from_pretrained(init_dir)
     check_parameter_budget(init_model, config.param_budget)
     eval_texts = corpus_texts("validation")

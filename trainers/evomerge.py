@@ -58,6 +58,7 @@ from evaluation.tasks.base import stable_hash
 from .checkpointing import current_umask
 from .control import pause_point
 from .evomerge_config import EvoMergeConfig
+from .inputs import check_checkpoint_folder
 from .merging import Checkpoint, MergeRecipe, build_model, load_checkpoint, run_recipe
 from .tracking import LoopTracker
 
@@ -875,14 +876,16 @@ def run_phase2(config: EvoMergeConfig) -> dict[str, Any]:
     phase_dir = config.phase_dir
     champion_dir = phase_dir / "champion"
     state_path = phase_dir / STATE_FILE
-    if not PartialState().is_main_process:
+    # On a machine without a GPU the processes talk over gloo (cpu=True), as Trainer's `use_cpu` does.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not state.is_main_process:
         # The search and the writing run once, on the main process (a search is not data-parallel); the others wait.
-        PartialState().wait_for_everyone()
+        state.wait_for_everyone()
         return {"output_dir": str(champion_dir), "main_process": False}
     try:
         return _run_phase2_main(config, champion_dir, state_path, started)
     finally:
-        PartialState().wait_for_everyone()
+        state.wait_for_everyone()
 
 
 def _finished_phase2(champion_dir: Path, state_path: Path) -> dict[str, Any]:
@@ -924,6 +927,7 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
     for parent in parents:
         if not Path(parent).is_dir():
             raise FileNotFoundError(f"Parent checkpoint {parent} does not exist. Fix: run Phase 1 or pass --parents.")
+        check_checkpoint_folder(parent, expect_forge=False)  # cut weights or a broken config.json: file, field, fix
     base = str(config.base_model or find_common_base(parents))
     logger.info("Phase 2: parents %s, common base %s", parents, base)
     checkpoints: dict[str, Checkpoint] = {path: load_checkpoint(path) for path in [*parents, base]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config_fields import json_field
+from .config_fields import check_own_field_types, json_field
 from .tracking import requested_backends
 
 # Parts of the composite fitness and their default weights (normalised to sum 1 when used). Each part is "higher is
@@ -109,6 +109,7 @@ class EvoMergeConfig:
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to upload the champion to."})
 
     def __post_init__(self) -> None:
+        check_own_field_types(self, "EvoMergeConfig")
         weights = json_field(self.fitness_weights, "EvoMergeConfig", "fitness_weights")
         weights = dict(DEFAULT_FITNESS_WEIGHTS) if weights is None else dict(weights)
         unknown = sorted(set(weights) - set(FITNESS_PARTS))

@@ -87,6 +87,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     )
     trainer.train()
     eval_metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():  # training was data-parallel; measuring and writing happen once
+        trainer.accelerator.wait_for_everyone()
+        return {"output_dir": str(output_dir), "main_process": False}
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry and "loss/step_0" in entry]
 
     ppl = perplexity(
@@ -166,6 +169,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "corpus": LICENSE_NOTE,
     }
     (output_dir / "quickstart_results.json").write_text(json.dumps(result, indent=2))
+    trainer.accelerator.wait_for_everyone()
     return result
 
 

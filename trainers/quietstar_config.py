@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from .baking_config import PromptBakingConfig
 from .base import ForgeTrainingArguments
-from .config_fields import json_field
+from .config_fields import check_own_field_types, json_field
 from .teachers import TEACHERS
 
 # Step 1's supervised baking defaults (a PromptBakingConfig): LoRA r 16 as for every bake, more steps than a prompt
@@ -131,13 +131,20 @@ class QuietStarConfig(ForgeTrainingArguments):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_own_field_types(self, "QuietStarConfig")
+
         def fail(name: str, problem: str, fix: str) -> None:
             raise ValueError(f"QuietStarConfig.{name} {problem}. Fix: {fix}.")
 
         self.difficulty = json_field(self.difficulty, "QuietStarConfig", "difficulty") or [1, 2]
         bake = json_field(self.reasoning_bake, "QuietStarConfig", "reasoning_bake")
+        if bake is not None and not isinstance(bake, dict):
+            fail("reasoning_bake", f"is {bake!r}", "give a mapping of PromptBakingConfig fields, e.g. {steps: 150}")
         self.reasoning_bake = {**DEFAULT_REASONING_BAKE, **(bake or {})}
-        PromptBakingConfig.from_dict(self.reasoning_bake)  # validates the keys and values now, not after step 1
+        try:  # validates the keys and values now, not after step 1
+            PromptBakingConfig.from_dict(self.reasoning_bake)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"QuietStarConfig.reasoning_bake: {error}") from None
         if self.mugrokfast_phase is None and self.optimizer_type != "adamw":
             self.mugrokfast_phase = 3  # SPEC: lr 5e-4, lambda 0.1, tau 25
         if self.model_name_or_path is None:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 from transformers.utils import logging
@@ -48,6 +49,7 @@ from modeling_forge.tokenization import STRATEGY_TOKENS, THOUGHT_END, THOUGHT_ST
 
 from .base import ForgeTrainer
 from .checkpointing import finished_output, remove_work_dir
+from .inputs import check_checkpoint_folder
 from .phase_output import save_phase_output
 from .quietstar_config import QuietStarConfig
 
@@ -705,11 +707,6 @@ class QuietStarTrainer(ForgeTrainer):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1:
-            raise ValueError(
-                "QuietStarTrainer runs the backbone, LM head and mixing head separately on the unwrapped model, "
-                "which would bypass DDP's gradient synchronisation. Fix: run Phase 3 as a single process."
-            )
         self.settings = settings
         self.thought_tokens = thought_tokens
         self.reference_model = reference_model
@@ -729,12 +726,35 @@ class QuietStarTrainer(ForgeTrainer):
             )
             self.add_callback(self.theater_callback)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes > 1:
+            self._average_gradients()
+        return loss
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """Data-parallel: average the gradients over the processes after each backward.
+
+        Hand-written because `compute_loss` runs the backbone, LM head and mixing head separately on the unwrapped
+        model (no kept library runs this loss through one forward), so DDP's wrapper never sees a forward and its
+        gradient hooks stay idle; accelerate's `reduce` does the all-reduce. Every trainable parameter takes part
+        (zeros where a rank produced no gradient) so all ranks issue the same collectives.
+        """
+        params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = flat[offset : offset + grad.numel()].view_as(param).clone()
+            offset += grad.numel()
+
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: value.to(self.model.device) for name, value in batch.items()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The computation reads the backbone, LM head and mixing head separately, so it runs on the unwrapped model
-        # (single process; under DDP this would bypass the wrapper's gradient hooks).
+        # The computation reads the backbone, LM head and mixing head separately, so it runs on the unwrapped model;
+        # under DDP that bypasses the wrapper's gradient hooks, so `training_step` averages the gradients itself.
         unwrapped = self.accelerator.unwrap_model(model)
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         positions = sample_positions(labels, self.settings.positions_per_sequence).to(ids.device)
@@ -754,7 +774,10 @@ class QuietStarTrainer(ForgeTrainer):
             output_attention_logit_max=qk_optimizer is not None,
         )
         if qk_optimizer is not None:
-            qk_optimizer.record_attention_logit_max(forward.attention_logit_max)
+            logit_max = forward.attention_logit_max
+            if self.accelerator.num_processes > 1:  # one global maximum, so every replica clips alike
+                logit_max = self.accelerator.gather(logit_max[None]).amax(0)
+            qk_optimizer.record_attention_logit_max(logit_max)
         reference = None
         if self.reference_model is not None and self.settings.kl_weight > 0:
             reference = reference_logits(self.reference_model, ids, mask, positions, forward.predict_at)
@@ -1078,7 +1101,9 @@ def run_phase3(config: QuietStarConfig) -> dict:
             f"{output} already exists. Fix: pass --resume to keep it, --overwrite or choose another output_dir."
         )
     set_seed(config.seed)
+    check_checkpoint_folder(config.model_name_or_path)  # a cut or foreign folder fails here, naming the file and fix
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    check_checkpoint_folder(config.model_name_or_path, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path)
     tokens = add_thought_tokens(model, tokenizer)
     settings = ThoughtSettings.from_config(config)
@@ -1121,7 +1146,7 @@ def run_phase3(config: QuietStarConfig) -> dict:
     )
     args = replace(
         config,
-        output_dir=str(Path(config.output_dir) / "phase3.work"),
+        output_dir=str(Path(config.output_dir) / ".phase3-work"),  # hidden, as Phase 1's .work, Phase 4's .phase4-work
         remove_unused_columns=False,
         push_to_hub=False,
         hub_model_id=None,
@@ -1139,6 +1164,10 @@ def run_phase3(config: QuietStarConfig) -> dict:
         theater=AntiTheaterSettings.from_config(config),
     )
     trainer.train()
+    state = PartialState()
+    if not state.is_main_process:  # training was data-parallel; measuring and writing happen once
+        state.wait_for_everyone()
+        return {"output_dir": str(output), "main_process": False}
     after_rl = evaluate_thinking(model, tokenizer, eval_examples, settings, tokens, config)
     metrics.update({f"after_rl/{k}": v for k, v in after_rl.items()})
     theater = trainer.theater_callback
@@ -1170,6 +1199,7 @@ def run_phase3(config: QuietStarConfig) -> dict:
         output, config, model, tokenizer, trainer, metrics, teacher, reasoning, bake_summary, theater, samples, wall
     )
     remove_work_dir(args.output_dir)
+    state.wait_for_everyone()
     return {"output_dir": str(output), "metrics": metrics, "anti_theater": theater.reports, "wall_time_s": wall}
 
 

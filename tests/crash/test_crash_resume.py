@@ -184,7 +184,7 @@ def _phase3_args(phase1: Path):
 def test_phase3_survives_kill_9_and_resumes_to_the_same_model(phase1_reference, tmp_path_factory, tmp_path):
     args = _phase3_args(phase1_reference)
     reference = _reference(tmp_path_factory, 3, args)
-    _crash_and_resume(3, args, ["phase3"], reference, ["step:bake:", "step:phase3.work:", "staging:"], tmp_path)
+    _crash_and_resume(3, args, ["phase3"], reference, ["step:bake:", "step:.phase3-work:", "staging:"], tmp_path)
 
 
 def _phase4_args(phase1: Path):

@@ -278,6 +278,56 @@ def test_phase4_recipe_makes_a_loadable_smaller_working_model(phase1_checkpoint,
         _run_recipe(phase1_checkpoint, output, *fast)
 
 
+def _toy_batch(generator, n=32, length=24, vocab=64):
+    """Counting sequences x, x+3, x+6, ... (mod 61): learnable to near-zero loss by the tiny model."""
+    start = torch.randint(0, 61, (n, 1), generator=generator)
+    return (start + 3 * torch.arange(length)) % 61 + 2
+
+
+def _toy_train(model, steps, seed, lr=3e-3):
+    """`steps` MuGrokfast steps (STE mode: shadow weights for BitLinear layers) on fresh toy batches."""
+    optimizer = create_mugrokfast(model, MuGrokfastConfig(lr=lr, ste_mode=True))
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        x = _toy_batch(generator)
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def _toy_loss(model):
+    x = _toy_batch(torch.Generator().manual_seed(1234), n=64)
+    model.eval()
+    with torch.no_grad():
+        return float(model(x, labels=x, act_halting=False).loss)
+
+
+@pytest.mark.slow
+def test_ste_recovers_more_than_the_same_training_gives_a_full_precision_copy(tiny_config):
+    """STE fine-tuning must recover what quantization lost, beyond what the same training gives any model: the
+    control is the full-precision model trained the same steps, on the same batches, with the same optimizer. The base
+    is trained close to convergence first (on an under-trained base, as in the Phase 4 recipe tests, further training
+    alone gains more than STE recovers: measured 0.60 vs 0.42 nats after 40 steps, so there the claim is not made)."""
+    torch.manual_seed(0)
+    base = _toy_train(ForgeForCausalLM(tiny_config(vocab_size=64, trm_max_steps=1)), steps=300, seed=0)
+    base_loss = _toy_loss(base)
+    ternary = ForgeForCausalLM(base.config)
+    ternary.load_state_dict(base.state_dict())
+    convert_to_bitnet(ternary, BitNetLayout(embedding_bits=8, embedding_group_size=32))
+    control = ForgeForCausalLM(base.config)
+    control.load_state_dict(base.state_dict())
+    ptq_loss = _toy_loss(ternary)
+    ste_loss = _toy_loss(_toy_train(ternary, steps=60, seed=1, lr=1e-3))
+    control_loss = _toy_loss(_toy_train(control, steps=60, seed=1, lr=1e-3))
+    assert ptq_loss > base_loss + 0.2, (base_loss, ptq_loss)  # quantization alone hurts
+    ste_gain, control_gain = ptq_loss - ste_loss, base_loss - control_loss
+    assert ste_gain > control_gain + 0.2, (base_loss, ptq_loss, ste_loss, control_loss)
+    # the gap to an equally trained full-precision model narrowed
+    assert ste_loss - control_loss < ptq_loss - base_loss
+
+
 @pytest.mark.slow
 def test_phase4_tiny_yaml_recovers_quality_with_ste(phase1_checkpoint, tmp_path):
     """The shipped tiny recipe as is (size-aware steps): STE fine-tuning must beat quantization alone by far."""

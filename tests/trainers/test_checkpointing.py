@@ -64,3 +64,52 @@ def test_atomic_file_writes_are_not_private(tmp_path):
     assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == stat.S_IMODE(
         (tmp_path / "plain.json").stat().st_mode
     )
+
+
+def _killed_child(action) -> int:
+    """Run `action()` in a forked child and return its exit status (-9 when it was killed by SIGKILL)."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            action()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+@pytest.mark.parametrize("kill_after_replace", [0, 1])
+def test_kill_9_while_replacing_an_output_never_loses_the_last_good_one(tmp_path, kill_after_replace):
+    """SIGKILL inside the staged write (0 renames done) or between retiring the old folder and renaming the new one
+    in (1 rename done): the next writer or `finished_output` finds the last good output again, and no leftovers."""
+    import os
+    import signal
+
+    import trainers.checkpointing as checkpointing
+    from trainers.checkpointing import finished_output
+
+    final = tmp_path / "phase3"
+    with atomic_directory(final) as staging:
+        (staging / "v").write_text("good")
+
+    def overwrite_and_die():
+        calls = []
+        original = os.replace
+
+        def replace(src, dst):
+            if len(calls) == kill_after_replace:
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls.append((src, dst))
+            original(src, dst)
+
+        checkpointing.os.replace = replace
+        with atomic_directory(final, overwrite=True) as staging:
+            (staging / "v").write_text("new")
+
+    assert _killed_child(overwrite_and_die) == -9
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert leftovers and all(".phase3." in name for name in leftovers)  # hidden, never under the final name
+    assert finished_output(final) and (final / "v").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["phase3"]  # staging and retired folders cleared
