@@ -12,6 +12,14 @@ the layers from `config.bitnet` (the hook `apply_bitnet_layout`, called by the m
 layer once, in `_init_weights`, into a non-persistent buffer: the same place transformers derives rotary
 frequencies after loading. The embedding (tied to the LM head) may be stored in 16, 8 or 4 bits.
 
+Kernels (`set_bitnet_kernel`; the packed layers' cache is made once per load for the one chosen): "float" (fp32
+ternary matrix, F.linear), "int8" (int8 matrix, bitsandbytes' int8 GEMM), "packed" (kernels/bitnet_packed.cpp, a C++
+CPU kernel built on first use with torch.utils.cpp_extension: per-token int8 activations times the 2-bit weights,
+repacked once into a VNNI-friendly 2-bit layout, with integer dot products; AVX-512 VNNI, AVX2 or scalar). All three
+give the same bits. "auto" (the default of `from_pretrained` and `pack_bitnet`) takes "packed" where it builds and
+"float" otherwise (no compiler, or a trust_remote_code folder, which has no C++ source). With a 4/8-bit embedding
+and the extension built, the tied LM head reads the codes when decoding (`TiedLMHead`).
+
 References:
     - Ma et al. "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits", 2024 (BitNet b1.58).
     - Wang et al. "BitNet: Scaling 1-bit Transformers for Large Language Models", 2023 (per-token absmax, STE).
@@ -25,6 +33,7 @@ below are hand-written (~60 lines): bitsandbytes' 4-/8-bit codecs would make loa
 bitsandbytes, which the remote-code route should not need.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -114,30 +123,32 @@ def unpack_ternary(packed: torch.Tensor, out_features: int, dtype: torch.dtype =
         return unpack_weights(packed, dtype=dtype)[:out_features]
 
 
-LANE_BLOCK = 64  # columns per block of the "packed" kernel's lane layout (16 bytes per row)
-LANE_ROWS = 4  # the lane layout pads rows to a multiple of this
+LANE_ROWS = 16  # the "packed" kernel's lane layout: tiles of 16 rows x groups of 4 columns, 16 bytes each
+LANE_COLS = 4
 
 
 def lane_pack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """Repack transformers' 2-bit layout into the lane layout the "packed" kernel reads (still 2 bits per weight).
 
-    Codes `w + 1` in {0, 1, 2}; rows padded to a multiple of 4 and columns to a multiple of 64 (code 1, weight 0);
-    per row and block of 64 columns, byte `j` holds column `16 * L + j` in bits `2L` (L = 0..3), so that one 16-byte
-    load shifted by 0/2/4/6 per 128-bit lane gives 64 codes in column order (see kernels/bitnet_packed.cpp).
-    Shape (ceil(out / 4) * 4, ceil(in / 64) * 16) uint8; done once per load.
+    Codes `w + 1` in {0, 1, 2}; rows padded to a multiple of 16 and columns to a multiple of 4 (code 1, weight 0);
+    per tile of 16 rows and group of 4 columns, byte `b` holds row `4L + b // 4`, column `b % 4` in bits `2L`
+    (L = 0..3), so that one 16-byte load shifted by 0/2/4/6 per 128-bit lane gives the 16 rows x 4 columns operand
+    of one VPDPBUSD (see kernels/bitnet_packed.cpp). Shape (ceil(out / 16), ceil(in / 4) * 16) uint8; once per load.
     """
     w_int = unpack_ternary(packed, out_features, torch.int8)
     rows, cols = w_int.shape
-    padded_rows, blocks = -(-rows // LANE_ROWS) * LANE_ROWS, -(-cols // LANE_BLOCK)
-    codes = torch.ones(padded_rows, blocks * LANE_BLOCK, dtype=torch.uint8, device=packed.device)
+    tiles, groups = -(-rows // LANE_ROWS), -(-cols // LANE_COLS)
+    codes = torch.ones(tiles * LANE_ROWS, groups * LANE_COLS, dtype=torch.uint8, device=packed.device)
     codes[:rows, :cols] = (w_int + 1).to(torch.uint8)
-    codes = codes.view(padded_rows, blocks, 4, 16)
+    # (tile, L, row in lane, group, column in group) -> (tile, group, L, 16 bytes)
+    codes = codes.view(tiles, 4, 4, groups, LANE_COLS).permute(0, 3, 1, 2, 4).reshape(tiles, groups, 4, 16)
     lanes = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
-    return lanes.reshape(padded_rows, blocks * 16).contiguous()
+    return lanes.reshape(tiles, groups * 16).contiguous()
 
 
 _PACKED_KERNEL_SOURCE = Path(__file__).with_name("kernels") / "bitnet_packed.cpp"
-_packed_kernel_state: dict[str, object] = {}  # "ops" (torch.ops.forge_bitnet) or "error" (why it is unavailable)
+# "ops" (torch.ops.forge_bitnet), "bitlinear" (its op) and "isa" (the CPU path it takes), or "error" (why not)
+_packed_kernel_state: dict[str, object] = {}
 
 
 def load_packed_kernel() -> object | None:
@@ -167,7 +178,10 @@ def load_packed_kernel() -> object | None:
 
                 os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
             logger.info("Building the BitNet 'packed' kernel (once; cached by torch.utils.cpp_extension).")
-            cpp_extension.load(name="forge_bitnet_packed", sources=[str(_PACKED_KERNEL_SOURCE)],
+            # The cache folder is named by the source's hash: checkouts with other versions never share (and rebuild)
+            # one folder, and a process never loads a library built from another version of the source.
+            digest = hashlib.sha256(_PACKED_KERNEL_SOURCE.read_bytes()).hexdigest()[:16]
+            cpp_extension.load(name=f"forge_bitnet_packed_{digest}", sources=[str(_PACKED_KERNEL_SOURCE)],
                                extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)  # fmt: skip
             _register_fake_kernels()
             _packed_kernel_state["ops"] = torch.ops.forge_bitnet
@@ -175,11 +189,13 @@ def load_packed_kernel() -> object | None:
             error = f"building it failed ({type(exc).__name__}: {str(exc).strip()[-500:]})"
         finally:
             os.environ["PATH"] = path
-    if error is not None:
+    if error is None:
+        _packed_kernel_state["bitlinear"] = torch.ops.forge_bitnet.bitlinear.default
+        _packed_kernel_state["isa"] = torch.ops.forge_bitnet.isa()
+    else:
         _packed_kernel_state["error"] = error
         log = logger.info if not _PACKED_KERNEL_SOURCE.exists() else logger.warning  # expected in remote-code folders
-        log(f"The BitNet 'packed' CPU kernel is unavailable: {error}. Using kernel 'float' (same outputs, "
-                       "slower).")  # fmt: skip
+        log(f"The BitNet 'packed' CPU kernel is unavailable: {error}. Using kernel 'float' (same outputs, slower).")
     return _packed_kernel_state.get("ops")
 
 
@@ -378,16 +394,19 @@ class BitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return BitLinearSTE.apply(x, self.weight, self.bias, self.activation_bits)
-        if self.kernel == "packed":
-            if x.device.type != "cpu":
+        if self.kernel == "packed" and not (x.requires_grad and torch.is_grad_enabled()):  # the C++ op has no backward
+            if not x.is_cpu:
                 raise ValueError(f"BitLinear kernel 'packed' runs on CPU only, got an input on {x.device}. Fix: "
                                  "set_bitnet_kernel(model, 'float') after moving the model.")  # fmt: skip
-            if not (torch.is_grad_enabled() and x.requires_grad):  # the C++ kernel has no backward
-                flat = x.reshape(-1, self.in_features).float().contiguous()
-                qmax = 2 ** (self.activation_bits - 1) - 1
-                out = torch.ops.forge_bitnet.bitlinear(flat, self.weight_lanes, self.weight_scale, self.bias,
-                                                       self.out_features, qmax, ACTIVATION_EPS)  # fmt: skip
-                return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            # Decoding calls this ~100 times per token: only the conversions that are needed, the op looked up once.
+            flat = x.reshape(-1, self.in_features)
+            if flat.dtype != torch.float32 or not flat.is_contiguous():
+                flat = flat.float().contiguous()
+            qmax = 2 ** (self.activation_bits - 1) - 1
+            out = _packed_kernel_state["bitlinear"](flat, self.weight_lanes, self.weight_scale, self.bias,
+                                                    self.out_features, qmax, ACTIVATION_EPS)  # fmt: skip
+            out = out.view(*x.shape[:-1], self.out_features)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         weight = self.weight_ternary
         if weight is None:  # kernel "packed" under autograd: the reference product on the unpacked weight
             weight = unpack_ternary(self.weight_packed, self.out_features, torch.float32)
@@ -430,7 +449,7 @@ class BitLinear(nn.Module):
 
     def _empty_cache(self, device: torch.device | str | None) -> torch.Tensor:
         if self.kernel == "packed":
-            shape = (-(-self.out_features // LANE_ROWS) * LANE_ROWS, -(-self.in_features // LANE_BLOCK) * 16)
+            shape = (-(-self.out_features // LANE_ROWS), -(-self.in_features // LANE_COLS) * 16)
             return torch.zeros(shape, dtype=torch.uint8, device=device)
         dtype = torch.int8 if self.kernel == "int8" else torch.float32
         return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
@@ -564,7 +583,7 @@ class TiedLMHead(nn.Module):
             and hidden_states.device.type == "cpu"
             and hidden_states[..., 0].numel() <= LOWBIT_HEAD_MAX_POSITIONS
             and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-            and _packed_kernel_state.setdefault("isa", ops.isa()) == "avx512-vnni"
+            and _packed_kernel_state["isa"] == "avx512-vnni"
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,26 +1,27 @@
-// BitLinear forward straight from 2-bit ternary weights (the "packed" kernel of modeling_forge/bitnet.py).
+// BitLinear forward straight from 2-bit ternary weights (the "packed" kernel of modeling_forge/bitnet.py), and the
+// tied LM head of a packed model read from its 8- or 4-bit embedding codes.
 //
 // Built on first use by torch.utils.cpp_extension.load (bitnet.py, `load_packed_kernel`) and registered as
-// torch.ops.forge_bitnet.*. Computes exactly what bitnet.py's `bitlinear_product` computes, bit for bit:
+// torch.ops.forge_bitnet.*. `bitlinear` computes exactly what bitnet.py's `bitlinear_product` computes, bit for bit:
 //   x_scale = (1 / max(amax|x|, eps)) * qmax          (torch's `qmax / t` is `t.reciprocal() * qmax`)
 //   x_int   = nearbyint(x * x_scale)                  (torch.round: round half to even)
 //   acc     = sum_k x_int * w_int                     (exact in int32)
 //   y       = float(acc) * (w_scale / x_scale) + bias (the same fp32 operations in the same order; built with
 //                                                      -ffp-contract=off so no FMA changes a rounding)
 //
-// Weight layout ("lanes", made once per load by bitnet.py `lane_pack`): codes c = w + 1 in {0, 1, 2}, rows padded
-// to a multiple of 4 (code 1 = weight 0), columns padded to a multiple of 64. Per row, each block of 64 columns is
-// 16 bytes; byte j holds column 16*L + j of the block in bits 2L..2L+1 (L = 0..3). One 16-byte load broadcast to
-// the four 128-bit lanes of a zmm register and shifted right by 0/2/4/6 per lane gives the 64 codes in column order,
-// which multiply the 64 int8 activations with one VPDPBUSD (unsigned codes x signed activations). Since
-// sum (w + 1) x = sum w x + sum x, the activation row sum is subtracted afterwards. This is bitnet.cpp's I2_S idea
-// (2-bit weights decoded in registers, integer dot products); the AVX2 path uses VPMADDUBSW + VPMADDWD instead.
+// Weight layout ("lanes", made once per load by bitnet.py `lane_pack`): codes c = w + 1 in {0, 1, 2}, rows padded to
+// a multiple of 16 and columns to a multiple of 4 (code 1 = weight 0). Per tile of 16 rows, each group of 4 columns
+// is 16 bytes; byte b holds, in bits 2L..2L+1 (L = 0..3), row 4L + b / 4 and column b % 4 of that tile and group.
+// One 16-byte load broadcast to the four 128-bit lanes of a zmm register and shifted right by 0/2/4/6 per lane gives
+// the 64 codes as 16 rows x 4 columns, the VNNI operand layout: one VPDPBUSD with the token's 4 int8 activations
+// broadcast adds 4 products into each of 16 row accumulators (unsigned codes x signed activations), so no horizontal
+// sums are needed. Since sum (w + 1) x = sum w x + sum x, the activation row sum is subtracted at the end. This is
+// bitnet.cpp's I2_S idea (2-bit weights decoded in registers, integer dot products); AVX2 uses VPMADDUBSW + VPMADDWD.
 // Hand-written because no kept library multiplies transformers' 2-bit BitNet layout without unpacking it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -28,14 +29,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kBlock = 64;     // columns per block
-constexpr int64_t kBlockBytes = 16;  // bytes per row per block
-constexpr int64_t kRows = 4;       // weight rows per tile
+constexpr int64_t kTileRows = 16;   // weight rows per tile (one zmm of int32 accumulators)
+constexpr int64_t kGroupCols = 4;   // columns per group (one VPDPBUSD lane)
+constexpr int64_t kGroupBytes = 16;  // bytes per tile per group
+constexpr int kRows = 4;            // LM head: vocabulary rows per tile
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -51,90 +54,146 @@ Isa best_isa() {
   return kScalar;
 }
 
-// acc[n * 4 + r] = sum over blocks of codes(row r) . x(row n), for NT activation rows and 4 weight rows.
-template <int NT>
-void tile_scalar(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t nblk, int32_t* acc) {
-  for (int n = 0; n < NT; ++n) {
-    for (int r = 0; r < kRows; ++r) {
-      int32_t sum = 0;
-      for (int64_t b = 0; b < nblk; ++b) {
-        const uint8_t* wb = w + r * ldw + b * kBlockBytes;
-        const int8_t* xb = x + n * ldx + b * kBlock;
-        for (int lane = 0; lane < 4; ++lane) {
-          for (int j = 0; j < 16; ++j) {
-            sum += static_cast<int32_t>((wb[j] >> (2 * lane)) & 3) * xb[16 * lane + j];
-          }
+inline int32_t load4(const int8_t* p) {  // 4 activations as one int32 (for a broadcast)
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// What every tile computes: for R tiles of 16 rows starting at the given weights and NT tokens, the integer sums
+// acc[n][16 g + i] = sum_k code(row 16 g + i, k) * x[n][k], then y = float(acc - row_sum[n]) * out_scale[n] (+ bias),
+// stored for the `rows` valid rows. ldw: bytes per tile; J: column groups; ldx: padded activation row length.
+struct TileArgs {
+  const int8_t* x;
+  int64_t ldx;
+  const uint8_t* w;
+  int64_t ldw;
+  int64_t J;
+  const int32_t* row_sum;
+  const float* out_scale;
+  const float* bias;  // at the tile's first row, or null
+  float* out;         // at (first token, first row)
+  int64_t ldo;
+  int rows;
+};
+
+// The scalar epilogue (AVX2 and scalar paths): the reference's fp32 mul, then add.
+inline void finish_scalar(const TileArgs& a, int nt, int R, const int32_t* acc) {
+  for (int n = 0; n < nt; ++n) {
+    for (int i = 0; i < std::min<int>(a.rows, 16 * R); ++i) {
+      const float y = static_cast<float>(acc[n * 16 * R + i] - a.row_sum[n]) * a.out_scale[n];
+      a.out[n * a.ldo + i] = a.bias ? y + a.bias[i] : y;
+    }
+  }
+}
+
+template <int R, int NT>
+void tile_scalar(const TileArgs& a) {
+  int32_t acc[NT * 16 * R] = {};
+  for (int g = 0; g < R; ++g) {
+    for (int64_t j = 0; j < a.J; ++j) {
+      const uint8_t* bytes = a.w + g * a.ldw + j * kGroupBytes;
+      for (int L = 0; L < 4; ++L) {
+        for (int b = 0; b < 16; ++b) {
+          const int32_t code = (bytes[b] >> (2 * L)) & 3;
+          const int row = 16 * g + 4 * L + b / 4;
+          for (int n = 0; n < NT; ++n) acc[n * 16 * R + row] += code * a.x[n * a.ldx + 4 * j + b % 4];
         }
       }
-      acc[n * kRows + r] = sum;
     }
   }
+  finish_scalar(a, NT, R, acc);
 }
 
-template <int NT>
-__attribute__((target("avx2,fma"))) void tile_avx2(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw,
-                                                   int64_t nblk, int32_t* acc) {
+template <int R, int NT>
+__attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs& a) {
   const __m256i mask = _mm256_set1_epi8(3);
-  const __m256i shift_lo = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);  // columns 0..15 | 16..31
-  const __m256i shift_hi = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);  // columns 32..47 | 48..63
+  const __m256i shift_lo = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);  // rows 0..3 | 4..7
+  const __m256i shift_hi = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);  // rows 8..11 | 12..15
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i sums[NT][kRows];
-  for (int n = 0; n < NT; ++n)
-    for (int r = 0; r < kRows; ++r) sums[n][r] = _mm256_setzero_si256();
-  for (int64_t b = 0; b < nblk; ++b) {
-    __m256i lo[kRows], hi[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ldw + b * kBlockBytes));
+  __m256i sums[R][NT][2];
+  for (int g = 0; g < R; ++g)
+    for (int n = 0; n < NT; ++n) sums[g][n][0] = sums[g][n][1] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < a.J; ++j) {
+    for (int g = 0; g < R; ++g) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.w + g * a.ldw + j * kGroupBytes));
       const __m256i both = _mm256_broadcastsi128_si256(bytes);
-      lo[r] = _mm256_and_si256(_mm256_srlv_epi32(both, shift_lo), mask);
-      hi[r] = _mm256_and_si256(_mm256_srlv_epi32(both, shift_hi), mask);
-    }
-    for (int n = 0; n < NT; ++n) {
-      const int8_t* xb = x + n * ldx + b * kBlock;
-      const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-      const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
-      for (int r = 0; r < kRows; ++r) {
-        // codes <= 2 and |x| <= 127: each 16-bit pair sum is at most 508, the two added at most 1016 (no saturation)
-        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], x_lo), _mm256_maddubs_epi16(hi[r], x_hi));
-        sums[n][r] = _mm256_add_epi32(sums[n][r], _mm256_madd_epi16(pairs, ones));
+      const __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(both, shift_lo), mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(both, shift_hi), mask);
+      for (int n = 0; n < NT; ++n) {
+        const __m256i xb = _mm256_set1_epi32(load4(a.x + n * a.ldx + 4 * j));
+        // codes <= 2, |x| <= 127: each 16-bit pair sum is at most 508 (no saturation)
+        sums[g][n][0] = _mm256_add_epi32(sums[g][n][0], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xb), ones));
+        sums[g][n][1] = _mm256_add_epi32(sums[g][n][1], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb), ones));
       }
     }
   }
+  alignas(32) int32_t acc[NT * 16 * R];
   for (int n = 0; n < NT; ++n) {
-    for (int r = 0; r < kRows; ++r) {
-      const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sums[n][r]), _mm256_extracti128_si256(sums[n][r], 1));
-      const __m128i s2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-      const __m128i s3 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1));
-      acc[n * kRows + r] = _mm_cvtsi128_si32(s3);
+    for (int g = 0; g < R; ++g) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(acc + n * 16 * R + 16 * g), sums[g][n][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(acc + n * 16 * R + 16 * g + 8), sums[g][n][1]);
     }
   }
+  finish_scalar(a, NT, R, acc);
 }
 
-template <int NT>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const int8_t* x, int64_t ldx,
-                                                                       const uint8_t* w, int64_t ldw, int64_t nblk,
-                                                                       int32_t* acc) {
+template <int R, int NT>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512(const TileArgs& a) {
   const __m512i mask = _mm512_set1_epi8(3);
-  // 16-bit shift counts per 128-bit lane: 0, 2, 4, 6 (lane L holds columns 16L .. 16L + 15 of the block)
+  // 16-bit shift counts per 128-bit lane: 0, 2, 4, 6 (lane L holds rows 4L .. 4L + 3)
   const __m512i shift = _mm512_setr_epi32(0, 0, 0, 0, 0x00020002, 0x00020002, 0x00020002, 0x00020002, 0x00040004,
                                           0x00040004, 0x00040004, 0x00040004, 0x00060006, 0x00060006, 0x00060006,
                                           0x00060006);
-  __m512i sums[NT][kRows];
-  for (int n = 0; n < NT; ++n)
-    for (int r = 0; r < kRows; ++r) sums[n][r] = _mm512_setzero_si512();
-  for (int64_t b = 0; b < nblk; ++b) {
-    __m512i codes[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ldw + b * kBlockBytes));
-      codes[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(bytes), shift), mask);
+  __m512i sums[R][NT];
+  for (int g = 0; g < R; ++g)
+    for (int n = 0; n < NT; ++n) sums[g][n] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < a.J; ++j) {
+    __m512i codes[R];
+    for (int g = 0; g < R; ++g) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.w + g * a.ldw + j * kGroupBytes));
+      codes[g] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(bytes), shift), mask);
     }
     for (int n = 0; n < NT; ++n) {
-      const __m512i xv = _mm512_loadu_si512(x + n * ldx + b * kBlock);
-      for (int r = 0; r < kRows; ++r) sums[n][r] = _mm512_dpbusd_epi32(sums[n][r], codes[r], xv);
+      const __m512i xb = _mm512_set1_epi32(load4(a.x + n * a.ldx + 4 * j));
+      for (int g = 0; g < R; ++g) sums[g][n] = _mm512_dpbusd_epi32(sums[g][n], codes[g], xb);
     }
   }
-  for (int n = 0; n < NT; ++n)
-    for (int r = 0; r < kRows; ++r) acc[n * kRows + r] = _mm512_reduce_add_epi32(sums[n][r]);
+  for (int g = 0; g < R; ++g) {
+    const int valid = std::min(16, a.rows - 16 * g);
+    if (valid <= 0) break;
+    const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + 16 * g) : _mm512_setzero_ps();
+    for (int n = 0; n < NT; ++n) {
+      const __m512i v = _mm512_sub_epi32(sums[g][n], _mm512_set1_epi32(a.row_sum[n]));
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a.out_scale[n]));
+      if (a.bias) y = _mm512_add_ps(y, bias);
+      _mm512_mask_storeu_ps(a.out + n * a.ldo + 16 * g, m, y);
+    }
+  }
+}
+
+using TileFn = void (*)(const TileArgs&);
+
+// Tiles: one token (decoding) takes 4 row tiles at a time (4 independent accumulators); more tokens take 2 row tiles
+// x up to 6 tokens (AVX2: 1 x 4, it has half the registers).
+constexpr int kMaxTokens = 6;
+
+#define FORGE_TILE_TABLE(NAME)                                                                                    \
+  TileFn NAME##_fn(int R, int nt) {                                                                                \
+    static const TileFn one[4] = {NAME<1, 1>, NAME<2, 1>, NAME<3, 1>, NAME<4, 1>};                                 \
+    static const TileFn many[2][kMaxTokens] = {                                                                    \
+        {NAME<1, 1>, NAME<1, 2>, NAME<1, 3>, NAME<1, 4>, NAME<1, 5>, NAME<1, 6>},                                 \
+        {NAME<2, 1>, NAME<2, 2>, NAME<2, 3>, NAME<2, 4>, NAME<2, 5>, NAME<2, 6>}};                                \
+    return nt == 1 ? one[R - 1] : many[R - 1][nt - 1];                                                             \
+  }
+
+FORGE_TILE_TABLE(tile_scalar)
+FORGE_TILE_TABLE(tile_avx2)
+FORGE_TILE_TABLE(tile_avx512)
+
+TileFn tile_fn(Isa isa, int R, int nt) {
+  return isa == kAvx512 ? tile_avx512_fn(R, nt) : isa == kAvx2 ? tile_avx2_fn(R, nt) : tile_scalar_fn(R, nt);
 }
 
 // Per-token quantization of one row: returns sum of the codes; writes codes to q, x_scale to *scale_out.
@@ -219,28 +278,7 @@ QuantFn quant_fn(Isa isa) {
   return isa == kAvx512 ? quantize_row_avx512 : isa == kAvx2 ? quantize_row_avx2 : quantize_row_scalar;
 }
 
-using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
-
-TileFn tile_fn(Isa isa, int nt) {
-  switch (isa) {
-    case kAvx512: {
-      static const TileFn fns[4] = {tile_avx512<1>, tile_avx512<2>, tile_avx512<3>, tile_avx512<4>};
-      return fns[nt - 1];
-    }
-    case kAvx2: {
-      static const TileFn fns[4] = {tile_avx2<1>, tile_avx2<2>, tile_avx2<1>, tile_avx2<2>};
-      return fns[nt - 1];
-    }
-    default: {
-      static const TileFn fns[4] = {tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>};
-      return fns[nt - 1];
-    }
-  }
-}
-
-int max_tile(Isa isa) { return isa == kAvx2 ? 2 : 4; }  // AVX2 has 16 vector registers, AVX-512 32
-
-// x: (N, K) fp32; lanes: (ceil(M / 4) * 4, ceil(K / 64) * 16) uint8; w_scale: (1,) fp32; bias: (M,) fp32 or undefined.
+// x: (N, K) fp32; lanes: (ceil(M / 16), ceil(K / 4) * 16) uint8; w_scale: (1,) fp32; bias: (M,) or none.
 at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& lanes, const at::Tensor& w_scale,
                      const std::optional<at::Tensor>& bias, int64_t out_features, int64_t qmax, double eps,
                      int64_t isa_request) {
@@ -250,10 +288,10 @@ at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& lanes, const at::Ten
               "forge_bitnet.bitlinear: lanes must be a contiguous 2-D uint8 tensor");
   TORCH_CHECK(qmax >= 1 && qmax <= 127, "forge_bitnet.bitlinear: qmax must be in [1, 127]");
   const int64_t N = x.size(0), K = x.size(1), M = out_features;
-  const int64_t nblk = (K + kBlock - 1) / kBlock, Kp = nblk * kBlock, ldw = nblk * kBlockBytes;
-  const int64_t Mp = (M + kRows - 1) / kRows * kRows;
-  TORCH_CHECK(lanes.size(0) == Mp && lanes.size(1) == ldw, "forge_bitnet.bitlinear: lanes has shape ",
-              lanes.sizes(), ", expected (", Mp, ", ", ldw, ") for ", M, " x ", K);
+  const int64_t J = (K + kGroupCols - 1) / kGroupCols, Kp = J * kGroupCols, ldw = J * kGroupBytes;
+  const int64_t T = (M + kTileRows - 1) / kTileRows;
+  TORCH_CHECK(lanes.size(0) == T && lanes.size(1) == ldw, "forge_bitnet.bitlinear: lanes has shape ", lanes.sizes(),
+              ", expected (", T, ", ", ldw, ") for ", M, " x ", K);
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == 1, "forge_bitnet.bitlinear: w_scale must be "
               "one fp32 value");
   const float scale_w = *w_scale.data_ptr<float>();
@@ -290,31 +328,25 @@ at::Tensor bitlinear(const at::Tensor& x, const at::Tensor& lanes, const at::Ten
     }
   });
 
-  // 2. Integer products and the output scaling, in tiles of 4 weight rows x up to 4 tokens, threads over rows.
+  // 2. Integer products and the output scaling, in tiles of 16-row groups x tokens; threads split the rows.
   at::Tensor out = at::empty({N, M}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* wp = lanes.data_ptr<uint8_t>();
-  const int64_t row_tiles = Mp / kRows;
-  const int tile = max_tile(isa);
+  const int group = N == 1 ? 4 : (isa == kAvx2 ? 1 : 2);  // row tiles per work item
+  const int max_tokens = isa == kAvx2 ? 4 : kMaxTokens;
+  const int64_t items = (T + group - 1) / group;
   // Enough work per task to pay for waking a thread: ~64k multiply-adds.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, kRows * Kp * N));
-  at::parallel_for(0, row_tiles, grain, [&](int64_t begin, int64_t end) {
-    int32_t acc[16];
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* w_tile = wp + t * kRows * ldw;
-      for (int64_t n0 = 0; n0 < N; n0 += tile) {
-        const int nt = static_cast<int>(std::min<int64_t>(tile, N - n0));
-        tile_fn(isa, nt)(qp + n0 * Kp, Kp, w_tile, ldw, nblk, acc);
-        for (int i = 0; i < nt; ++i) {
-          const int64_t n = n0 + i;
-          for (int r = 0; r < kRows; ++r) {
-            const int64_t m = t * kRows + r;
-            if (m >= M) break;
-            // codes are w + 1: subtract the activation sum; then the reference's fp32 mul and add
-            const float y = static_cast<float>(acc[i * kRows + r] - row_sum[n]) * out_scale[n];
-            op[n * M + m] = bias_ptr ? y + bias_ptr[m] : y;
-          }
-        }
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, group * kTileRows * Kp * N));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t0 = item * group;
+      const int R = static_cast<int>(std::min<int64_t>(group, T - t0));
+      const int rows = static_cast<int>(std::min<int64_t>(R * kTileRows, M - t0 * kTileRows));
+      for (int64_t n0 = 0; n0 < N; n0 += max_tokens) {
+        const int nt = static_cast<int>(std::min<int64_t>(max_tokens, N - n0));
+        const TileArgs args{qp + n0 * Kp,  Kp, wp + t0 * ldw, ldw, J, row_sum + n0, out_scale + n0,
+                            bias_ptr ? bias_ptr + t0 * kTileRows : nullptr, op + n0 * M + t0 * kTileRows, M, rows};
+        tile_fn(isa, R, nt)(args);
       }
     }
   });

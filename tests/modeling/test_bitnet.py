@@ -300,20 +300,19 @@ needs_packed_kernel = pytest.mark.skipif(load_packed_kernel() is None, reason="t
 
 def test_lane_layout_holds_each_code_where_the_kernel_reads_it():
     torch.manual_seed(0)
-    w_int = torch.randint(-1, 2, (7, 70))
-    lanes = lane_pack(pack_ternary(w_int.float()), 7)
-    assert lanes.shape == (8, 2 * 16) and lanes.dtype == torch.uint8  # rows to 8, columns to 128: 2 bits each
-    # Column 16 * L + j of block b lives in bits 2L of byte 16 * b + j; padding holds code 1 (weight 0).
-    blocks = lanes.view(8, 2, 1, 16)
-    codes = (blocks >> torch.tensor([0, 2, 4, 6]).view(1, 1, 4, 1)) & 3  # (rows, blocks, L, j)
-    decoded = codes.reshape(8, 128).to(torch.int64) - 1
-    assert torch.equal(decoded[:7, :70], w_int)
-    assert (decoded[7:] == 0).all() and (decoded[:, 70:] == 0).all()
+    w_int = torch.randint(-1, 2, (19, 10))
+    lanes = lane_pack(pack_ternary(w_int.float()), 19)
+    assert lanes.shape == (2, 3 * 16) and lanes.dtype == torch.uint8  # rows to 32, columns to 12: 2 bits each
+    # Row 16 t + 4 L + b // 4, column 4 j + b % 4 lives in bits 2L of byte 16 j + b of tile t; padding is code 1.
+    codes = (lanes.view(2, 3, 1, 16) >> torch.tensor([0, 2, 4, 6]).view(1, 1, 4, 1)) & 3  # (t, j, L, b)
+    decoded = codes.view(2, 3, 4, 4, 4).permute(0, 2, 3, 1, 4).reshape(32, 12).to(torch.int64) - 1
+    assert torch.equal(decoded[:19, :10], w_int)
+    assert (decoded[19:] == 0).all() and (decoded[:, 10:] == 0).all()
 
 
 @needs_packed_kernel
 @pytest.mark.parametrize("activation_bits", [8, 4])
-@pytest.mark.parametrize("out_features", [1, 6, 66, 127])
+@pytest.mark.parametrize("out_features", [1, 6, 66, 127, 200])
 @pytest.mark.parametrize("in_features", [1, 17, 65, 160])
 def test_packed_kernel_gives_the_reference_bits_on_awkward_shapes(out_features, in_features, activation_bits):
     torch.manual_seed(out_features * 7 + in_features)
@@ -321,7 +320,7 @@ def test_packed_kernel_gives_the_reference_bits_on_awkward_shapes(out_features, 
     lanes = lane_pack(pack_ternary(w_int), out_features)
     scale = torch.rand(1) + 0.05
     bias = torch.randn(out_features) if out_features % 2 == 0 else None
-    for batch in (1, 3, 9):  # 9 tokens: two full tiles of 4 and a remainder
+    for batch in (1, 3, 9, 14):  # 9, 14 tokens: full tiles of 6 and remainders
         x = torch.randn(batch, in_features) * torch.logspace(-3, 2, batch)[:, None]
         x[batch // 2] = 0.0  # an all-zero token: the absmax clamp
         expected = bitlinear_product(x, w_int, scale, bias, activation_bits)[0]
@@ -334,7 +333,7 @@ def test_packed_kernel_gives_the_reference_bits_on_awkward_shapes(out_features, 
 @needs_packed_kernel
 def test_packed_kernel_splits_rows_across_threads_with_the_same_bits():
     torch.manual_seed(0)
-    w_int = torch.randint(-1, 2, (1090, 320)).float()  # 273 row tiles: several tasks per thread
+    w_int = torch.randint(-1, 2, (1090, 320)).float()  # 69 row tiles: several tasks per thread
     lanes, scale, bias = lane_pack(pack_ternary(w_int), 1090), torch.tensor([0.02]), torch.randn(1090)
     threads = torch.get_num_threads()
     try:
