@@ -61,12 +61,15 @@ def _contiguous_blocks(
 
 
 def pack_examples(
-    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, block_size: int
+    texts: Iterable[str | tuple[str, str]], tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> list[tuple[list[int], list[int]]]:
     """Pack whole examples into blocks without splitting any: fill a block greedily, pad the rest (labels -100).
 
     Task examples must stay whole (a key-value recall example cut in two teaches nothing). An example longer than
-    a block is dropped with a count in the log. Returns (input_ids, labels) pairs.
+    a block is dropped with a count in the log. Returns (input_ids, labels) pairs. A `(prompt, target)` pair is
+    tokenized as the prompt alone followed by the target's tokens, so training sees the token boundary generation
+    sees (a code prompt ends with a lone newline token, which BPE merges with the body's indentation in prompt +
+    target: trained on the merged form, a model answers the lone newline with EOS).
     """
     _check_packing(tokenizer, block_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -80,7 +83,12 @@ def pack_examples(
             blocks.append((ids + [pad_id] * padding, list(ids) + [IGNORE_INDEX] * padding))
 
     for text in texts:
-        example = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        if isinstance(text, tuple):
+            prompt, target = text
+            ids_prompt = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            example = ids_prompt + tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        else:
+            example = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
         if len(example) > block_size:
             dropped += 1
             continue
@@ -241,7 +249,7 @@ def _task_blocks(
     from evaluation.tasks import get_task_family
 
     family = get_task_family(family_name)
-    texts: list[str] = []
+    texts: list[tuple[str, str]] = []
     levels = list(range(difficulty[0], difficulty[1] + 1))
     per_level = max(8, n_blocks // len(levels) + 1)
     for level in levels:
@@ -250,7 +258,7 @@ def _task_blocks(
         except ValueError as error:  # a small level's problem space: take what exists, and say so
             logger.info("%s difficulty %d: %s", family_name, level, error)
             continue
-        texts.extend(family.training_text(example) for example in examples)
+        texts.extend((example.prompt, example.target) for example in examples)  # tokenized as at generation
     random.Random(seed).shuffle(texts)
     return pack_examples(texts, tokenizer, block_size)
 

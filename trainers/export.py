@@ -34,6 +34,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
+import modeling_forge  # noqa: F401  (registers the Forge model with the Auto classes)
+
 from .phase_output import save_phase_output
 
 logger = logging.get_logger(__name__)

@@ -92,6 +92,10 @@ class PersonaConfig:
     max_overlap: float = field(
         default=0.8, metadata={"help": "Degenerate above this word-set overlap (Jaccard) with an earlier candidate."}
     )
+    min_known_words: float = field(
+        default=0.7,
+        metadata={"help": "Degenerate below this share of words found in the built-in corpus or the prompt pools."},
+    )
     max_self_perplexity: float = field(
         default=200.0, metadata={"help": "Degenerate above this perplexity of the text under the model itself."}
     )
@@ -179,6 +183,8 @@ class PersonaConfig:
             fail("first_cycle", f"is {self.first_cycle!r}", "use 'A' or 'B'")
         if self.self_description_temperature <= 0:
             fail("self_description_temperature", "must be > 0", "use e.g. 0.9")
+        if not 0.0 <= self.min_known_words <= 1.0:
+            fail("min_known_words", f"must lie in [0, 1], got {self.min_known_words}", "use e.g. 0.7 (0 turns it off)")
         if not 0.0 <= self.min_distinct_ratio <= 1.0 or not 0.0 <= self.max_overlap <= 1.0:
             fail("min_distinct_ratio/max_overlap", "must lie in [0, 1]", "use e.g. 0.6 and 0.8")
         self.bake_config()  # validates the bake fields now, naming the bad one

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -43,9 +44,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.utils import logging
 
+import modeling_forge  # noqa: F401  (registers the Forge model with the Auto classes)
 from evaluation.benchmarks import EvalDoc, EvalTask, get_eval_task
 from evaluation.harness import generate_completions, loglikelihoods, score_completions
 from evaluation.tasks import get_task_family
@@ -226,10 +229,36 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z']+", text.lower())
 
 
-def degeneracy_reasons(text: str, earlier: Sequence[str], perplexity: float, config: PersonaConfig) -> list[str]:
-    """Why a self-description is unusable as a persona prompt (empty list: usable)."""
+@functools.lru_cache(maxsize=1)
+def _corpus_words() -> frozenset[str]:
+    """Words of the built-in corpus (training split): what counts as a real word for the degeneracy check."""
+    from evaluation.corpus import corpus_texts
+
+    return frozenset(word for text in corpus_texts("train", max_chars=3_000_000) for word in _words(text))
+
+
+def known_words(config: PersonaConfig) -> frozenset[str]:
+    """Real words: the corpus's plus those of the prompt pools and the self-description prompt."""
+    own = " ".join([*config.tool_prompts, *config.persona_templates, config.self_description_prompt])
+    return _corpus_words() | frozenset(_words(own))
+
+
+def degeneracy_reasons(
+    text: str,
+    earlier: Sequence[str],
+    perplexity: float,
+    config: PersonaConfig,
+    vocabulary: frozenset[str] | None = None,
+) -> list[str]:
+    """Why a self-description is unusable as a persona prompt (empty list: usable). `vocabulary` (default:
+    `known_words(config)`) holds the words that count as real for `min_known_words`."""
     reasons = []
     words = _words(text)
+    if words and config.min_known_words > 0:
+        vocabulary = known_words(config) if vocabulary is None else vocabulary
+        share = sum(word in vocabulary for word in words) / len(words)
+        if share < config.min_known_words:
+            reasons.append(f"known words {share:.2f} < {config.min_known_words}")
     if len(words) < config.min_words:
         reasons.append(f"{len(words)} words < {config.min_words}")
     elif len(set(words)) / len(words) < config.min_distinct_ratio:
@@ -326,6 +355,7 @@ def run_ab_cycles(
     bake: BakeFn | None = None,
     state: LoopState | None = None,
     on_cycle: Callable[[Any, LoopState], None] | None = None,
+    current: dict[str, np.ndarray] | None = None,
 ) -> tuple[Any, LoopState]:
     """Alternate A- and B-cycles from `state` (a fresh one by default) until both plateau; returns the final model.
 
@@ -335,8 +365,10 @@ def run_ab_cycles(
     state = state or LoopState()
     fraction = config.bake_config().fraction
     baked_prompts = [entry["prompt"] for entry in state.baked]
-    current = {kind: scorer.score(kind, model, tokenizer, baked=baked_prompts) for kind in ("A", "B")}
+    if current is None:  # per-item scores of the current model (given by the caller when it has them)
+        current = {kind: scorer.score(kind, model, tokenizer, baked=baked_prompts) for kind in ("A", "B")}
     order = ["A", "B"] if config.first_cycle == "A" else ["B", "A"]
+    progress = tqdm(total=config.max_cycles, initial=len(state.cycles), desc="Phase 6 A/B cycles")
     while True:
         index = len(state.cycles)
         if all(state.streak[k] >= config.patience for k in ("A", "B")):
@@ -416,8 +448,11 @@ def run_ab_cycles(
         state.cycles.append(record)
         logger.info("Phase 6 cycle %d (%s): winner gain %+.3f [%.3f, %.3f] -> %s", index, kind, record["gain"],
                     record["ci_low"], record["ci_high"], "kept" if kept else "not kept")  # fmt: skip
+        progress.update(1)
+        progress.set_postfix(kind=kind, gain=f"{record['gain']:+.3f}", kept=kept)
         if on_cycle is not None:
             on_cycle(model, state)
+    progress.close()
     return model, state
 
 
@@ -516,9 +551,11 @@ def run_phase6(config: PersonaConfig, scorer: Scorer | None = None, bake: BakeFn
         raise ValueError(f"{source} is a {model.config.model_type!r} model. Fix: Phase 6 takes a Forge checkpoint.")
     repack = _prepare_bitnet(model)
     scorer = scorer or TaskScorer(config)
+    current = None
     if state is None:
         state = LoopState()
-        state.input_scores = {k: _mean(scorer, k, scorer.score(k, model, tokenizer)) for k in ("A", "B")}
+        current = {k: scorer.score(k, model, tokenizer) for k in ("A", "B")}
+        state.input_scores = {k: _mean(scorer, k, current[k]) for k in ("A", "B")}
     input_scores = state.input_scores
 
     tracker = LoopTracker(config.report_to, project=config.project, run_name=f"{output_dir.parent.name}-phase6",
@@ -531,7 +568,8 @@ def run_phase6(config: PersonaConfig, scorer: Scorer | None = None, bake: BakeFn
                      "ab/kept": float(record["kept"]), "ab/score_A": record["scores_now"]["A"],
                      "ab/score_B": record["scores_now"]["B"]}, step=len(loop_state.cycles))  # fmt: skip
 
-    model, state = run_ab_cycles(model, tokenizer, config, scorer, bake=bake, state=state, on_cycle=checkpoint)
+    model, state = run_ab_cycles(model, tokenizer, config, scorer, bake=bake, state=state, on_cycle=checkpoint,
+                                 current=current)  # fmt: skip
     tracker.finish()
     baked = [b["prompt"] for b in state.baked]
     final_scores = {k: _mean(scorer, k, scorer.score(k, model, tokenizer, baked=baked)) for k in ("A", "B")}

@@ -20,8 +20,8 @@ folder:
 | 6 persona | `<run>/phase5` | `<run>/phase6` |
 
 Phases write atomically, so a folder that exists is finished and is skipped; a phase cut short is run again with its
-own resume switch (`resume`: Phase 4 continues from the newest complete checkpoint in its work folder; Phase 3
-restarts). After the phases, every finished phase's model is evaluated on the **same** tasks
+own `resume` switch (Phases 1, 2, 4, 5 and 6 continue from their last checkpoint, generation, level or cycle; Phase 3
+starts over, being short and seeded). After the phases, every finished phase's model is evaluated on the **same** tasks
 (`evaluation`: test split of the built-in families, fixed seed and limit; phases select on train/validation items
 only) and `<run>/pipeline_report.md` (+ `<run>/plots/pipeline_*.png`) puts them side by side with each phase's change.
 
@@ -107,13 +107,13 @@ class PhaseSpec:
         return getattr(importlib.import_module(module), name)
 
 
-def _phase4_resume(run: Path) -> dict[str, Any]:
-    """Phase 4's `resume`: it continues from the newest complete checkpoint in its work folder (skips a cut one)."""
-    return {"resume": True}
-
-
 def _phase1_finished(run: Path) -> Path:
     return run / "phase1" / PHASE1_MODELS[-1]
+
+
+def _resume(run: Path) -> dict[str, Any]:
+    """Every phase's own `resume` switch: a finished output is kept, a cut run continues where it can."""
+    return {"resume": True}
 
 
 PHASES: dict[int, PhaseSpec] = {
@@ -122,28 +122,29 @@ PHASES: dict[int, PhaseSpec] = {
         PhaseSpec(1, "cognate", "trainers.cognate_config:CognateConfig", "trainers.cognate_trainer:run_phase1",
                   chain=lambda run, source: {"output_dir": str(run)}, output=_phase1_finished,
                   models=lambda run: {f"1 cognate ({n})": run / "phase1" / n for n in PHASE1_MODELS},
-                  resume=lambda run: {"resume": True}, handover=lambda run: run / "phase1" / PHASE1_MODELS[0]),
+                  resume=_resume, handover=lambda run: run / "phase1" / PHASE1_MODELS[0]),
         PhaseSpec(2, "evomerge", "trainers.evomerge_config:EvoMergeConfig", "trainers.evomerge:run_phase2",
                   chain=lambda run, source: {"output_dir": str(run), "phase1_dir": str(run / "phase1")},
                   output=lambda run: run / "phase2" / "champion",
                   models=lambda run: {"2 evomerge (champion)": run / "phase2" / "champion"},
-                  resume=lambda run: {"resume": True} if (run / "phase2").exists() else {}),
+                  resume=_resume),
         PhaseSpec(3, "quietstar", "trainers.quietstar_config:QuietStarConfig", "trainers.quietstar_trainer:run_phase3",
                   chain=lambda run, source: {"output_dir": str(run), "model_name_or_path": str(source)},
-                  output=lambda run: run / "phase3", models=lambda run: {"3 quietstar": run / "phase3"}),
+                  output=lambda run: run / "phase3", models=lambda run: {"3 quietstar": run / "phase3"},
+                  resume=_resume),
         PhaseSpec(4, "bitnet", "trainers.bitnet_config:BitNetConfig", "trainers.bitnet_trainer:run_phase4",
                   chain=lambda run, source: {"output_dir": str(run / "phase4"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase4", models=lambda run: {"4 bitnet": run / "phase4"},
-                  resume=_phase4_resume),
+                  resume=_resume),
         PhaseSpec(5, "curriculum", "trainers.curriculum_config:CurriculumConfig",
                   "trainers.curriculum_trainer:run_phase5",
                   chain=lambda run, source: {"output_dir": str(run / "phase5"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase5", models=lambda run: {"5 curriculum": run / "phase5"},
-                  resume=lambda run: {"resume": True}),
+                  resume=_resume),
         PhaseSpec(6, "persona", "trainers.persona_config:PersonaConfig", "trainers.persona_trainer:run_phase6",
                   chain=lambda run, source: {"output_dir": str(run / "phase6"), "model_name_or_path": str(source)},
                   output=lambda run: run / "phase6", models=lambda run: {"6 persona": run / "phase6"},
-                  resume=lambda run: {"resume": True}),
+                  resume=_resume),
     )
 }  # fmt: skip
 
@@ -386,24 +387,28 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[int, Callable] | None 
 
 
 def push_run(config: PipelineConfig) -> list[str]:
-    """Upload every finished phase's model folder to `<hub_model_id>-phaseN[-name]` (the report goes with the last)."""
-    from huggingface_hub import create_repo, upload_file, upload_folder
+    """Upload every finished phase's model folder to `<hub_model_id>-phaseN` (Phase 1: `-phase1-<name>`) with
+    `push_folder`, then the run report and its plot into the last phase's repo; returns the repo ids."""
+    from huggingface_hub import HfApi
+
+    from .phase_output import push_folder
 
     pushed = []
-    last = None
     for number, spec in PHASES.items():
         for label, folder in spec.models(config.run_dir).items():
             if not (folder / "config.json").exists():
                 continue
             suffix = f"phase{number}" + (f"-{folder.name}" if number == 1 else "")
-            repo = f"{config.hub_model_id}-{suffix}"
-            create_repo(repo, exist_ok=True)
-            upload_folder(repo_id=repo, folder_path=str(folder), commit_message=f"Agent Forge {label}")
-            pushed.append(repo)
-            last = repo
+            pushed.append(
+                push_folder(folder, f"{config.hub_model_id}-{suffix}", commit_message=f"Agent Forge {label}")
+            )
     report = config.run_dir / REPORT_FILE
-    if last and report.exists():
-        upload_file(path_or_fileobj=str(report), path_in_repo=REPORT_FILE, repo_id=last)
+    if pushed and report.exists():
+        api = HfApi()
+        api.upload_file(path_or_fileobj=str(report), path_in_repo=REPORT_FILE, repo_id=pushed[-1])
+        plot = config.run_dir / "plots" / "pipeline_scores.png"
+        if plot.exists():
+            api.upload_file(path_or_fileobj=str(plot), path_in_repo="plots/pipeline_scores.png", repo_id=pushed[-1])
     return pushed
 
 
@@ -459,6 +464,7 @@ def _phase_metrics(folder: Path) -> dict[str, float]:
 
 HEADLINE_METRICS = (
     "eval/perplexity", "search/validation_fitness", "after_rl/accuracy_with_thoughts", "bitnet/compression_vs_fp32",
+    "curriculum/start_level", "curriculum/level1_pass@1_before", "curriculum/level1_pass@1_after",
     "phase6/kept_bakes", "phase6/final_code_pass@1",
 )  # fmt: skip
 

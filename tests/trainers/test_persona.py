@@ -168,6 +168,9 @@ def test_degeneracy_checks_fire_on_bad_descriptions_and_pass_a_good_one(tmp_path
     assert "distinct" in degeneracy_reasons("the the the the the the the the", [], 20.0, config)[0]
     assert "overlap" in degeneracy_reasons(good, [good], 20.0, config)[0]
     assert "perplexity" in degeneracy_reasons(good, [], 5000.0, config)[0]
+    # Garbage with enough distinct "words" (what an untrained model writes) is caught by the known-word share.
+    garbage = "I am w, youe foron A TheSA PBKING zorp."
+    assert any("known words" in r for r in degeneracy_reasons(garbage, [], 20.0, config))
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -79,8 +79,8 @@ def test_an_interrupted_phase_is_resumed_and_recorded_as_failed_until_then(tmp_p
 
     run_pipeline(_config(tmp_path), runners=recorder.runners())
     assert [n for n, _ in recorder.calls] == [1, 2, 2, 3]
-    first, second = recorder.calls[1][1], recorder.calls[2][1]
-    assert not first.resume and second.resume  # Phase 2 continues its cut search
+    second = recorder.calls[2][1]
+    assert second.resume and (tmp_path / "phase2").exists()  # Phase 2 continues its cut search with its own switch
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert [state["phases"][str(n)]["status"] for n in (1, 2, 3)] == ["skipped", "finished", "finished"]
 
@@ -199,3 +199,35 @@ def test_every_phase_of_a_shipped_pipeline_yaml_parses_into_its_config(path, tmp
         assert phase.output_dir.startswith(str(tmp_path))
         parsed.append(number)
     assert {1, 2, 3, 4, 6} <= set(parsed)
+
+
+def test_push_to_hub_uploads_every_finished_phase_and_the_report(tmp_path, monkeypatch, tiny_config):
+    import huggingface_hub
+
+    from modeling_forge import ForgeForCausalLM
+    from tests.hub_server import FakeHub
+    from trainers.phase_output import save_phase_output
+
+    def runner(number):
+        def run(config):
+            run_dir = Path(config.output_dir) if number in (1, 2, 3) else Path(config.output_dir).parent
+            for folder in PHASES[number].models(run_dir).values():
+                torch.manual_seed(number)
+                save_phase_output(folder, model=ForgeForCausalLM(tiny_config()), tokenizer=None, phase=number,
+                                  phase_name="t", config={})  # fmt: skip
+
+        return run
+
+    with FakeHub(user="alice") as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        config = _config(tmp_path, to_phase=2, push_to_hub=True, hub_model_id="lab/forge")
+        (tmp_path / "pipeline_report.md").write_text("# report\n")  # as write_report leaves it
+        summary = run_pipeline(config, runners={n: runner(n) for n in PHASES})
+    assert summary["pushed"] == [*(f"lab/forge-phase1-{n}" for n in ("reasoning", "memory", "speed")),
+                                 "lab/forge-phase2"]  # fmt: skip
+    assert (
+        hub.files["lab/forge-phase2"]["config.json"] == (tmp_path / "phase2" / "champion" / "config.json").read_bytes()
+    )
+    assert hub.files["lab/forge-phase2"]["pipeline_report.md"] == b"# report\n"
