@@ -33,11 +33,13 @@ below are hand-written (~60 lines): bitsandbytes' 4-/8-bit codecs would make loa
 bitsandbytes, which the remote-code route should not need.
 """
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,8 +183,16 @@ def load_packed_kernel() -> object | None:
             # The cache folder is named by the source's hash: checkouts with other versions never share (and rebuild)
             # one folder, and a process never loads a library built from another version of the source.
             digest = hashlib.sha256(_PACKED_KERNEL_SOURCE.read_bytes()).hexdigest()[:16]
-            cpp_extension.load(name=f"forge_bitnet_packed_{digest}", sources=[str(_PACKED_KERNEL_SOURCE)],
-                               extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)  # fmt: skip
+            name = f"forge_bitnet_packed_{digest}"
+            # torch's folder layout (TORCH_EXTENSIONS_DIR, else its cache; per Python and torch build), made explicit
+            # so the build lock below can name it.
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+            flavour = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+            build_dir = Path(root) / flavour / name
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with _build_lock(build_dir):
+                cpp_extension.load(name=name, sources=[str(_PACKED_KERNEL_SOURCE)], build_directory=str(build_dir),
+                                   extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False)  # fmt: skip
             _register_fake_kernels()
             _packed_kernel_state["ops"] = torch.ops.forge_bitnet
         except Exception as exc:  # a failed build must not stop a model from loading: it falls back to "float"
@@ -197,6 +207,31 @@ def load_packed_kernel() -> object | None:
         log = logger.info if not _PACKED_KERNEL_SOURCE.exists() else logger.warning  # expected in remote-code folders
         log(f"The BitNet 'packed' CPU kernel is unavailable: {error}. Using kernel 'float' (same outputs, slower).")
     return _packed_kernel_state.get("ops")
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialise builds of one kernel folder with an OS lock that dies with its holder, and clear a stale torch lock.
+
+    torch's own build lock is a plain `lock` file: a build killed mid-way leaves it behind and every later process
+    waits on it forever. Every builder of this folder takes the `flock` below first, so while we hold it a `lock`
+    file can only be a dead builder's, and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock only
+        yield
+        return
+    with open(build_dir / "forge-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                logger.warning(f"Removing a stale build lock left by a killed build: {stale}")
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _register_fake_kernels() -> None:

@@ -422,3 +422,20 @@ def test_models_load_and_fall_back_when_the_packed_kernel_cannot_build(tiny_conf
         set_bitnet_kernel(loaded, "packed")
     with pytest.raises(ValueError, match="unknown"):
         set_bitnet_kernel(loaded, "lut")
+
+
+def test_a_killed_builds_lock_file_is_cleared_and_a_clean_folder_is_left_alone(tmp_path, caplog):
+    """torch's build `lock` file outlives a killed build and would make every later load wait forever."""
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "lock").touch()
+    with caplog.at_level(logging.WARNING), bitnet._build_lock(stale):
+        assert not (stale / "lock").exists()
+    assert "stale build lock" in caplog.text
+    caplog.clear()
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "forge_bitnet_packed_x.so").touch()
+    with caplog.at_level(logging.WARNING), bitnet._build_lock(clean):
+        pass
+    assert "stale build lock" not in caplog.text and (clean / "forge_bitnet_packed_x.so").exists()
