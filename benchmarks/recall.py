@@ -14,7 +14,8 @@ All models have the tiny preset's width and depth (d 64, 2 layers, 4 heads): For
 `trm_max_steps` as given), `LlamaForCausalLM` (full attention) and `MistralForCausalLM` with the same sliding window
 (Mistral is Llama plus a sliding window; transformers' Llama has none). Reported: accuracy near/far, per-layer MAG gate
 means on recall data (share of attention), parameters and training time. `--timing` times the neural memory's
-forward+backward at B=8, T=1024 (cognate-25m's memory shape: 5 heads of 32) in the chunked and the per-token form.
+forward+backward at B=8, T=1024 (cognate-25m's memory shape: 5 heads of 32) in the chunked form (C=64 and 32),
+transformers' torch form of the same algorithm and the per-token recurrence.
 """
 
 import argparse
@@ -134,7 +135,11 @@ def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict
 
 
 def memory_timing(repeats: int) -> None:
-    """Forward+backward of the neural memory, chunked (C=64) vs per-token recurrence, B=8, T=1024, 5 heads of 32."""
+    """Forward+backward of the neural memory, B=8, T=1024, 5 heads of 32: the chunked form (C=64, the config default,
+    and C=32), transformers' torch reference form of the same algorithm (`torch_chunk_gated_delta_rule`, C=64, no
+    document resets) and the per-token recurrence, timed in interleaved rounds (minimum of each over the rounds)."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
     torch.manual_seed(0)
     batch, heads, length, dim = 8, 5, 1024, 32
     q = torch.randn(batch, heads, length, dim, requires_grad=True)
@@ -143,6 +148,17 @@ def memory_timing(repeats: int) -> None:
     g = (-torch.rand(batch, heads, length) * 0.1).requires_grad_()
     b = torch.rand(batch, heads, length).requires_grad_()
     weights = torch.randn(batch, heads, length, dim)
+
+    def transformers_form(*tensors):  # it takes (B, T, H, ...) and scales q by d^-0.5: a timing reference only
+        out, state = torch_chunk_gated_delta_rule(*(x.transpose(1, 2) for x in tensors), chunk_size=64)
+        return out.transpose(1, 2), state
+
+    forms = {
+        "chunked C=64": lambda *a: gated_delta_rule_chunked(*a, chunk_size=64),
+        "chunked C=32": lambda *a: gated_delta_rule_chunked(*a, chunk_size=32),
+        "transformers torch_chunk_gated_delta_rule C=64": transformers_form,
+        "per-token recurrence": gated_delta_rule_recurrent,
+    }
 
     def run(form):
         def step():
@@ -154,12 +170,17 @@ def memory_timing(repeats: int) -> None:
 
     with torch.no_grad():
         gap = (gated_delta_rule_chunked(q, k, v, g, b)[0] - gated_delta_rule_recurrent(q, k, v, g, b)[0]).abs().max()
-    chunked = time_it(run(gated_delta_rule_chunked), repeats=repeats)
-    recurrent = time_it(run(gated_delta_rule_recurrent), warmup=0, repeats=1)
+    times = {name: [] for name in forms}
+    for _ in range(repeats):  # interleaved, so load on a shared machine hits every form alike
+        for name, form in forms.items():
+            times[name].append(time_it(run(form), warmup=0 if "recurrence" in name else 1, repeats=1))
     print(f"neural memory fwd+bwd, B={batch} T={length} {heads} heads x {dim}, threads {torch.get_num_threads()}, "
-          f"max |chunked - recurrent| {gap:.1e} (fp32)")  # fmt: skip
-    print(f"  chunked (C=64): {chunked * 1e3:8.1f} ms   per-token recurrence: {recurrent * 1e3:8.1f} ms   "
-          f"speed-up {recurrent / chunked:.1f}x")  # fmt: skip
+          f"max |chunked - recurrent| {gap:.1e} (fp32); best of {repeats} interleaved rounds")  # fmt: skip
+    recurrent = min(times["per-token recurrence"])
+    for name, measured in times.items():
+        rounds = ", ".join(f"{t * 1e3:.0f}" for t in measured)
+        print(f"  {name:48s} {min(measured) * 1e3:8.1f} ms   per-token recurrence / this: "
+              f"{recurrent / min(measured):5.1f}x   (rounds: {rounds} ms)")  # fmt: skip
 
 
 def main() -> None:
@@ -175,9 +196,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forge-overrides", default="{}", help="JSON ForgeConfig fields for the Forge models")
     parser.add_argument("--timing", action="store_true", help="only time the memory forms")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="interleaved rounds of --timing")
     args = parser.parse_args()
     if args.timing:
-        memory_timing(repeats=3)
+        memory_timing(repeats=args.timing_rounds)
         return
     names = {"neural": "forge neural", "ema": "forge ema", "none": "forge none",
              "llama": "llama (full attention)", "mistral": "mistral (sliding window)"}  # fmt: skip

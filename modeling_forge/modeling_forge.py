@@ -447,14 +447,15 @@ def gated_delta_rule_chunked(
         to_end = (seg == seg[..., -1:]).to(dtype)  # (B, 1, n, C): reaches the chunk-end state
     else:
         same_doc, from_start, to_end = causal, 1.0, 1.0
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~same_doc, float("-inf")).exp()  # (B, H, n, C, C)
+    # in place on the fresh difference: two fewer (B, H, n, C, C) tensors (the largest ones here)
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~same_doc, float("-inf")).exp_()  # (B, H, n, C, C)
 
     k_beta = key * beta[..., None]
     system = (k_beta @ key.transpose(-1, -2)) * decay  # its strictly lower part defines the UT system
     start_decay = cum.exp() * from_start  # (B, H, n, C)
     rhs = torch.cat([value * beta[..., None], k_beta * start_decay[..., None]], -1)  # one solve for both
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    new_values, k_cumdecay = solved[..., :d_v], solved[..., d_v:]
+    new_values, k_cumdecay = solved.split([d_v, d_k], -1)  # split, not slicing: no zero-filled gradient per slice
     intra = (query @ key.transpose(-1, -2)) * decay  # (B, H, n, C, C)
     query_in = query * start_decay[..., None]
     key_out = key * ((cum[..., -1:] - cum).exp() * to_end)[..., None]
