@@ -235,6 +235,40 @@ def test_compiled_decode_step_with_static_cache_gives_the_same_tokens(tiny_confi
     assert torch.equal(compiled, eager)
 
 
+def _prefill_then_decode(model, forward, input_ids):
+    """Logits of a static-cache prefill and of the decode step after it, through `forward`."""
+    cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + 8)
+    with torch.no_grad():
+        prefill = forward(input_ids=input_ids[:, :-1], past_key_values=cache, use_cache=True).logits
+        decode = forward(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    return prefill, decode
+
+
+# torch 2.13's inductor (CPU) reuses a buffer that is still live in this decode graph (neural memory, two layers): the
+# cache it writes is right, the logits are not (found with benchmarks/generation.py --preset tiny). Turning off its
+# buffer reuse (`inplace_buffers` or `allow_buffer_reuse`) makes the graph exact, so the benchmark compiles that way.
+_INDUCTOR_BUG = pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="inductor buffer-reuse bug in torch 2.13; see the comment"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inplace_buffers", [pytest.param(True, marks=_INDUCTOR_BUG), False])
+def test_compiled_static_cache_decode_step_equals_eager(inplace_buffers):
+    """One compiled decode step after a compiled prefill equals eager (tiny preset: neural memory, two layers)."""
+    config = ForgeConfig.from_preset("tiny", pad_token_id=0, eos_token_id=None, initializer_range=0.1,
+                                     trm_attention=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = ForgeForCausalLM(config).eval()
+    input_ids = torch.randint(1, config.vocab_size, (1, 17))
+    eager = _prefill_then_decode(model, model.forward, input_ids)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(inplace_buffers=inplace_buffers):
+        compiled = _prefill_then_decode(model, torch.compile(model.forward, dynamic=None), input_ids)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-4)
+
+
 class _DecodeStep(torch.nn.Module):
     """One decode step over a static cache whose tensors are registered as buffers, so `torch.export` sees the cache
     updates as buffer mutations (as transformers' executorch wrappers do for their caches)."""
