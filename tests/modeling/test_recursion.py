@@ -58,10 +58,36 @@ def test_a_recursion_step_reads_earlier_positions_causally(tiny_config, attentio
         assert (diff[6:].min() > 1e-6) == attention  # later positions read it only through attention
 
 
-def test_halted_positions_keep_their_state_and_output_their_halting_step(tiny_config):
-    model = _model(tiny_config())
+def _spread_halting_bias(model, x) -> None:
+    """Set the Q-head bias so that the non-halting run's first threshold crossings spread over every step.
+
+    Random Q-head weights alone leave the spread to chance (the refiner moves the logits little per step, so some
+    draws halt every position at step 0 or never); choosing the bias from the model's own logits makes the spread a
+    property of the setup, whatever the memory type or the weights' random draw."""
+    head = model.model.recursion.act_head
     with torch.no_grad():
-        out = model.model(_x(), output_step_states=True, act_halting=True)
+        head.bias.zero_()
+        logits = model.model(x, output_step_states=True, act_halting=False).halting_logits  # (B, T, K)
+    cut = torch.logit(torch.tensor(model.config.act_threshold)).item()
+    last = logits.shape[-1] - 1
+
+    def step_counts(bias: float) -> list[int]:
+        crossed = logits + bias > cut
+        steps = torch.where(crossed.any(-1), crossed.long().argmax(-1), last)
+        return sorted(torch.bincount(steps.flatten(), minlength=last + 1).tolist())
+
+    candidates = (cut - logits[..., 1:] + 1e-4).flatten().tolist()  # each makes some position cross at a later step
+    with torch.no_grad():
+        head.bias.fill_(max(candidates, key=step_counts))  # the fullest least-used step wins
+
+
+@pytest.mark.parametrize("memory_type", ["neural", "ema", "none"])
+def test_halted_positions_keep_their_state_and_output_their_halting_step(tiny_config, memory_type):
+    model = _model(tiny_config(memory_type=memory_type))
+    x = _x()
+    _spread_halting_bias(model, x)
+    with torch.no_grad():
+        out = model.model(x, output_step_states=True, act_halting=True)
     states, halt = out.step_hidden_states, out.halt_steps
     assert halt.unique().numel() > 2  # a spread of halting steps
     for step, state in enumerate(states):
