@@ -127,18 +127,21 @@ def test_a_baked_fact_is_completed_without_the_prompt(fact_model, tiny_tokenizer
 
 
 def test_half_baking_lands_between_none_and_full_and_stacking_approaches_full(fact_model, tiny_tokenizer):
+    """A full bake short enough not to saturate: the default targets also put adapters on the neural memory's and
+    the TRM refiner's projections, so 8 of 16 steps at 3e-4 already reached 0.90 (full 0.94). Measured at 8 steps:
+    half 0.55, full 0.90, two stacked halves 0.90."""
     strengths = {}
     for name, overrides in {"half": {"fraction": 0.5}, "full": {}, "half_x2": {"fraction": 0.5, "stack": 2}}.items():
         result = run_prompt_baking(
             _fresh(fact_model),
             tiny_tokenizer,
             FACT,
-            _config(steps=16, learning_rate=3e-4, **overrides),
+            _config(steps=8, learning_rate=3e-4, **overrides),
             inputs=[QUERY],
         )
         strengths[name] = result.strength
         if name == "half_x2":
-            assert [r.steps for r in result.rounds] == [8, 8]
+            assert [r.steps for r in result.rounds] == [4, 4]
             assert result.nominal_strength == pytest.approx(0.75)
     assert 0.1 < strengths["half"] < strengths["full"] - 0.1, strengths
     assert strengths["half_x2"] > strengths["half"] + 0.05, strengths

@@ -79,4 +79,7 @@ def test_prompt_bake_on_a_ternary_model_lowers_the_kl_and_stays_ternary(tiny_con
                                 max_new_tokens=8, batch_size=16, learning_rate=1e-2, top_k_logits=0)  # fmt: skip
     result = run_prompt_baking(model, tiny_tokenizer, "Be brief and kind.", config, inputs=["Hello"])
     assert result.kl_final < result.kl_initial
-    assert all(isinstance(m, BitLinear) and not m.packed for n, m in result.model.named_modules() if "q_proj" in n)
+    # the ternary layers (not every "q_proj": the neural memory's and the refiner's stay nn.Linear by the layout)
+    ternary = [result.model.model.get_submodule(n) for n in result.model.config.bitnet["modules"]]
+    assert any(n.endswith("self_attn.q_proj") for n in result.model.config.bitnet["modules"])
+    assert ternary and all(isinstance(m, BitLinear) and not m.packed for m in ternary)
