@@ -196,9 +196,8 @@ def _toy_sequences(n, generator):
     return torch.cat([torch.full((n, 1), BOS), q, torch.full((n, 1), START), x, torch.full((n, 1), END), y], 1)
 
 
-@pytest.fixture(scope="module")
-def toy_model():
-    """A tiny Forge model pretrained on `_toy_sequences`, with a fresh mixing head (w = 0.5)."""
+def _pretrained_toy(sequences):
+    """A tiny Forge model pretrained on `sequences(n, generator)`, with a fresh mixing head (w = 0.5)."""
     torch.manual_seed(0)
     config = ForgeConfig.from_preset(
         "tiny",
@@ -213,12 +212,18 @@ def toy_model():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(TOY_PRETRAIN_STEPS):
-        ids = _toy_sequences(64, generator)
+        ids = sequences(64, generator)
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     add_mixing_head(model, hidden_size=16, init_weight=0.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    """A tiny Forge model pretrained on `_toy_sequences`, with a fresh mixing head (w = 0.5)."""
+    return _pretrained_toy(_toy_sequences)
 
 
 TOY_PRETRAIN_STEPS = 150
@@ -345,19 +350,59 @@ def test_anti_theater_checks_flag_collapse_repetition_and_a_pinned_mixing_weight
     assert sink["theater/mix_weight"] and sink["theater/mix_weight"][0] < 1e-6
 
 
-def test_anti_theater_checks_pass_where_thoughts_do_the_work(toy_model):
-    """The other direction: on the toy whose thought X is followed by X + 8, thoughts change the answer, random
-    thoughts hurt, and the sampled thoughts are varied, so every check passes and none raises an event (measured:
-    ablation gain 0.15 nats, thought gain 5.5, distinct 0.75, repetition 0, mixing weight 0.50)."""
-    batch = collate_thought_batch(_toy_dataset(4), PAD)
+def _keyed_toy_sequences(n, generator):
+    """`<bos> q1 q2 <think> X </think> X+8` with X = 4 + q1 % 8: here the right thought depends on the question, so a
+    model that learned it thinks the answer-revealing thought for every question, and the thoughts vary with it."""
+    q = torch.randint(20, 32, (n, 2), generator=generator)
+    x = 4 + q[:, :1] % 8
+    return torch.cat([torch.full((n, 1), BOS), q, torch.full((n, 1), START), x, torch.full((n, 1), END), x + 8], 1)
+
+
+@pytest.fixture(scope="module")
+def keyed_toy_model():
+    """A tiny Forge model pretrained on `_keyed_toy_sequences`, with a fresh mixing head (w = 0.5)."""
+    return _pretrained_toy(_keyed_toy_sequences)
+
+
+def _keyed_toy_dataset(n=4):
+    """The keyed RL task: after `<bos> q1 q2` comes 4 + q1 % 8 + 8 (labelled), which only the thought reveals."""
+    q = torch.randint(20, 32, (n, 2), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": [BOS, a, b, 12 + a % 8], "labels": [-100, -100, -100, 12 + a % 8]} for a, b in q.tolist()]
+
+
+def test_anti_theater_checks_pass_where_thoughts_do_the_work(keyed_toy_model):
+    """The other direction: on the keyed toy the model's own thought names the answer for each question, so thoughts
+    change the answer, random-token thoughts hurt, and the sampled thoughts vary with the question: every check passes
+    and none raises an event. (The plain toy cannot show this: its pretrained policy thinks one of eight candidates
+    uniformly and only one reveals the answer, so its thoughts beat random ones only by the luck of 8 draws.)"""
+    batch = collate_thought_batch(_keyed_toy_dataset(4), PAD)
     settings = ThoughtSettings(n_thoughts=2, thought_length=1, n_true=1, positions_per_sequence=1)
     callback = AntiTheaterCallback(
-        lambda: anti_theater_report(toy_model, batch, settings, _toy_tokens(), AntiTheaterSettings()), every=1
+        lambda: anti_theater_report(keyed_toy_model, batch, settings, _toy_tokens(), AntiTheaterSettings()), every=1
     )
     callback._check(step=1)
     report = callback.reports[-1]
     assert report["passed"] and all(c["passed"] for c in report["checks"].values()), report["checks"]
+    assert report["nll_ablated_thoughts"] - report["nll_with_thoughts"] > 1.0, report  # by a wide margin, not luck
     assert callback.events == []
+
+
+def test_anti_theater_ablation_fires_where_thoughts_name_the_wrong_answer(keyed_toy_model, monkeypatch):
+    """The ablation check's broken case on the same model: thoughts that are varied but never the question's own
+    (X + 1) do no better than random tokens, so `ablation_raises_nll` fails while diversity and repetition pass."""
+    import trainers.quietstar_trainer as quietstar
+
+    def wrong(model, ids, mask, positions, settings, tokens):
+        keys = 4 + (ids[positions[:, 0], 1] + 1) % 8  # the neighbour of the right thought, per question
+        return keys.repeat_interleave(settings.n_thoughts)[:, None]
+
+    monkeypatch.setattr(quietstar, "sample_thoughts", wrong)
+    batch = collate_thought_batch(_keyed_toy_dataset(4), PAD)
+    settings = ThoughtSettings(n_thoughts=2, thought_length=1, n_true=1, positions_per_sequence=1)
+    report = anti_theater_report(keyed_toy_model, batch, settings, _toy_tokens(), AntiTheaterSettings())
+    checks = report["checks"]
+    assert not checks["ablation_raises_nll"]["passed"] and not report["passed"], checks
+    assert checks["thoughts_not_collapsed"]["passed"] and checks["thoughts_not_repetitive"]["passed"]
 
 
 def test_anti_theater_flags_collapsed_repetitive_thoughts(toy_model, monkeypatch):
