@@ -175,16 +175,21 @@ def test_distillation_kl_is_zero_for_identical_logits_and_masks_unlabelled_posit
 
 
 def _make_up_proj_sensitive(model) -> None:
-    """An fp-equivalent model whose last layer's MLP up projection is hostile to one absmean scale: its output channels
-    are rescaled by factors spread over six decades, undone on down_proj's inputs (SwiGLU is linear in `up`). The last
-    layer's: made hostile, the first layer's MLP no longer raised this briefly trained model's loss by 2.5% once the
-    MAG gate RMS-norms its branches."""
+    """A near-fp-equivalent model whose last layer's MLP up projection is hostile to one absmean scale: channel `j`
+    becomes a copy of channel `i` with its up row shrunk 1000x (ternarization rounds it to zero) and a down column that
+    cancels a 300x boost of channel `i`'s down column: in full precision the pair adds nothing, quantized the boost is
+    left uncancelled (measured: +15% calibration loss). Rescaling channels over six decades (the earlier construction)
+    only removes the MLP's contribution, and removing a whole MLP raises this briefly trained model's loss < 1% once
+    the MAG gate RMS-norms its branches. `j`: the channel of least weight (in all, the fp loss moves by 4e-7)."""
     mlp = model.model.layers[-1].mlp
-    n = mlp.up_proj.out_features
-    scale = 10 ** torch.linspace(-3, 3, n)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    up, gate, down = mlp.up_proj.weight, mlp.gate_proj.weight, mlp.down_proj.weight
     with torch.no_grad():
-        mlp.up_proj.weight.mul_(scale[:, None])
-        mlp.down_proj.weight.div_(scale[None, :])
+        i = int(up.norm(dim=1).argmax())
+        j = int((up.norm(dim=1) * down.norm(dim=0)).argmin())
+        boost = 300 * down[:, i].clone()
+        gate[j], up[j] = gate[i], 1e-3 * up[i]
+        down[:, i] += boost
+        down[:, j] = -1e3 * boost
 
 
 def test_fallback_keeps_a_layer_constructed_to_be_sensitive_in_full_precision(phase1_checkpoint, tmp_path):
@@ -197,12 +202,13 @@ def test_fallback_keeps_a_layer_constructed_to_be_sensitive_in_full_precision(ph
     assert block_metrics(model, blocks["corpus"])[0] == pytest.approx(before, rel=1e-4)  # still the same model
     names = ["layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
     sensitive_name = "layers.1.mlp.up_proj"
-    # measured: the hostile layer +2.0% loss, the others <= 0.06%
+    # measured: the hostile layer +15% loss, the others <= 0.27%
     result = layerwise_quantize(model, names, blocks, threshold=0.01)
     status = {r["name"]: r["status"] for r in result["layers"]}
     assert status == {**dict.fromkeys(names, "ternary"), sensitive_name: "fallback"}, result["layers"]
     sensitive = next(r for r in result["layers"] if r["name"] == sensitive_name)
-    assert sensitive["relative_increase"] > 0.01 and sensitive["quant_error"] > 0.8
+    assert sensitive["relative_increase"] > 0.05  # well past the 1% threshold
+    assert all(r["relative_increase"] < 0.005 for r in result["layers"] if r["name"] != sensitive_name)
     up_proj = model.model.layers[1].mlp.up_proj
     assert type(up_proj) is nn.Linear  # restored, full precision
     assert result["loss_end"] < sensitive["loss_after"]
