@@ -109,6 +109,7 @@ def create_app(controller: Controller, *, token: str | None = None, poll_interva
             body = await request.json() if await request.body() else {}
         except json.JSONDecodeError as error:
             return _error(400, f"The body is not JSON: {error}.")
+        hub.poll_once()  # the state before the action (e.g. "paused" before a resume) reaches the stream first
         try:
             if action == "configure":
                 result = {"overrides": controller.configure(spec.number, body)}

@@ -394,6 +394,7 @@ class EventHub:
         self.interval_s = interval_s
         self.events: list[dict] = []
         self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._statuses = {n: controller.phase_status(n)["status"] for n in PHASES}
@@ -423,7 +424,12 @@ class EventHub:
             return len(self.events)
 
     def poll_once(self) -> None:
-        """One poll: compare with the last one and append the events in the documented order."""
+        """One poll: compare with the last one and append the events in the documented order. Serialised: the
+        background thread and the control endpoints both poll."""
+        with self._poll_lock:
+            self._poll_once()
+
+    def _poll_once(self) -> None:
         statuses = {n: self.controller.phase_status(n)["status"] for n in PHASES}
         changed = {n: s for n, s in statuses.items() if s != self._statuses.get(n)}
         active = ("running", "pausing")
