@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import time_it
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator, set_seed
 
 from modeling_forge import ForgeConfig, ForgeForCausalLM
@@ -74,22 +75,11 @@ def _prefill_rate(model, ids: torch.Tensor) -> float:
     return ids.numel() / (time.perf_counter() - start)
 
 
-def _seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def memory_bandwidth(threads: int, mbytes: int = 512, repeats: int = 5) -> float:
     """Read bandwidth (GB/s): a sum over an fp32 buffer far larger than the caches, median of `repeats`."""
     torch.set_num_threads(threads)
     buffer = torch.ones(mbytes * 2**20 // 4)
-    rate = buffer.numel() * 4 / _seconds(buffer.sum, repeats) / 1e9
+    rate = buffer.numel() * 4 / time_it(buffer.sum, repeats=repeats) / 1e9
     del buffer
     return rate
 
@@ -124,21 +114,23 @@ def kernel_alone(model, fp32, threads: int, repeats: int) -> None:
             for _ in range(20):
                 F.linear(x, weight)
 
-        packed_s, dense_s = _seconds(packed_calls, repeats) / 20, _seconds(dense_calls, repeats) / 20
+        packed_s, dense_s = time_it(packed_calls, repeats=repeats) / 20, time_it(dense_calls, repeats=repeats) / 20
         print(_gemv_row(f"{out_f} x {in_f}", packed_s, lanes.numel(), dense_s, weight.numel() * 4))
     # A layer far larger than the model's (256 MB in fp32, 16 MB packed): the memory-bound regime of bigger models.
     big_w = torch.randint(-1, 2, (8192, 8192), dtype=torch.int8)
     big_lanes = lane_pack(pack_ternary(big_w), 8192)
     big_dense, big_scale, x = big_w.float(), torch.ones(1), torch.randn(1, 8192)
-    packed_s = _seconds(lambda: ops.bitlinear(x, big_lanes, big_scale, None, 8192, qmax, 1e-5), repeats)
-    dense_s = _seconds(lambda: F.linear(x, big_dense), repeats)
+    packed_s = time_it(lambda: ops.bitlinear(x, big_lanes, big_scale, None, 8192, qmax, 1e-5), repeats=repeats)
+    dense_s = time_it(lambda: F.linear(x, big_dense), repeats=repeats)
     print(_gemv_row("8192 x 8192 (fp32: 256 MB)", packed_s, big_lanes.numel(), dense_s, big_dense.numel() * 4))
     dense_rate = big_dense.numel() * 4 / dense_s / 1e9
     embedding = model.model.embed_tokens
     if getattr(embedding, "bits", 32) in (8, 4):
         h, codes, scales = torch.randn(1, embedding.embedding_dim), embedding.weight_codes, embedding.weight_scales
-        head_s = _seconds(lambda: ops.lowbit_linear(h, codes, scales, embedding.bits, embedding.group_size), repeats)
-        dense_s = _seconds(lambda: F.linear(h, fp32.lm_head.weight), repeats)
+        head_s = time_it(
+            lambda: ops.lowbit_linear(h, codes, scales, embedding.bits, embedding.group_size), repeats=repeats
+        )
+        dense_s = time_it(lambda: F.linear(h, fp32.lm_head.weight), repeats=repeats)
         stored = codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
         label = f"LM head {embedding.num_embeddings} x {embedding.embedding_dim}, {embedding.bits}-bit"
         print(_gemv_row(label, head_s, stored, dense_s, fp32.lm_head.weight.numel() * 4))
