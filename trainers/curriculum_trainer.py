@@ -44,7 +44,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_callback import PrinterCallback
@@ -62,7 +61,10 @@ from .base import ForgeTrainer
 from .checkpointing import atomic_directory
 from .curriculum_config import CurriculumConfig
 from .phase_output import save_phase_output
-from .quietstar_trainer import strip_thoughts  # spans and stray thought tokens removed: the code that runs
+from .quietstar_trainer import (  # spans and stray thought tokens removed: the code that runs
+    ThoughtDataset,
+    strip_thoughts,
+)
 from .teachers import Teacher, get_teacher
 from .tracking import LoopTracker
 
@@ -409,19 +411,6 @@ def evaluate_levels(policy: Policy, family: CodeFamily, levels: Sequence[int], c
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class TokenDataset(Dataset):
-    """Pre-tokenized examples: dicts of `input_ids` and `labels` (-100 where nothing is predicted)."""
-
-    def __init__(self, items: Sequence[dict]) -> None:
-        self.items = list(items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.items[index]
-
-
 def pad_collator(pad_id: int) -> Callable[[Sequence[dict]], dict]:
     """Right-pads `input_ids` (pad id, attention 0) and `labels` (-100) to the longest example of the batch."""
 
@@ -462,7 +451,7 @@ def train_items(model, items: Sequence[dict], config: CurriculumConfig, pad_id: 
                                hub_model_id=None, resume_from_checkpoint=None, disable_tqdm=True,
                                logging_steps=max(1, min(steps, int(config.logging_steps))))  # fmt: skip
     trainer = ForgeTrainer(
-        model=model, args=args, train_dataset=TokenDataset(items), data_collator=pad_collator(pad_id)
+        model=model, args=args, train_dataset=ThoughtDataset(items), data_collator=pad_collator(pad_id)
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train()

@@ -638,7 +638,7 @@ class AntiTheaterCallback(TrainerCallback):
 
 
 class ThoughtDataset(Dataset):
-    """Tokenised training sequences (`input_ids`, `labels` with -100 where no thought-scored target is)."""
+    """Pre-tokenised training examples (`input_ids`, `labels` with -100 where nothing is predicted); Phases 3 and 5."""
 
     def __init__(self, items: Sequence[dict]) -> None:
         self.items = list(items)
