@@ -982,7 +982,17 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
     # Held-out comparison: champion versus every parent on the test split, one evaluator, one process.
     champion_genome = Genome.from_dict(state.best["genome"])
     recipe = champion_genome.recipe(parents, base)
-    champion = build_model(run_recipe(recipe, checkpoints))
+    kept_parent = None
+    if config.keep_best_parent and state.best["fitness"] < best_parent_validation:
+        # Decided on validation fitness, like the search; the test split below only reports.
+        validation_scores = {name: evaluator.score(raw)[0] for name, raw in evaluator.reference_raw.items()}
+        kept_parent = max(validation_scores, key=validation_scores.get)
+        logger.warning("Phase 2: no merge beat the best parent %s on validation fitness (best merge %.4f < %.4f); "
+                       "handing on %s unchanged (keep_best_parent).", kept_parent, state.best["fitness"],
+                       best_parent_validation, kept_parent)  # fmt: skip
+        champion = build_model(checkpoints[next(p for p in parents if Path(p).name == kept_parent)])
+    else:
+        champion = build_model(run_recipe(recipe, checkpoints))
     final = MergeFitness(tokenizer, fitness_settings(config, final=True), split="test", reference_models=parent_models)
     champion_result = final.evaluate(champion)
     parent_results = {}
@@ -1008,6 +1018,7 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
         **{f"test/{k}": v for k, v in champion_result["raw"].items()},
         **{f"test/part_{k}": v for k, v in champion_result["parts"].items()},
         "search/validation_fitness": state.best["fitness"],
+        "search/kept_best_parent": float(kept_parent is not None),
         "search/best_parent_validation_fitness": best_parent_validation,
         "search/generations": state.generation + 1,
         "search/evaluations": state.evaluations,
@@ -1039,19 +1050,25 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
         "search_summary": summary_text,
         "history": state.history,
         "recipe_yaml": recipe.to_yaml(),
+        "kept_parent": kept_parent,
+        "best_merge_validation_fitness": state.best["fitness"],
+        "best_parent_validation_fitness": best_parent_validation,
     }
 
     def extras(folder: Path) -> None:
         (folder / "plots").mkdir(exist_ok=True)
         (folder / "plots" / "fitness.png").write_bytes(plot_path.read_bytes())
-        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        # With a kept parent, the file is the best merge found (for reference), named so nobody mistakes it.
+        (folder / ("best_merge_recipe.yaml" if kept_parent else "recipe.yaml")).write_text(recipe.to_yaml())
         (folder / RECORDS_FILE).write_text((phase_dir / RECORDS_FILE).read_text())
         comparison_payload = {"champion": champion_result, "parents": parent_results, "best_parent": best_parent}
         (folder / "evomerge_results.json").write_text(json.dumps(comparison_payload, indent=2))
 
     save_phase_output(
         champion_dir, model=champion, tokenizer=tokenizer, phase=2, phase_name="evomerge",
-        config={"evomerge": asdict(config), "recipe": recipe.to_dict()}, inputs=parents, metrics=metrics,
+        config={"evomerge": asdict(config), "recipe": None if kept_parent else recipe.to_dict(),
+                "best_merge_recipe": recipe.to_dict(), "kept_parent": kept_parent},
+        inputs=parents, metrics=metrics,
         eval_results=eval_results, seed=config.seed, wall_time_s=time.time() - started,
         tags=["merge", "evolutionary-merge"], card_sections=sections, card_template="phase2_evomerge",
         model_name="forge-phase2-evomerge", write_extras=extras, overwrite=config.overwrite,
@@ -1063,6 +1080,7 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
         "state": state,
         "comparison": comparison,
         "best_parent": best_parent,
+        "kept_parent": kept_parent,
         "improvement_pct": improvement,
         "metrics": metrics,
     }

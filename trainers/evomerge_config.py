@@ -98,6 +98,13 @@ class EvoMergeConfig:
     final_task_examples: int = field(
         default=64, metadata={"help": "Test examples per task family for the final comparison."}
     )
+    keep_best_parent: bool = field(
+        default=True,
+        metadata={
+            "help": "Hand on the best parent unchanged when no merge beats it on validation fitness (the card and "
+            "metrics say so), so Phase 2 never makes the pipeline worse; False hands on the best merge regardless."
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted search from its last generation."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing Phase 2 result."})
     show_progress: bool = field(default=True, metadata={"help": "Show a progress bar per generation."})

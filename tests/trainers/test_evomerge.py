@@ -242,6 +242,47 @@ def test_phase2_writes_a_loadable_champion_with_its_recipe_history_and_plot(fami
         run_phase2(_phase2_config(tmp_path / "run", family))
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_merge_that_loses_to_every_parent_is_not_handed_on(family, tmp_path, monkeypatch, keep):
+    """Merges made to lose (their weights scrambled): with `keep_best_parent` the folder holds the validation-best
+    parent bit for bit and says so; without it, the (worse) best merge is handed on as before."""
+    from safetensors.torch import load_file
+
+    import trainers.evomerge as evomerge
+
+    real_run_recipe = evomerge.run_recipe
+
+    def scrambled(recipe, checkpoints):
+        merged = real_run_recipe(recipe, checkpoints)
+        generator = torch.Generator().manual_seed(0)
+        noise = {
+            k: torch.randn(t.shape, generator=generator) * 0.5 if t.is_floating_point() else t
+            for k, t in merged.state_dict.items()
+        }  # fmt: skip  (new tensors: merges may share the parents')
+        return dataclasses.replace(merged, state_dict=noise)
+
+    monkeypatch.setattr(evomerge, "run_recipe", scrambled)
+    summary = run_phase2(_phase2_config(tmp_path / "run", family, keep_best_parent=keep, generations=1))
+    champion = tmp_path / "run" / "phase2" / "champion"
+    metrics = json.loads((champion / "metrics.json").read_text())["metrics"]
+    assert metrics["search/validation_fitness"] < metrics["search/best_parent_validation_fitness"]
+    weights = load_file(champion / "model.safetensors")
+    if keep:
+        assert summary["kept_parent"] in {"reasoning", "memory", "speed"}
+        parent = load_file(family[summary["kept_parent"]] / "model.safetensors")
+        assert weights.keys() == parent.keys() and all(torch.equal(weights[k], parent[k]) for k in parent)
+        assert metrics["search/kept_best_parent"] == 1.0
+        assert (champion / "best_merge_recipe.yaml").exists() and not (champion / "recipe.yaml").exists()
+        assert "No merge beat the best parent" in (champion / "README.md").read_text()
+    else:
+        assert summary["kept_parent"] is None and metrics["search/kept_best_parent"] == 0.0
+        assert (champion / "recipe.yaml").exists()
+        assert "No merge beat the best parent" not in (champion / "README.md").read_text()
+        for name in ("reasoning", "memory", "speed"):
+            parent = load_file(family[name] / "model.safetensors")
+            assert not all(torch.equal(weights[k], parent[k]) for k in parent if k in weights)
+
+
 def test_fitness_is_deterministic_and_sees_a_longer_layer_path(family, tiny_tokenizer):
     from trainers.evomerge import FitnessSettings, MergeFitness
     from trainers.merging import build_model, load_checkpoint, run_recipe
