@@ -88,8 +88,8 @@ class ForgeConfig(PreTrainedConfig):
         memory_momentum (`bool`, *optional*, defaults to `False`):
             Titans' momentum ("surprise", eq. 10) on the neural memory: `Z_t = eta_t Z_{t-1} - b_t grad_t`,
             `S_t = a_t S_{t-1} + Z_t`, `eta_t = sigmoid(W_eta x_t)`, gradients taken at the chunk-start memory
-            (mini-batch form, Titans §3.2). Off by default: `benchmarks/recall.py` did not show it paying for its
-            cost. Cached decoding continues from a prefill only without it (a continuation raises).
+            (mini-batch form, Titans §3.2). Cached decoding carries `S`, `Z`, the chunk-start point and the chunk
+            position, equal to the uncached run.
         memory_deep (`bool`, *optional*, defaults to `False`):
             Titans' deep memory: per head a 2-layer MLP `M(x) = SiLU(x W1) W2` instead of the matrix `S`, updated once
             per chunk by the summed per-token gradients at the chunk-start weights (`torch.func`), with forgetting

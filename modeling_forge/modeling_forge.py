@@ -511,11 +511,13 @@ def titans_momentum_recurrent(
     g: torch.Tensor,
     beta: torch.Tensor,
     eta: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     segments: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Titans' linear memory with momentum in the mini-batch form, token by token (the reference of the chunked form).
+    offset: int = 0,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Titans' linear memory with momentum in the mini-batch form, token by token (the reference of the chunked form,
+    and the decoding step).
 
     At each chunk start (every `chunk_size` positions) the memory `S` is frozen as the gradient point `G`; then per
     token `G <- a_t G`, `Z_t = eta_t Z_{t-1} + b_t k_t (v_t - G^T k_t)^T` (the negative gradient of
@@ -523,23 +525,27 @@ def titans_momentum_recurrent(
     `o_t = S_t^T q_t`. With `chunk_size=1` and `eta = 0` this is exactly the gated delta rule.
 
     Args:
-        as `gated_delta_rule_recurrent`, plus eta (B, H, T) momentum in [0, 1] and chunk_size; the momentum starts at
-        zero and restarts with `S` at every document start.
+        as `gated_delta_rule_recurrent`, plus eta (B, H, T) momentum in [0, 1] and chunk_size; the momentum restarts
+        with `S` at every document start.
+        initial_state: the carried `(S, Z, G)`, each (B, H, Dk, Dv), or None for zeros.
+        offset: positions of the current chunk already consumed before the first input (0: it starts a chunk).
 
     Returns:
-        outputs (B, H, T, Dv) and the final memory `S` (B, H, Dk, Dv), in fp32 (float64 for float64 inputs).
+        outputs (B, H, T, Dv) and the final `(S, Z, G)`, in fp32 (float64 for float64 inputs).
     """
     dtype = _state_dtype(query.dtype)
     query, key, value, g, beta, eta = (x.to(dtype) for x in (query, key, value, g, beta, eta))
     batch, heads, length, d_k = key.shape
-    state = torch.zeros(batch, heads, d_k, value.shape[-1], dtype=dtype, device=key.device)
-    state = state if initial_state is None else initial_state.to(dtype)
-    momentum, point = torch.zeros_like(state), state
+    if initial_state is None:
+        state = torch.zeros(batch, heads, d_k, value.shape[-1], dtype=dtype, device=key.device)
+        momentum, point = torch.zeros_like(state), state
+    else:
+        state, momentum, point = (x.to(dtype) for x in initial_state)
     starts = None if segments is None else (segments != F.pad(segments, (1, 0))[:, :-1]).to(dtype)
     outputs = []
     per_token = zip(*(x.unbind(2) for x in (query, key, value, g, beta, eta)), strict=True)
     for t, (q_t, k_t, v_t, g_t, beta_t, eta_t) in enumerate(per_token):
-        if t % chunk_size == 0:
+        if (t + offset) % chunk_size == 0:
             point = state
         if starts is not None:
             keep = 1.0 - starts[:, t, None, None, None]
@@ -550,7 +556,7 @@ def titans_momentum_recurrent(
         momentum = eta_t[..., None, None] * momentum + k_t[..., :, None] * residual[..., None, :]
         state = state * decay + momentum
         outputs.append((state * q_t[..., :, None]).sum(-2))
-    return torch.stack(outputs, 2), state
+    return torch.stack(outputs, 2), (state, momentum, point)
 
 
 def titans_momentum_chunked(
@@ -563,8 +569,9 @@ def titans_momentum_chunked(
     initial_state: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`titans_momentum_recurrent` in parallel within each chunk (same arguments and results).
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`titans_momentum_recurrent` in parallel within each chunk (same results; it starts at a chunk boundary with
+    zero momentum, so `initial_state` is `S` alone, (B, H, Dk, Dv) or None).
 
     The gradients of a chunk are taken at its entering memory, so no solve is needed: with `D[t, s]` the forgetting
     from s to t and `E[t, s] = eta_{s+1} ... eta_t` the momentum's decay, the outputs of a chunk are
@@ -605,7 +612,6 @@ def titans_momentum_chunked(
     start_decay = cum.exp() * from_start  # A
     weights = (query @ key.transpose(-1, -2)) * write
     query_state, query_z = query * start_decay[..., None], query * carry_z[..., None]
-    last_write, last_eta = write[..., -1, :], eta_decay[..., -1, :]  # (B, H, n, C): reaching the chunk end
 
     state = torch.zeros(batch, heads, d_k, d_v, dtype=dtype, device=key.device)
     state = state if initial_state is None else initial_state.to(dtype)
@@ -613,16 +619,18 @@ def titans_momentum_chunked(
     outputs = []
     per_chunk = (
         x.unbind(2)
-        for x in (query_state, query_z, weights, key, value, beta, start_decay, last_write, last_eta, carry_z, into)
+        for x in (query_state, query_z, weights, key, value, beta, start_decay, write, eta_decay, carry_z, into)
     )
-    for q_s, q_z, w, k, v, b, a, last_w, last_e, h, p in zip(*per_chunk, strict=True):
+    for c, (q_s, q_z, w, k, v, b, a, write_c, eta_c, h, p) in enumerate(zip(*per_chunk, strict=True)):
+        end = chunk - 1 - (pad if c == n_chunks - 1 else 0)  # the last real position of the chunk
         residual = b[..., None] * (v - a[..., None] * (k @ state))  # (B, H, C, Dv): R
         outputs.append(q_s @ state + q_z @ momentum + w @ residual)
-        new_state = a[..., -1, None, None] * state + h[..., -1, None, None] * momentum
-        state = new_state + k.transpose(-1, -2) @ (last_w[..., None] * residual)
-        momentum = p[..., -1, None, None] * momentum + k.transpose(-1, -2) @ (last_e[..., None] * residual)
+        point = a[..., end, None, None] * state  # the gradient point, forgotten to `end` (carried for decoding)
+        new_state = point + h[..., end, None, None] * momentum
+        state = new_state + k.transpose(-1, -2) @ (write_c[..., end, :, None] * residual)
+        momentum = p[..., end, None, None] * momentum + k.transpose(-1, -2) @ (eta_c[..., end, :, None] * residual)
     out = torch.stack(outputs, 2).reshape(batch, heads, n_chunks * chunk, d_v)[:, :, :length]
-    return out, state
+    return out, (state, momentum, point)
 
 
 def deep_memory_apply(weights: tuple[torch.Tensor, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
@@ -728,6 +736,14 @@ class ForgeNeuralMemory(nn.Module):
     The memory keeps writing as it reads at inference too (Titans' test-time memorisation). Its state `S` (fp32)
     and the conv tail live in the cache's recurrent/conv slots of this layer; a padded position writes nothing and
     every document of a packed batch starts from an empty memory.
+
+    Titans' options, off by default: `memory_momentum` (surprise with momentum `eta_t`, `titans_momentum_chunked`)
+    and `memory_deep` (a 2-layer MLP memory per head, `deep_memory_chunked`). Both take their gradients at the memory
+    entering each chunk of `memory_chunk_size` tokens (Titans' mini-batch form), so the chunk grid, counted from a
+    sequence's first position (left padding included), is part of the model. With momentum the cache's recurrent
+    slot holds `(S, Z, G)` side by side (memory, momentum, chunk-start gradient point) and the cache layer its
+    position in the chunk grid (`forge_chunk_offset`); decoding runs the per-token recurrence, exactly equal to the
+    chunked prefill. The deep memory fills a cache at prefill but refuses to continue from one (use_cache=False).
     """
 
     def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
@@ -783,7 +799,6 @@ class ForgeNeuralMemory(nn.Module):
         beta = torch.sigmoid(self.b_proj(hidden_states).to(dtype))  # (B, T, H)
         g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(hidden_states).to(dtype) + self.dt_bias.to(dtype))
         g = g * self.config.memory_forget_scale  # (B, T, H) log forgetting, <= 0
-        titans = self.config.memory_momentum or self.config.memory_deep
         eta = torch.sigmoid(self.eta_proj(hidden_states).to(dtype)) if self.config.memory_momentum else None
         if memory_mask is not None:  # a padded position reads zeros, writes nothing and forgets nothing
             keep = memory_mask[..., None]
@@ -792,11 +807,11 @@ class ForgeNeuralMemory(nn.Module):
         initial_state, tail = None, None
         if past_key_values is not None:
             initial_state = past_key_values.get_recurrent_state(self.layer_idx)
-            if titans and initial_state is not None:
+            if self.config.memory_deep and initial_state is not None:
                 raise ValueError(
-                    "ForgeConfig.memory_momentum / memory_deep: cached decoding cannot continue from a cache (the "
-                    "mini-batch form's chunk-start memory and momentum are not carried, so cached != uncached). "
-                    "Fix: generate(..., use_cache=False), or set memory_momentum=False and memory_deep=False."
+                    "ForgeConfig.memory_deep: cached decoding cannot continue from a cache (the deep memory's "
+                    "momentum and the inputs of its unfinished chunk are not carried, so cached != uncached). "
+                    "Fix: generate(..., use_cache=False), or set memory_deep=False."
                 )
             tail = past_key_values.get_conv_state(self.layer_idx)
             tail = tail.clone() if tail is not None else None  # the update below overwrites the cached tensor
@@ -818,10 +833,21 @@ class ForgeNeuralMemory(nn.Module):
             eta = eta.transpose(1, 2) if eta is not None else None
             out, weights = deep_memory_chunked(query, key, value, g, beta, eta, (self.deep_w1, self.deep_w2), chunk)
             state = torch.cat([w.flatten(2) for w in weights], -1)  # (B, H, ...): kept in the cache for inspection
-        elif self.config.memory_momentum:
-            out, state = titans_momentum_chunked(
-                query, key, value, g, beta, eta.transpose(1, 2), None, segments, chunk
-            )
+        elif self.config.memory_momentum:  # cache: (S, Z, G) side by side, and the position in the chunk grid
+            if initial_state is None:
+                offset = 0
+                out, carry = titans_momentum_chunked(
+                    query, key, value, g, beta, eta.transpose(1, 2), None, segments, chunk
+                )
+            else:  # continuing (decoding): the recurrence from the carried state, exact
+                offset = past_key_values.layers[self.layer_idx].forge_chunk_offset
+                carried = initial_state.chunk(3, -1)
+                out, carry = titans_momentum_recurrent(
+                    query, key, value, g, beta, eta.transpose(1, 2), carried, segments, chunk, offset
+                )
+            state = torch.cat(carry, -1)  # (B, H, Dk, 3 Dv)
+            if past_key_values is not None:
+                past_key_values.layers[self.layer_idx].forge_chunk_offset = (offset + length) % chunk
         elif length == 1 and segments is None:
             out, state = gated_delta_rule_recurrent(query, key, value, g, beta, initial_state)
         elif hidden_states.is_cuda and segments is None and is_flash_linear_attention_available():

@@ -237,12 +237,14 @@ def test_momentum_chunked_equals_its_per_token_reference(chunk):
     for segments in (None, torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [1] * 30 + [2] * 7])):
         results = []
         for form in (titans_momentum_chunked, titans_momentum_recurrent):
-            out, state = form(q, k, v, g, b, eta, initial, segments, chunk)
-            grads = torch.autograd.grad((out * weights).sum() + state.sum(), (q, k, v, g, b, eta))
-            results.append((out, state, grads))
-        (out_c, state_c, grads_c), (out_r, state_r, grads_r) = results
+            start = initial if form is titans_momentum_chunked else (initial, torch.zeros_like(initial), initial)
+            out, carry = form(q, k, v, g, b, eta, start, segments, chunk)
+            loss = (out * weights).sum() + sum(x.sum() * (i + 1) for i, x in enumerate(carry))
+            results.append((out, carry, torch.autograd.grad(loss, (q, k, v, g, b, eta))))
+        (out_c, carry_c, grads_c), (out_r, carry_r, grads_r) = results
         torch.testing.assert_close(out_c, out_r, rtol=0, atol=1e-10)
-        torch.testing.assert_close(state_c, state_r, rtol=0, atol=1e-10)
+        for state_c, state_r in zip(carry_c, carry_r, strict=True):  # S, momentum Z, gradient point G
+            torch.testing.assert_close(state_c, state_r, rtol=0, atol=1e-10)
         for grad_c, grad_r in zip(grads_c, grads_r, strict=True):
             torch.testing.assert_close(grad_c, grad_r, rtol=0, atol=1e-10)
 
@@ -254,7 +256,7 @@ def test_momentum_reduces_to_the_delta_rule_and_to_the_plain_mini_batch_update()
     q, k, v, g, b = _inputs(g_scale=0.1)
     zero = _eta(value=0.0)
     expected, expected_state = gated_delta_rule_recurrent(q, k, v, g, b)
-    out, state = titans_momentum_chunked(q, k, v, g, b, zero, chunk_size=1)
+    out, (state, _, _) = titans_momentum_chunked(q, k, v, g, b, zero, chunk_size=1)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-10)
     mini_batch, _ = titans_momentum_chunked(q, k, v, g, b, zero, chunk_size=16)
@@ -262,6 +264,28 @@ def test_momentum_reduces_to_the_delta_rule_and_to_the_plain_mini_batch_update()
     torch.testing.assert_close(mini_batch[:, :, :1], expected[:, :, :1], rtol=0, atol=1e-10)  # same first token
     with_momentum, _ = titans_momentum_chunked(q, k, v, g, b, _eta(value=0.9), chunk_size=16)
     assert (with_momentum - mini_batch).abs().max() > 1e-3
+
+
+def test_momentum_streams_token_by_token_from_the_chunked_prefill():
+    """A chunked prefill of 11 tokens, then the recurrence from its carried (S, Z, G) and chunk offset, token by token
+    and in a 9-token piece, equals one run (chunk 4: the prefill ends mid-chunk)."""
+    q, k, v, g, b = _inputs(length=30)
+    eta = _eta(length=30)
+    whole, whole_carry = titans_momentum_chunked(q, k, v, g, b, eta, chunk_size=4)
+    pieces, carry = [], None
+    for start, end in ((0, 11), (11, 12), (12, 13), (13, 22), (22, 30)):
+        part = [x[:, :, start:end] for x in (q, k, v, g, b, eta)]
+        if carry is None:
+            out, carry = titans_momentum_chunked(*part, chunk_size=4)
+        else:
+            out, carry = titans_momentum_recurrent(*part, initial_state=carry, chunk_size=4, offset=start % 4)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(carry[0], whole_carry[0], rtol=0, atol=1e-10)
+    _, after_prefill = titans_momentum_chunked(*(x[:, :, :11] for x in (q, k, v, g, b, eta)), chunk_size=4)
+    rest = (x[:, :, 11:] for x in (q, k, v, g, b, eta))
+    wrong, _ = titans_momentum_recurrent(*rest, initial_state=after_prefill, chunk_size=4, offset=0)
+    assert (wrong - whole[:, :, 11:]).abs().max() > 1e-4  # the chunk offset matters
 
 
 def test_momentum_is_causal():
@@ -331,7 +355,9 @@ def test_deep_memory_is_causal_by_chunk_and_differentiable():
 @pytest.mark.parametrize(
     "flags", [{"memory_momentum": True}, {"memory_deep": True}, {"memory_deep": True, "memory_momentum": True}]
 )
-def test_titans_flags_model_causal_trainable_round_trip_and_refuse_cached_continuation(tiny_config, tmp_path, flags):
+def test_titans_flags_model_causal_trainable_round_trip_and_cache(tiny_config, tmp_path, flags):
+    """Causal, every new parameter learns, save/load gives identical logits; momentum alone decodes with the cache
+    exactly as without it (left padding included), the deep memory refuses to continue from a cache."""
     config = tiny_config(memory_type="neural", memory_chunk_size=8, initializer_range=0.3, **flags)
     model = _model(config).eval()
     x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(8))
@@ -354,10 +380,26 @@ def test_titans_flags_model_causal_trainable_round_trip_and_refuse_cached_contin
     loaded = ForgeForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, use_cache=False).logits, logits, rtol=0, atol=0)
-        cache = model(x, use_cache=True).past_key_values  # a prefill with a cache equals the uncached run
-        torch.testing.assert_close(model(x, use_cache=True).logits, logits, rtol=0, atol=1e-6)
-        with pytest.raises(ValueError, match="memory_momentum / memory_deep"):
-            model(x[:, :1], past_key_values=cache, use_cache=True)
+        cache = model(x[:, :9], use_cache=True).past_key_values  # a prefill with a cache equals the uncached run
+        if config.memory_deep:
+            with pytest.raises(ValueError, match="memory_deep: cached decoding cannot continue"):
+                model(x[:, 9:10], past_key_values=cache, use_cache=True)
+            return
+        model.double()  # float64: the cached path equals the uncached one to rounding, not just to fp32 noise
+        logits = model(x, use_cache=False).logits
+        cache = model(x[:, :9], use_cache=True).past_key_values
+        steps = [model(x[:, :9], use_cache=True).logits]
+        for t in range(9, 20):  # prefill ends mid-chunk (chunk 8), then one token at a time
+            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(steps, 1), logits, rtol=0, atol=1e-10)
+        # left padding: generate with the cache == without it
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[0, :5] = 0
+        padded = x.masked_fill(mask == 0, 0)
+        kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        with_cache = model.generate(padded, use_cache=True, **kwargs)
+        without = model.generate(padded, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
 
 
 @pytest.mark.parametrize(
