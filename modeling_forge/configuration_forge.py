@@ -89,7 +89,7 @@ class ForgeConfig(PreTrainedConfig):
             Titans' momentum ("surprise", eq. 10) on the neural memory: `Z_t = eta_t Z_{t-1} - b_t grad_t`,
             `S_t = a_t S_{t-1} + Z_t`, `eta_t = sigmoid(W_eta x_t)`, gradients taken at the chunk-start memory
             (mini-batch form, Titans §3.2). Cached decoding carries `S`, `Z`, the chunk-start point and the chunk
-            position, equal to the uncached run.
+            position, equal to the uncached run. Off by default: on `benchmarks/recall.py` it did not pay for its cost.
         memory_deep (`bool`, *optional*, defaults to `False`):
             Titans' deep memory: per head a 2-layer MLP `M(x) = SiLU(x W1) W2` instead of the matrix `S`, updated once
             per chunk by the summed per-token gradients at the chunk-start weights (`torch.func`), with forgetting
