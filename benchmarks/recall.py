@@ -11,9 +11,11 @@ held-out sequences are scored separately for near pairs (inside the window: does
 pairs (beyond it: only a memory can answer). Values are drawn from 64 tokens, so guessing scores ~0.016.
 
 All models have the tiny preset's width and depth (d 64, 2 layers, 4 heads): Forge `neural`, `ema`, `none` (with
-`trm_max_steps` as given), `LlamaForCausalLM` (full attention) and `MistralForCausalLM` with the same sliding window
-(Mistral is Llama plus a sliding window; transformers' Llama has none). Reported: accuracy near/far, per-layer MAG gate
-means on recall data (share of attention), parameters and training time. `--timing` times the neural memory's
+`trm_max_steps` as given; `--models momentum deep deep-momentum` add the neural memory with Titans' momentum and/or
+deep MLP memory, chunk `--titans-chunk`), `LlamaForCausalLM` (full attention) and `MistralForCausalLM` with the same
+sliding window (Mistral is Llama plus a sliding window; transformers' Llama has none). Reported: accuracy near/far,
+per-layer MAG gate means on recall data (share of attention), parameters and training time (`--eval-every N` also
+prints held-out near/far every N steps, to see a trend). `--timing` times the neural memory's
 forward+backward at B=8, T=1024 (cognate-25m's memory shape: 5 heads of 32) in the chunked form (C=64 and 32),
 transformers' torch form of the same algorithm and the per-token recurrence.
 """
@@ -40,6 +42,7 @@ KEYS = range(32, 96)  # 64 key tokens
 VALUES = range(128, 192)  # 64 value tokens
 VOCAB = 256
 PAIRS_FAR, PAIRS_NEAR = 2, 2
+TITANS_FLAGS = ("memory_momentum", "memory_deep")  # "forge neural+momentum+deep" turns both on
 
 
 def make_batch(batch: int, gap: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,7 +75,8 @@ def build(name: str, window: int, trm_steps: int, length: int, overrides: dict) 
         return LlamaForCausalLM(LlamaConfig(**common))
     if name == "mistral (sliding window)":
         return MistralForCausalLM(MistralConfig(sliding_window=window, **common))
-    memory_type = name.split()[-1]
+    memory_type = name.split()[1].split("+")[0]  # "forge neural+momentum" -> "neural"
+    overrides = {**overrides, **{flag: True for flag in TITANS_FLAGS if flag.split("_")[1] in name.split()[1]}}
     config = ForgeConfig.from_preset("tiny", vocab_size=VOCAB, sliding_window=window, memory_type=memory_type,
                                      max_position_embeddings=length, trm_max_steps=trm_steps,
                                      **overrides)  # fmt: skip
@@ -109,7 +113,10 @@ def evaluate(model: torch.nn.Module, data: list[tuple[torch.Tensor, ...]]) -> di
 def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict:
     length = 4 * (PAIRS_FAR + PAIRS_NEAR) + args.gap
     torch.manual_seed(args.seed)
-    model = build(name, args.window, trm_steps, length, json.loads(args.forge_overrides)).train()
+    overrides = json.loads(args.forge_overrides)
+    if "+" in name:  # the mini-batch forms' chunk length is part of the model (gradients at the chunk start)
+        overrides.setdefault("memory_chunk_size", args.titans_chunk)
+    model = build(name, args.window, trm_steps, length, overrides).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 20), args.steps)
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for every model
@@ -121,6 +128,10 @@ def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict
         if step % 100 == 0:
             print(f"  {name} step {step}: loss {sum(recent) / len(recent):.3f}", flush=True)
             recent = []
+        if args.eval_every and step % args.eval_every == 0:
+            probe = torch.Generator().manual_seed(20_000 + args.seed)
+            r = evaluate(model, [make_batch(64, args.gap, probe) for _ in range(2)])
+            print(f"  {name} step {step}: held-out near {r['near']:.3f} far {r['far']:.3f}", flush=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,7 +141,8 @@ def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict
     held_out = torch.Generator().manual_seed(10_000 + args.seed)
     data = [make_batch(64, args.gap, held_out) for _ in range(args.eval_batches)]
     result = evaluate(model, data)
-    result.update(params=sum(p.numel() for p in model.parameters()), train_seconds=round(seconds, 1))
+    result.update(params=sum(p.numel() for p in model.parameters()), train_seconds=round(seconds, 1),
+                  ms_per_step=round(1e3 * seconds / args.steps))  # fmt: skip
     return result
 
 
@@ -185,7 +197,8 @@ def memory_timing(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["neural", "ema", "none", "llama", "mistral"])
+    parser.add_argument("--models", nargs="+", default=["neural", "ema", "none", "llama", "mistral"],
+                        help="also: momentum, deep, deep-momentum (Titans' flags on the neural memory)")  # fmt: skip
     parser.add_argument("--trm-steps", nargs="+", type=int, default=[0, 3])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
@@ -195,6 +208,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forge-overrides", default="{}", help="JSON ForgeConfig fields for the Forge models")
+    parser.add_argument("--titans-chunk", type=int, default=8,
+                        help="memory_chunk_size of the momentum/deep models (there a modelling choice)")  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=0, help="print held-out near/far every N steps (0: off)")
     parser.add_argument("--timing", action="store_true", help="only time the memory forms")
     parser.add_argument("--timing-rounds", type=int, default=3, help="interleaved rounds of --timing")
     args = parser.parse_args()
@@ -202,6 +218,8 @@ def main() -> None:
         memory_timing(repeats=args.timing_rounds)
         return
     names = {"neural": "forge neural", "ema": "forge ema", "none": "forge none",
+             "momentum": "forge neural+momentum", "deep": "forge neural+deep",
+             "deep-momentum": "forge neural+deep+momentum",
              "llama": "llama (full attention)", "mistral": "mistral (sliding window)"}  # fmt: skip
     print(f"MQAR: {PAIRS_FAR} far + {PAIRS_NEAR} near pairs, gap {args.gap}, window {args.window}, {args.steps} steps "
           f"x {args.batch}, AdamW lr {args.lr}, threads {torch.get_num_threads()}; chance ~{1 / len(VALUES):.3f}; "
@@ -214,7 +232,8 @@ def main() -> None:
             results[label] = train_and_score(name, args, trm_steps or 0)
             r = results[label]
             print(f"{label:>36}: near {r['near']:.3f}  far {r['far']:.3f}  gates {r['gate_means']}  "
-                  f"{r['params'] / 1e3:.0f}k params  {r['train_seconds']} s", flush=True)  # fmt: skip
+                  f"{r['params'] / 1e3:.0f}k params  {r['train_seconds']} s ({r['ms_per_step']} ms/step)",
+                  flush=True)  # fmt: skip
     print(json.dumps(results))
 
 

@@ -82,7 +82,21 @@ class ForgeConfig(PreTrainedConfig):
             EMA decay (`memory_type="ema"` only): `m_t = decay * m_{t-1} + (1 - decay) * W_down x_t`. Closer to 1
             remembers longer.
         memory_chunk_size (`int`, *optional*, defaults to 64):
-            Chunk length of the parallel (chunked) form of either memory; a speed knob, not a modelling one.
+            Chunk length of the parallel (chunked) form of either memory; a speed knob, not a modelling one, except
+            with `memory_momentum` or `memory_deep`, whose mini-batch form (Titans §3.2) takes each chunk's gradients
+            at the memory entering the chunk: there the chunk length is part of the model.
+        memory_momentum (`bool`, *optional*, defaults to `False`):
+            Titans' momentum ("surprise", eq. 10) on the neural memory: `Z_t = eta_t Z_{t-1} - b_t grad_t`,
+            `S_t = a_t S_{t-1} + Z_t`, `eta_t = sigmoid(W_eta x_t)`, gradients taken at the chunk-start memory
+            (mini-batch form, Titans §3.2). Cached decoding carries `S`, `Z`, the chunk-start point and the chunk
+            position, equal to the uncached run. Off by default: on `benchmarks/recall.py` it did not pay for its cost.
+        memory_deep (`bool`, *optional*, defaults to `False`):
+            Titans' deep memory: per head a 2-layer MLP `M(x) = SiLU(x W1) W2` instead of the matrix `S`, updated once
+            per chunk by the summed per-token gradients at the chunk-start weights (`torch.func`), with forgetting
+            and (with `memory_momentum`) momentum across chunks; a token reads the weights entering its chunk. Off by
+            default (see `benchmarks/recall.py`); no cached continuation and no padding-free packing.
+        memory_deep_expansion (`int`, *optional*, defaults to 2):
+            Hidden width of the deep memory's MLP, as a multiple of the memory head size.
         gate_hidden_size (`int`, *optional*, defaults to 160):
             Hidden width of the MAG gate MLP `g = sigmoid(MLP([y; m]))`.
         trm_max_steps (`int`, *optional*, defaults to 3):
@@ -191,6 +205,9 @@ class ForgeConfig(PreTrainedConfig):
     memory_forget_scale: float = 1.0
     memory_decay: float = 0.99
     memory_chunk_size: int = 64
+    memory_momentum: bool = False
+    memory_deep: bool = False
+    memory_deep_expansion: int = 2
     gate_hidden_size: int = 160
     trm_max_steps: int = 3
     trm_micro_steps: int = 2
@@ -289,6 +306,11 @@ class ForgeConfig(PreTrainedConfig):
             fail("max_position_embeddings", "must be >= 1", "set the training sequence length, e.g. 2048")
         if self.memory_type not in MEMORY_TYPES:
             fail("memory_type", f"is {self.memory_type!r}", f"use one of {MEMORY_TYPES}")
+        for flag in ("memory_momentum", "memory_deep"):  # types: checked by the strict dataclass
+            if getattr(self, flag) and self.memory_type != "neural":
+                fail(flag, f"needs memory_type='neural', got {self.memory_type!r}", f"set {flag}=False")
+        if self.memory_deep and self.memory_deep_expansion < 1:
+            fail("memory_deep_expansion", f"must be >= 1, got {self.memory_deep_expansion}", "use 2")
         if self.memory_type != "none":
             if self.memory_size <= 0:
                 fail("memory_size", f"must be >= 1, got {self.memory_size}", "set d_mem, e.g. hidden_size // 2")

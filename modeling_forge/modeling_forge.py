@@ -504,6 +504,196 @@ def _fla_chunk_gated_delta_rule(
     return out.transpose(1, 2), state
 
 
+def titans_momentum_recurrent(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    eta: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    segments: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    offset: int = 0,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Titans' linear memory with momentum in the mini-batch form, token by token (the reference of the chunked form,
+    and the decoding step).
+
+    At each chunk start (every `chunk_size` positions) the memory `S` is frozen as the gradient point `G`; then per
+    token `G <- a_t G`, `Z_t = eta_t Z_{t-1} + b_t k_t (v_t - G^T k_t)^T` (the negative gradient of
+    `||G^T k_t - v_t||^2 / 2` taken at the chunk-start memory, forgotten to t: Titans §3.2), `S_t = a_t S_{t-1} + Z_t`,
+    `o_t = S_t^T q_t`. With `chunk_size=1` and `eta = 0` this is exactly the gated delta rule.
+
+    Args:
+        as `gated_delta_rule_recurrent`, plus eta (B, H, T) momentum in [0, 1] and chunk_size; the momentum restarts
+        with `S` at every document start.
+        initial_state: the carried `(S, Z, G)`, each (B, H, Dk, Dv), or None for zeros.
+        offset: positions of the current chunk already consumed before the first input (0: it starts a chunk).
+
+    Returns:
+        outputs (B, H, T, Dv) and the final `(S, Z, G)`, in fp32 (float64 for float64 inputs).
+    """
+    dtype = _state_dtype(query.dtype)
+    query, key, value, g, beta, eta = (x.to(dtype) for x in (query, key, value, g, beta, eta))
+    batch, heads, length, d_k = key.shape
+    if initial_state is None:
+        state = torch.zeros(batch, heads, d_k, value.shape[-1], dtype=dtype, device=key.device)
+        momentum, point = torch.zeros_like(state), state
+    else:
+        state, momentum, point = (x.to(dtype) for x in initial_state)
+    starts = None if segments is None else (segments != F.pad(segments, (1, 0))[:, :-1]).to(dtype)
+    outputs = []
+    per_token = zip(*(x.unbind(2) for x in (query, key, value, g, beta, eta)), strict=True)
+    for t, (q_t, k_t, v_t, g_t, beta_t, eta_t) in enumerate(per_token):
+        if (t + offset) % chunk_size == 0:
+            point = state
+        if starts is not None:
+            keep = 1.0 - starts[:, t, None, None, None]
+            state, momentum, point = state * keep, momentum * keep, point * keep
+        decay = g_t.exp()[..., None, None]
+        point = point * decay
+        residual = beta_t[..., None] * (v_t - (point * k_t[..., :, None]).sum(-2))  # (B, H, Dv)
+        momentum = eta_t[..., None, None] * momentum + k_t[..., :, None] * residual[..., None, :]
+        state = state * decay + momentum
+        outputs.append((state * q_t[..., :, None]).sum(-2))
+    return torch.stack(outputs, 2), (state, momentum, point)
+
+
+def titans_momentum_chunked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    eta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`titans_momentum_recurrent` in parallel within each chunk (same results; it starts at a chunk boundary with
+    zero momentum, so `initial_state` is `S` alone, (B, H, Dk, Dv) or None).
+
+    The gradients of a chunk are taken at its entering memory, so no solve is needed: with `D[t, s]` the forgetting
+    from s to t and `E[t, s] = eta_{s+1} ... eta_t` the momentum's decay, the outputs of a chunk are
+    `A q S_in + h q Z_in + ((Q K^T) * (D E)) R` with `R = b (V - A K S_in)` the chunk's write residuals; a short loop
+    carries `S` and the momentum `Z` across chunks. `E` is a cumulative product (not exp of a log-sum), so
+    `eta = 0` stays exact. Hand-written: neither transformers nor fla ships this form.
+    """
+    dtype = _state_dtype(query.dtype)
+    query, key, value, g, beta, eta = (x.to(dtype) for x in (query, key, value, g, beta, eta))
+    batch, heads, length, d_k = key.shape
+    d_v = value.shape[-1]
+    if segments is not None:  # the momentum restarts at a document start: eta = 0 there (S restarts through D, A)
+        starts = segments != F.pad(segments, (1, 0))[:, :-1]
+        eta = eta.masked_fill(starts[:, None], 0.0)
+    chunk = max(1, min(chunk_size, length))
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    query, key, value = (F.pad(x, (0, 0, 0, pad)).view(batch, heads, n_chunks, chunk, -1) for x in (query, key, value))
+    g, beta, eta = (F.pad(x, (0, pad)).view(batch, heads, n_chunks, chunk) for x in (g, beta, eta))
+
+    cum = g.cumsum(-1)  # (B, H, n, C)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
+    if segments is not None:
+        seg = torch.cat([segments, segments[:, -1:].expand(batch, pad)], 1).view(batch, 1, n_chunks, chunk)
+        seg_prev = torch.cat([torch.zeros_like(seg[..., :1, 0]), seg[..., :-1, -1]], -1)
+        same_doc = causal & (seg[..., :, None] == seg[..., None, :])
+        from_start = (seg == seg_prev[..., None]).to(dtype)
+    else:
+        same_doc, from_start = causal, 1.0
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~same_doc, float("-inf")).exp_()  # D (B,H,n,C,C)
+    # E[t, s] = prod_{s < r <= t} eta_r: row s of `rows` holds eta_r for r > s and 1 elsewhere; cumprod along r.
+    later = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).triu(1)  # [s, r]: r > s
+    rows = torch.where(later, eta[..., None, :], torch.ones((), dtype=dtype, device=key.device))
+    eta_decay = (rows.cumprod(-1).transpose(-1, -2) * causal).to(dtype)  # E (B, H, n, C, C), [t, s]
+    into = eta.cumprod(-1)  # (B, H, n, C): momentum entering the chunk, carried to t
+    write = decay @ eta_decay  # F = D E
+    carry_z = (decay @ into[..., None])[..., 0]  # h = D P
+    start_decay = cum.exp() * from_start  # A
+    weights = (query @ key.transpose(-1, -2)) * write
+    query_state, query_z = query * start_decay[..., None], query * carry_z[..., None]
+
+    state = torch.zeros(batch, heads, d_k, d_v, dtype=dtype, device=key.device)
+    state = state if initial_state is None else initial_state.to(dtype)
+    momentum = torch.zeros_like(state)
+    outputs = []
+    per_chunk = (
+        x.unbind(2)
+        for x in (query_state, query_z, weights, key, value, beta, start_decay, write, eta_decay, carry_z, into)
+    )
+    for c, (q_s, q_z, w, k, v, b, a, write_c, eta_c, h, p) in enumerate(zip(*per_chunk, strict=True)):
+        end = chunk - 1 - (pad if c == n_chunks - 1 else 0)  # the last real position of the chunk
+        residual = b[..., None] * (v - a[..., None] * (k @ state))  # (B, H, C, Dv): R
+        outputs.append(q_s @ state + q_z @ momentum + w @ residual)
+        point = a[..., end, None, None] * state  # the gradient point, forgotten to `end` (carried for decoding)
+        new_state = point + h[..., end, None, None] * momentum
+        state = new_state + k.transpose(-1, -2) @ (write_c[..., end, :, None] * residual)
+        momentum = p[..., end, None, None] * momentum + k.transpose(-1, -2) @ (eta_c[..., end, :, None] * residual)
+    out = torch.stack(outputs, 2).reshape(batch, heads, n_chunks * chunk, d_v)[:, :, :length]
+    return out, (state, momentum, point)
+
+
+def deep_memory_apply(weights: tuple[torch.Tensor, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """The deep memory `M(x) = SiLU(x W1) W2` per batch row and head: weights (B, H, Dk, E), (B, H, E, Dv);
+    inputs (B, H, C, Dk) -> (B, H, C, Dv)."""
+    return F.silu(inputs @ weights[0]) @ weights[1]
+
+
+def _deep_memory_loss(
+    weights: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """Sum over rows, heads and tokens of `b_t ||M(k_t) - v_t||^2 / 2`; rows and heads do not share weights, so its
+    gradient holds each (row, head)'s own per-chunk gradient."""
+    return (beta[..., None] * (deep_memory_apply(weights, key) - value).square()).sum() / 2
+
+
+def deep_memory_chunked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    eta: torch.Tensor | None,
+    initial_weights: tuple[torch.Tensor, torch.Tensor],
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Titans' deep memory in the mini-batch form: per chunk c, the tokens read the weights entering the chunk,
+    then `Z_c = eta_c Z_{c-1} - sum_t b_t grad_t` (gradients at those weights, via `torch.func.grad`) and
+    `W_c = a_c W_{c-1} + Z_c`, with `a_c` the chunk's total forgetting `exp(sum g)` and `eta_c` its mean momentum
+    (no momentum: `eta = None`). Sequential over chunks, parallel within one, differentiable end to end.
+
+    Args:
+        query, key: (B, H, T, Dk); value: (B, H, T, Dv); g, beta, eta: (B, H, T).
+        initial_weights: W1 (H, Dk, E) and W2 (H, E, Dv), learned (Titans' meta-learned initial memory).
+        chunk_size: tokens per gradient step.
+
+    Returns:
+        outputs (B, H, T, Dv) and the final weights, each (B, H, ...), in fp32 (float64 for float64 inputs).
+    """
+    dtype = _state_dtype(query.dtype)
+    batch, heads, length, _ = key.shape
+    weights = tuple(w.to(dtype)[None].expand(batch, *w.shape) for w in initial_weights)
+    momentum = None
+    grad_fn = torch.func.grad(_deep_memory_loss)
+    outputs = []
+    for start in range(0, length, chunk_size):
+        piece = slice(start, start + chunk_size)
+        q, k, v = (x[:, :, piece].to(dtype) for x in (query, key, value))
+        outputs.append(deep_memory_apply(weights, q))
+        grads = grad_fn(weights, k, v, beta[:, :, piece].to(dtype))
+        forget = g[:, :, piece].to(dtype).sum(-1).exp()[..., None, None]  # (B, H, 1, 1)
+        if eta is None:
+            weights = tuple(forget * w - dw for w, dw in zip(weights, grads, strict=True))
+            continue
+        keep = eta[:, :, piece].to(dtype).mean(-1)[..., None, None]
+        if momentum is None:
+            momentum = tuple(-dw for dw in grads)
+        else:
+            momentum = tuple(keep * z - dw for z, dw in zip(momentum, grads, strict=True))
+        weights = tuple(forget * w + z for w, z in zip(weights, momentum, strict=True))
+    return torch.cat(outputs, 2), weights
+
+
 def short_causal_conv(
     inputs: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None, segments: torch.Tensor | None
 ) -> torch.Tensor:
@@ -546,6 +736,14 @@ class ForgeNeuralMemory(nn.Module):
     The memory keeps writing as it reads at inference too (Titans' test-time memorisation). Its state `S` (fp32)
     and the conv tail live in the cache's recurrent/conv slots of this layer; a padded position writes nothing and
     every document of a packed batch starts from an empty memory.
+
+    Titans' options, off by default: `memory_momentum` (surprise with momentum `eta_t`, `titans_momentum_chunked`)
+    and `memory_deep` (a 2-layer MLP memory per head, `deep_memory_chunked`). Both take their gradients at the memory
+    entering each chunk of `memory_chunk_size` tokens (Titans' mini-batch form), so the chunk grid, counted from a
+    sequence's first position (left padding included), is part of the model. With momentum the cache's recurrent
+    slot holds `(S, Z, G)` side by side (memory, momentum, chunk-start gradient point) and the cache layer its
+    position in the chunk grid (`forge_chunk_offset`); decoding runs the per-token recurrence, exactly equal to the
+    chunked prefill. The deep memory fills a cache at prefill but refuses to continue from one (use_cache=False).
     """
 
     def __init__(self, config: ForgeConfig, layer_idx: int) -> None:
@@ -567,6 +765,12 @@ class ForgeNeuralMemory(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
         self.out_norm = ForgeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        if config.memory_momentum:
+            self.eta_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)  # momentum, ~0.5 at init
+        if config.memory_deep:  # the deep memory's initial weights, learned (Titans: meta-learned initial memory)
+            hidden = config.memory_deep_expansion * self.head_dim
+            self.deep_w1 = nn.Parameter(torch.empty(self.num_heads, self.head_dim, hidden))
+            self.deep_w2 = nn.Parameter(torch.empty(self.num_heads, hidden, self.head_dim))
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
@@ -578,6 +782,9 @@ class ForgeNeuralMemory(nn.Module):
         low, high = math.log(self.config.memory_dt_min), math.log(self.config.memory_dt_max)
         dt = torch.exp(torch.rand(self.num_heads, device=self.dt_bias.device) * (high - low) + low)
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        if self.config.memory_deep:  # fan-in scaled, so M(k) starts at the scale of the values
+            init.normal_(self.deep_w1, std=self.deep_w1.shape[1] ** -0.5)
+            init.normal_(self.deep_w2, std=self.deep_w2.shape[1] ** -0.5)
 
     def forward(
         self,
@@ -592,12 +799,20 @@ class ForgeNeuralMemory(nn.Module):
         beta = torch.sigmoid(self.b_proj(hidden_states).to(dtype))  # (B, T, H)
         g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(hidden_states).to(dtype) + self.dt_bias.to(dtype))
         g = g * self.config.memory_forget_scale  # (B, T, H) log forgetting, <= 0
+        eta = torch.sigmoid(self.eta_proj(hidden_states).to(dtype)) if self.config.memory_momentum else None
         if memory_mask is not None:  # a padded position reads zeros, writes nothing and forgets nothing
             keep = memory_mask[..., None]
             qkv, beta, g = qkv * keep.to(qkv.dtype), beta * keep.to(dtype), g * keep.to(dtype)
+            eta = eta * keep.to(dtype) if eta is not None else None  # and passes no momentum on
         initial_state, tail = None, None
         if past_key_values is not None:
             initial_state = past_key_values.get_recurrent_state(self.layer_idx)
+            if self.config.memory_deep and initial_state is not None:
+                raise ValueError(
+                    "ForgeConfig.memory_deep: cached decoding cannot continue from a cache (the deep memory's "
+                    "momentum and the inputs of its unfinished chunk are not carried, so cached != uncached). "
+                    "Fix: generate(..., use_cache=False), or set memory_deep=False."
+                )
             tail = past_key_values.get_conv_state(self.layer_idx)
             tail = tail.clone() if tail is not None else None  # the update below overwrites the cached tensor
             past_key_values.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_size - 1)
@@ -607,14 +822,38 @@ class ForgeNeuralMemory(nn.Module):
         query = F.normalize(query.to(dtype), dim=-1, eps=1e-6)  # (B, H, T, Dk)
         key = F.normalize(key.to(dtype), dim=-1, eps=1e-6)
         beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (B, H, T)
-        if length == 1 and segments is None:
+        chunk = self.config.memory_chunk_size
+        if self.config.memory_deep:
+            if segments is not None:
+                raise ValueError(
+                    "ForgeConfig.memory_deep does not support padding-free packed batches (its weights change once "
+                    "per chunk, not at document starts). Fix: pad the batch with an attention_mask, or set "
+                    "memory_deep=False."
+                )
+            eta = eta.transpose(1, 2) if eta is not None else None
+            out, weights = deep_memory_chunked(query, key, value, g, beta, eta, (self.deep_w1, self.deep_w2), chunk)
+            state = torch.cat([w.flatten(2) for w in weights], -1)  # (B, H, ...): kept in the cache for inspection
+        elif self.config.memory_momentum:  # cache: (S, Z, G) side by side, and the position in the chunk grid
+            if initial_state is None:
+                offset = 0
+                out, carry = titans_momentum_chunked(
+                    query, key, value, g, beta, eta.transpose(1, 2), None, segments, chunk
+                )
+            else:  # continuing (decoding): the recurrence from the carried state, exact
+                offset = past_key_values.layers[self.layer_idx].forge_chunk_offset
+                carried = initial_state.chunk(3, -1)
+                out, carry = titans_momentum_recurrent(
+                    query, key, value, g, beta, eta.transpose(1, 2), carried, segments, chunk, offset
+                )
+            state = torch.cat(carry, -1)  # (B, H, Dk, 3 Dv)
+            if past_key_values is not None:
+                past_key_values.layers[self.layer_idx].forge_chunk_offset = (offset + length) % chunk
+        elif length == 1 and segments is None:
             out, state = gated_delta_rule_recurrent(query, key, value, g, beta, initial_state)
         elif hidden_states.is_cuda and segments is None and is_flash_linear_attention_available():
             out, state = _fla_chunk_gated_delta_rule(query, key, value.to(dtype), g, beta, initial_state)
         else:
-            out, state = gated_delta_rule_chunked(
-                query, key, value, g, beta, initial_state, segments, self.config.memory_chunk_size
-            )
+            out, state = gated_delta_rule_chunked(query, key, value, g, beta, initial_state, segments, chunk)
         if past_key_values is not None:
             past_key_values.update_recurrent_state(state, self.layer_idx)
         out = self.out_norm(out.transpose(1, 2).to(hidden_states.dtype))  # (B, T, H, Dv)

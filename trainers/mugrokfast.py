@@ -50,6 +50,7 @@ DEFAULT_FALLBACK_PATTERNS = (
     r"(^|\.)gate\.",
     r"(^|\.)act_head\.",
     r"(^|\.)memory\.conv_weight$",
+    r"(^|\.)memory\.deep_w[12]$",  # the deep memory's per-head initial weights (3-D stacks, `memory_deep`)
 )
 # Attention projections QK-clip rescales: `...layers.{i}.self_attn.q_proj` / `k_proj`.
 QK_MODULE_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(q_proj|k_proj)$")
@@ -144,8 +145,8 @@ class MuGrokfastConfig:
         default=DEFAULT_FALLBACK_PATTERNS,
         metadata={
             "help": "Regexes on parameter names that send >=2-D parameters to AdamW instead of Muon (embeddings, "
-            "LM head, MAG gate MLP, ACT head, the neural memory's conv taps). 1-D parameters and nn.Embedding "
-            "weights always go to AdamW."
+            "LM head, MAG gate MLP, ACT head, the neural memory's conv taps and deep-memory weights). 1-D parameters "
+            "and nn.Embedding weights always go to AdamW."
         },
     )
 

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from modeling_forge import ForgeForCausalLM, ema_scan, gated_delta_rule_chunked, gated_delta_rule_recurrent
-from modeling_forge.modeling_forge import ForgeNeuralMemory, short_causal_conv
+from modeling_forge.modeling_forge import (
+    ForgeNeuralMemory,
+    deep_memory_chunked,
+    short_causal_conv,
+    titans_momentum_chunked,
+    titans_momentum_recurrent,
+)
 
 
 def _inputs(batch=2, heads=3, length=37, d_k=8, d_v=5, dtype=torch.float64, seed=0, g_scale=1.0, beta=None):
@@ -209,3 +215,210 @@ def test_gate_statistics_count_real_tokens_only(tiny_config):
         with_pad = model.model(padded, attention_mask=mask, position_ids=positions, act_halting=False)
     torch.testing.assert_close(with_pad.gate_means, bare.gate_means, rtol=0, atol=1e-5)
     torch.testing.assert_close(with_pad.gate_entropy, bare.gate_entropy, rtol=0, atol=1e-5)
+
+
+# ---- Titans momentum and deep memory (flags memory_momentum / memory_deep) ----------------------------------------
+
+
+def _eta(batch=2, heads=3, length=37, dtype=torch.float64, seed=7, value=None):
+    if value is not None:
+        return torch.full((batch, heads, length), value, dtype=dtype)
+    return torch.rand(batch, heads, length, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+def test_momentum_chunked_equals_its_per_token_reference(chunk):
+    """The mini-batch momentum form in parallel equals the token-by-token loop (outputs, state, gradients), T=37 not a
+    multiple of the chunk, with an initial state and packed documents, float64 to 1e-10."""
+    q, k, v, g, b = (x.requires_grad_() for x in _inputs())
+    eta = _eta().requires_grad_()
+    initial = torch.randn(2, 3, 8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(2, 3, 37, 5, dtype=torch.float64)
+    for segments in (None, torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [1] * 30 + [2] * 7])):
+        results = []
+        for form in (titans_momentum_chunked, titans_momentum_recurrent):
+            start = initial if form is titans_momentum_chunked else (initial, torch.zeros_like(initial), initial)
+            out, carry = form(q, k, v, g, b, eta, start, segments, chunk)
+            loss = (out * weights).sum() + sum(x.sum() * (i + 1) for i, x in enumerate(carry))
+            results.append((out, carry, torch.autograd.grad(loss, (q, k, v, g, b, eta))))
+        (out_c, carry_c, grads_c), (out_r, carry_r, grads_r) = results
+        torch.testing.assert_close(out_c, out_r, rtol=0, atol=1e-10)
+        for state_c, state_r in zip(carry_c, carry_r, strict=True):  # S, momentum Z, gradient point G
+            torch.testing.assert_close(state_c, state_r, rtol=0, atol=1e-10)
+        for grad_c, grad_r in zip(grads_c, grads_r, strict=True):
+            torch.testing.assert_close(grad_c, grad_r, rtol=0, atol=1e-10)
+
+
+def test_momentum_reduces_to_the_delta_rule_and_to_the_plain_mini_batch_update():
+    """eta = 0 with one-token chunks is the gated delta rule exactly; with 16-token chunks eta = 0 is the plain
+    mini-batch update (gradients at the chunk-start memory), which differs from the delta rule, and momentum > 0
+    changes the outputs again (so each comparison can fail)."""
+    q, k, v, g, b = _inputs(g_scale=0.1)
+    zero = _eta(value=0.0)
+    expected, expected_state = gated_delta_rule_recurrent(q, k, v, g, b)
+    out, (state, _, _) = titans_momentum_chunked(q, k, v, g, b, zero, chunk_size=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-10)
+    mini_batch, _ = titans_momentum_chunked(q, k, v, g, b, zero, chunk_size=16)
+    assert (mini_batch - expected).abs().max() > 1e-3
+    torch.testing.assert_close(mini_batch[:, :, :1], expected[:, :, :1], rtol=0, atol=1e-10)  # same first token
+    with_momentum, _ = titans_momentum_chunked(q, k, v, g, b, _eta(value=0.9), chunk_size=16)
+    assert (with_momentum - mini_batch).abs().max() > 1e-3
+
+
+def test_momentum_streams_token_by_token_from_the_chunked_prefill():
+    """A chunked prefill of 11 tokens, then the recurrence from its carried (S, Z, G) and chunk offset, token by token
+    and in a 9-token piece, equals one run (chunk 4: the prefill ends mid-chunk)."""
+    q, k, v, g, b = _inputs(length=30)
+    eta = _eta(length=30)
+    whole, whole_carry = titans_momentum_chunked(q, k, v, g, b, eta, chunk_size=4)
+    pieces, carry = [], None
+    for start, end in ((0, 11), (11, 12), (12, 13), (13, 22), (22, 30)):
+        part = [x[:, :, start:end] for x in (q, k, v, g, b, eta)]
+        if carry is None:
+            out, carry = titans_momentum_chunked(*part, chunk_size=4)
+        else:
+            out, carry = titans_momentum_recurrent(*part, initial_state=carry, chunk_size=4, offset=start % 4)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(carry[0], whole_carry[0], rtol=0, atol=1e-10)
+    _, after_prefill = titans_momentum_chunked(*(x[:, :, :11] for x in (q, k, v, g, b, eta)), chunk_size=4)
+    rest = (x[:, :, 11:] for x in (q, k, v, g, b, eta))
+    wrong, _ = titans_momentum_recurrent(*rest, initial_state=after_prefill, chunk_size=4, offset=0)
+    assert (wrong - whole[:, :, 11:]).abs().max() > 1e-4  # the chunk offset matters
+
+
+def test_momentum_is_causal():
+    q, k, v, g, b = _inputs(length=40)
+    eta = _eta(length=40)
+    out, _ = titans_momentum_chunked(q, k, v, g, b, eta, chunk_size=16)
+    for t in (0, 15, 16, 39):
+        changed = [x.clone() for x in (q, k, v, g, b, eta)]
+        for x in changed:
+            x[:, :, t:] = x[:, :, t:] + 1.0 if x.dim() == 4 else x[:, :, t:] * 0.5
+        out2, _ = titans_momentum_chunked(*changed, chunk_size=16)
+        torch.testing.assert_close(out2[:, :, :t], out[:, :, :t], rtol=0, atol=1e-12)
+        assert (out2[:, :, t:] - out[:, :, t:]).abs().max() > 1e-6
+
+
+def _naive_deep_memory(q, k, v, g, b, eta, w1, w2, chunk):
+    """Per row, head and chunk: read with the current weights, then one autograd step on the chunk's summed loss."""
+    batch, heads, length, _ = k.shape
+    out = torch.zeros(batch, heads, length, v.shape[-1], dtype=q.dtype)
+    for i in range(batch):
+        for h in range(heads):
+            weights, momentum = [w1[h], w2[h]], [torch.zeros_like(w1[h]), torch.zeros_like(w2[h])]
+            for start in range(0, length, chunk):
+                s = slice(start, start + chunk)
+                out[i, h, s] = F.silu(q[i, h, s] @ weights[0]) @ weights[1]
+                leaves = [w.detach().requires_grad_() for w in weights]
+                pred = F.silu(k[i, h, s] @ leaves[0]) @ leaves[1]
+                loss = (b[i, h, s, None] * (pred - v[i, h, s]).square()).sum() / 2
+                grads = torch.autograd.grad(loss, leaves)
+                forget = g[i, h, s].sum().exp()
+                keep = 0.0 if eta is None else eta[i, h, s].mean()
+                momentum = [keep * z - dw for z, dw in zip(momentum, grads, strict=True)]
+                weights = [forget * w + z for w, z in zip(weights, momentum, strict=True)]
+    return out
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_deep_memory_matches_a_naive_per_chunk_loop(momentum):
+    q, k, v, g, b = _inputs(length=21, d_k=4, d_v=4, g_scale=0.1)
+    gen = torch.Generator().manual_seed(2)
+    w1 = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64) * 0.5
+    w2 = torch.randn(3, 8, 4, generator=gen, dtype=torch.float64) * 0.35
+    eta = _eta(length=21) if momentum else None
+    out, _ = deep_memory_chunked(q, k, v, g, b, eta, (w1, w2), chunk_size=8)
+    torch.testing.assert_close(out, _naive_deep_memory(q, k, v, g, b, eta, w1, w2, 8), rtol=1e-10, atol=1e-10)
+    assert (out[:, :, 8:] - (F.silu(q[:, :, 8:] @ w1[None]) @ w2[None])).abs().max() > 1e-3  # the memory was written
+
+
+def test_deep_memory_is_causal_by_chunk_and_differentiable():
+    """A token reads the weights entering its chunk: changing position t leaves every earlier chunk unchanged; the
+    outputs are differentiable in the inputs and the initial weights (gradients through torch.func.grad)."""
+    q, k, v, g, b = (x.requires_grad_() for x in _inputs(length=24, d_k=4, d_v=4, g_scale=0.1))
+    w1 = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 8, 4, dtype=torch.float64, requires_grad=True)
+    out, _ = deep_memory_chunked(q, k, v, g, b, None, (w1, w2), chunk_size=8)
+    grads = torch.autograd.grad(out.square().sum(), (k, v, g, b, w1, w2))
+    assert all(grad.abs().sum() > 0 for grad in grads)
+    with torch.no_grad():
+        changed = [x.clone() for x in (q, k, v)]
+        for x in changed:
+            x[:, :, 10:] += 1.0
+        out2, _ = deep_memory_chunked(*changed, g, b, None, (w1, w2), chunk_size=8)
+    torch.testing.assert_close(out2[:, :, :16][:, :, :10], out[:, :, :10].detach(), rtol=0, atol=1e-12)
+    assert (out2[:, :, 16:] - out[:, :, 16:]).abs().max() > 1e-6  # the next chunk reads what position 10+ wrote
+
+
+@pytest.mark.parametrize(
+    "flags", [{"memory_momentum": True}, {"memory_deep": True}, {"memory_deep": True, "memory_momentum": True}]
+)
+def test_titans_flags_model_causal_trainable_round_trip_and_cache(tiny_config, tmp_path, flags):
+    """Causal, every new parameter learns, save/load gives identical logits; momentum alone decodes with the cache
+    exactly as without it (left padding included), the deep memory refuses to continue from a cache."""
+    config = tiny_config(memory_type="neural", memory_chunk_size=8, initializer_range=0.3, **flags)
+    model = _model(config).eval()
+    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        logits = model(x, use_cache=False).logits
+        changed = x.clone()
+        changed[:, 12] = (changed[:, 12] + 1) % 97
+        logits2 = model(changed, use_cache=False).logits
+    torch.testing.assert_close(logits2[:, :12], logits[:, :12], rtol=0, atol=1e-6)
+    assert (logits2[:, 12:] - logits[:, 12:]).abs().max() > 1e-4
+    # the new parameters learn
+    model.train()
+    model(x, labels=x).loss.backward()
+    memory = model.model.layers[0].memory
+    new = [memory.eta_proj.weight] if config.memory_momentum else []
+    new += [memory.deep_w1, memory.deep_w2] if config.memory_deep else []
+    assert new and all(p.grad is not None and p.grad.abs().sum() > 0 for p in new)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = ForgeForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, use_cache=False).logits, logits, rtol=0, atol=0)
+        cache = model(x[:, :9], use_cache=True).past_key_values  # a prefill with a cache equals the uncached run
+        if config.memory_deep:
+            with pytest.raises(ValueError, match="memory_deep: cached decoding cannot continue"):
+                model(x[:, 9:10], past_key_values=cache, use_cache=True)
+            return
+        model.double()  # float64: the cached path equals the uncached one to rounding, not just to fp32 noise
+        logits = model(x, use_cache=False).logits
+        cache = model(x[:, :9], use_cache=True).past_key_values
+        steps = [model(x[:, :9], use_cache=True).logits]
+        for t in range(9, 20):  # prefill ends mid-chunk (chunk 8), then one token at a time
+            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(steps, 1), logits, rtol=0, atol=1e-10)
+        # left padding: generate with the cache == without it
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[0, :5] = 0
+        padded = x.masked_fill(mask == 0, 0)
+        kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        with_cache = model.generate(padded, use_cache=True, **kwargs)
+        without = model.generate(padded, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"memory_type": "ema", "memory_momentum": True}, "memory_momentum"),
+        ({"memory_type": "none", "memory_deep": True}, "memory_deep"),
+        ({"memory_type": "neural", "memory_deep": True, "memory_deep_expansion": 0}, "memory_deep_expansion"),
+    ],
+)
+def test_titans_flags_are_validated(tiny_config, fields, field):
+    with pytest.raises(ValueError, match=f"ForgeConfig.{field} .*Fix"):
+        ForgeForCausalLM(tiny_config(**fields))
+    ok = {key: value for key, value in fields.items() if key == "memory_type"}
+    ForgeForCausalLM(tiny_config(**ok, memory_momentum=ok["memory_type"] == "neural"))  # valid: silent
+
+
+def test_deep_memory_refuses_packed_documents(tiny_config):
+    model = _model(tiny_config(memory_type="neural", memory_deep=True)).eval()
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with pytest.raises(ValueError, match="memory_deep does not support padding-free"):
+        model(torch.randint(0, 97, (1, 12)), position_ids=positions, use_cache=False)

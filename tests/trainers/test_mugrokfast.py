@@ -148,6 +148,9 @@ def test_parameter_groups_follow_the_spec():
     assert "lm_head.weight" in {n for n, _ in untied["adamw"]}
     opt = create_mugrokfast(model, MuGrokfastConfig())
     assert [g["name"] for g in opt.param_groups] == ["muon", "adamw", "adamw_no_decay"]
+    deep = split_parameters(tiny_forge(memory_type="neural", memory_deep=True), MuGrokfastConfig())  # 3-D: AdamW
+    assert "model.layers.0.memory.deep_w1" in {n for n, _ in deep["adamw"]}
+    assert not any("deep_w" in n for n, _ in deep["muon"])
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
