@@ -204,7 +204,10 @@ class ForgeConfig(PreTrainedConfig):
     act_threshold: float = 0.5
     act_halting: bool = True
     act_exploration: float = 0.1
+    act_halting_in_training: bool = True
     act_loss_weight: float = 0.01
+    act_target: str = "correct"
+    act_saturation_margin: float = 0.01
     gate_entropy_weight: float = 0.001
     layer_types: list[str] | None = None
     layer_input_scales: list[float] | None = None
@@ -347,6 +350,10 @@ class ForgeConfig(PreTrainedConfig):
             )
         if not 0.0 < self.deep_supervision_fraction <= 1.0:
             fail("deep_supervision_fraction", f"must lie in (0, 1], got {self.deep_supervision_fraction}", "use 1.0")
+        if self.act_target not in ("correct", "saturated"):
+            fail("act_target", f"must be 'correct' or 'saturated', got {self.act_target!r}", "use 'saturated'")
+        if self.act_saturation_margin < 0:
+            fail("act_saturation_margin", f"must be >= 0, got {self.act_saturation_margin}", "use e.g. 0.01 (nats)")
         if not 0.0 < self.act_threshold < 1.0:
             fail("act_threshold", f"must lie strictly between 0 and 1, got {self.act_threshold}", "use e.g. 0.5")
         for name in ("act_loss_weight", "gate_entropy_weight", "attention_dropout"):

@@ -1304,6 +1304,12 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         shift_labels = kwargs.pop("shift_labels", None)
         has_targets = labels is not None or shift_labels is not None
         keep_steps = has_targets or output_step_logits
+        training_run = self.training and has_targets
+        report_would_halt = False
+        if training_run and act_halting is None and not self.config.act_halting_in_training:
+            # Training runs every step on every position, so each step is trained as an exit on every token and the
+            # Q-head's targets compare real later steps; inference halts by masking (see `act_halting_in_training`).
+            act_halting, report_would_halt = False, self.config.act_halting
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1317,7 +1323,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             output_attention_logit_max=output_attention_logit_max,
             positions_to_keep=0 if keep_steps else logits_to_keep,
             recursion_steps=recursion_steps,
-            act_exploration=self.training and has_targets,
+            act_exploration=training_run,
             **kwargs,
         )
         # One full-vocabulary pass for the output: the last state is each position's ACT-selected answer state.
@@ -1345,6 +1351,11 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # token t predicts t+1
             self._add_losses(result, outputs, step_logits, full_logits, shift_labels, num_items_in_batch)
+        if report_would_halt:
+            # The halting step ACT would choose from these states (first `q_t > act_threshold`), for the metrics.
+            crossed = halting_probs > self.config.act_threshold  # (B, T, K)
+            last = torch.full_like(outputs.halt_steps, crossed.shape[-1] - 1)
+            result.halt_steps = torch.where(crossed.any(-1), crossed.long().argmax(-1), last)
         return result
 
     def create_masks_for_generate(self, **kwargs) -> dict[str, torch.Tensor | None]:
@@ -1389,15 +1400,17 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             denominator = torch.as_tensor(num_items_in_batch, device=final_logits.device, dtype=torch.float32)
         else:
             denominator = torch.tensor(float(max(n_valid, 1)), device=final_logits.device)
-        sampled = valid
+        sampled, sample_index = valid, None
         fraction = config.deep_supervision_fraction
         if self.training and step_logits is None and fraction < 1.0 and n_valid > 0:
             keep = max(1, round(fraction * n_valid))
-            sampled = valid[torch.randperm(n_valid, device=valid.device)[:keep]]
+            sample_index = torch.randperm(n_valid, device=valid.device)[:keep]  # into `valid`
+            sampled = valid[sample_index]
 
         halt_steps = outputs.halt_steps.reshape(-1)  # (B*T,)
         halting_logits = outputs.halting_logits.reshape(-1, n_steps)  # (B*T, K)
-        step_losses, train_terms, step_correct, act_terms = [], [], [], []
+        step_losses, train_terms, step_correct, act_terms, sampled_ce = [], [], [], [], []
+        scale = n_valid / max(sampled.numel(), 1)  # rescales a subset to the full label count
         for step in range(n_steps):
             final = step == n_steps - 1
             rows = valid if final else sampled
@@ -1408,16 +1421,31 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             else:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and config.deep_supervision):
                     logits = self.lm_head(states[step].reshape(-1, states[step].shape[-1])[rows])
-            scale = n_valid / max(rows.numel(), 1)  # rescales a subset to the full label count
+            row_scale = n_valid / max(rows.numel(), 1)
             targets = flat_labels[rows]
             ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (rows,)
             refining = (halt_steps[rows] >= step).float()  # still refining at this step (not halted before it)
-            step_losses.append(ce.detach().sum() * scale / denominator)
-            train_terms.append((ce.sum() if final else (ce * refining).sum()) * scale / denominator)
+            step_losses.append(ce.detach().sum() * row_scale / denominator)
+            train_terms.append((ce.sum() if final else (ce * refining).sum()) * row_scale / denominator)
             correct = (logits.detach().argmax(-1) == targets).float()
             step_correct.append(correct.mean() if rows.numel() else correct.sum())
-            bce = F.binary_cross_entropy_with_logits(halting_logits[rows, step].float(), correct, reduction="none")
-            act_terms.append((bce * refining).sum() * scale / n_steps)
+            if config.act_target == "correct":
+                bce = F.binary_cross_entropy_with_logits(halting_logits[rows, step].float(), correct, reduction="none")
+                act_terms.append((bce * refining).sum() * row_scale / n_steps)
+            else:
+                sampled_ce.append(ce.detach()[sample_index] if final and sample_index is not None else ce.detach())
+        if config.act_target == "saturated" and n_steps > 1:
+            # Target of q_t: "no later step lowers this token's loss by more than act_saturation_margin", on the
+            # positions that ran step t+1 (a position halted at t has frozen later states, so its own later losses
+            # say nothing; exploration supplies those counterfactuals). The last step decides nothing.
+            ces = torch.stack(sampled_ce, dim=-1)  # (rows, K)
+            later_best = ces.flip(-1).cummin(-1).values.flip(-1)[:, 1:]  # (rows, K-1): min over s > t
+            saturated = (later_best > ces[:, :-1] - config.act_saturation_margin).float()
+            ran_next = (halt_steps[sampled][:, None] > torch.arange(n_steps - 1, device=ces.device)).float()
+            bce = F.binary_cross_entropy_with_logits(halting_logits[sampled, :-1].float(), saturated, reduction="none")
+            act_terms.append((bce * ran_next).sum() * scale / (n_steps - 1))
+        if not act_terms:
+            act_terms.append(halting_logits.sum() * 0.0)
         terms = torch.stack(train_terms)  # (K,)
         if config.deep_supervision:
             if len(config.trm_step_weights) != config.trm_max_steps + 1:  # trm_max_steps is read live
