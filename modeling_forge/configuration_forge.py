@@ -121,8 +121,19 @@ class ForgeConfig(PreTrainedConfig):
         act_exploration (`float`, *optional*, defaults to 0.1):
             Share of positions that, in training, get a random minimum step before which they may not halt (HRM/TRM's
             exploration), so the Q-head also sees later steps of positions it would stop early.
+        act_halting_in_training (`bool`, *optional*, defaults to `False`):
+            Halt by masking in training too (training then computes exactly what ACT inference does, but a halted
+            position never trains later steps). Off: a training forward with labels runs every step on every position,
+            so every step is trained as an exit on every token and the Q-head's targets compare real later steps; it
+            still reports the step ACT would halt at (`halt_steps`), and inference halts by masking.
         act_loss_weight (`float`, *optional*, defaults to 0.01):
-            Weight of the ACT BCE loss (target: "step t already predicts the label").
+            Weight of the ACT BCE loss.
+        act_target (`str`, *optional*, defaults to `"correct"`):
+            Target of the Q-head `q_t`: `"correct"` (TRM/HRM: "step t already predicts the label") or `"saturated"`
+            ("no later step lowers this token's loss by more than `act_saturation_margin`", in the spirit of
+            PonderNet/CALM: halt where more recursion does not help, continue where it does).
+        act_saturation_margin (`float`, *optional*, defaults to 0.01):
+            Loss improvement (nats per token) below which later steps count as not helping (`act_target="saturated"`).
         gate_entropy_weight (`float`, *optional*, defaults to 0.001):
             Weight of the gate-entropy regulariser; the loss subtracts `weight * entropy` to keep gates from
             saturating.
@@ -204,7 +215,7 @@ class ForgeConfig(PreTrainedConfig):
     act_threshold: float = 0.5
     act_halting: bool = True
     act_exploration: float = 0.1
-    act_halting_in_training: bool = True
+    act_halting_in_training: bool = False
     act_loss_weight: float = 0.01
     act_target: str = "correct"
     act_saturation_margin: float = 0.01

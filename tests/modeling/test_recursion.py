@@ -211,7 +211,7 @@ def test_act_target_is_step_correctness_and_halted_positions_are_not_supervised_
 
 
 def test_exploration_keeps_some_positions_refining_in_training_with_labels_only(tiny_config):
-    model = _model(tiny_config(act_exploration=0.5), spread_halting=False)
+    model = _model(tiny_config(act_exploration=0.5, act_halting_in_training=True), spread_halting=False)
     with torch.no_grad():
         model.model.recursion.act_head.bias.fill_(12.0)  # q ~ 1: halts at step 0 unless exploring
         x = _x(4, 32)
