@@ -2,7 +2,8 @@
 steps, optimizer and batches; then what ACT saves (issue 14's evidence).
 
     OMP_NUM_THREADS=1 nice python benchmarks/recursion.py                # tiny preset, 600 steps x 16 x 128 tokens
-    python benchmarks/recursion.py --steps 200                            # quicker
+    python benchmarks/recursion.py --steps 300 --models 0                 # quicker: the recursive Forge only
+    python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"saturated"'   # a config ablation
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
 packed into 128-token blocks. Every model sees the same batches in the same order. The Llama has Forge's width and
@@ -11,8 +12,9 @@ so it is compute-matched, not parameter-matched. Reported on held-out examples:
 - loss per source, and on the final-answer tokens of held-out arithmetic / code examples (teacher-forced: the worked
   solution is in context) with answer exact-match (every answer token predicted);
 - the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many);
-- ACT on: mean steps over real tokens and the share halting at each step, per source (corpus text vs arithmetic
-  answers), and the loss cost of halting vs running every step.
+- ACT on: mean steps over real tokens and the share halting at each step, per source, and the loss cost of halting
+  vs running every step; the same under other thresholds (0.3 / 0.7 / 0.9, as the specialisations set them); and the
+  steps run at the final-answer tokens of held-out arithmetic / code (hard) vs the rest of those examples (template).
 """
 
 import argparse
@@ -143,7 +145,6 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ForgeConfig overrides (JSON) of the recursive Forge, e.g. trm_cycles=2")  # fmt: skip
-    parser.add_argument("--train-no-halting", action="store_true")
     parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
                         "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
     args = parser.parse_args()
@@ -190,8 +191,7 @@ def main() -> None:
         start = time.perf_counter()
         for step in range(args.steps):
             ids, labels = tensors(train[step * args.batch : (step + 1) * args.batch])
-            extra = {"act_halting": False} if args.train_no_halting and isinstance(model, ForgeForCausalLM) else {}
-            model(input_ids=ids, labels=labels, **extra).loss.backward()
+            model(input_ids=ids, labels=labels).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()

@@ -4,8 +4,9 @@ Each decoder layer mixes two branches over the same normed input through a learn
 gate"): causal sliding-window attention `y` and a long-term memory `m`; the output `g*y + (1-g)*m` is followed by
 a SwiGLU feed-forward block. On top of the backbone features `h`, one small block (causal sliding-window attention
 over the refined states plus a SwiGLU) refines an answer state `y` and a latent `z` recursively (TRM), every step is
-supervised (deep supervision), and an ACT head learns when a position's answer is already right, so a position stops
-refining (by masking: its state is frozen and later steps still read it, in training and inference alike).
+supervised (deep supervision), and an ACT head learns when a position can stop (its answer is already right, or no
+later step helps), so at inference a position stops refining by masking (its state is frozen and later steps still
+read it); training runs every step on every position unless `act_halting_in_training`.
 
 References:
     - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant, linear memory).
@@ -849,8 +850,8 @@ class ForgeRecursion(nn.Module):
     step's loss trains the backbone as a plain LM loss would. Each answer state `y_t` is normed for the LM head and
     scored by the ACT head `q_t = sigmoid(Linear(norm(y_t)))`. With halting on, a position whose `q_t` exceeds
     `act_threshold` stops: its `y` and `z` stay as they are, every later application still reads its (frozen) state
-    through attention, and its output is its halting step's state. Training and inference run the same masked
-    computation, so ACT inference equals training-time selection and cached equals uncached decoding. The control
+    through attention, and its output is its halting step's state. Cached decoding equals uncached decoding (both
+    mask alike); a training forward with labels runs without halting unless `act_halting_in_training`. The control
     flow does not depend on the data (the optional early break in eager mode is skipped under `torch.compile` and
     `torch.export`), so the forward exports. Training with the ACT loss explores (HRM/TRM): a share `act_exploration`
     of positions gets a random minimum step before which it may not halt (`explore`; never without the loss, whose
@@ -1291,8 +1292,9 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             ignored.
         output_step_logits (`bool`): return the logits of every recursion step (each position's state at that step,
             a halted position's state frozen at its halting step).
-        act_halting (`bool`, *optional*): ACT halting; defaults to `config.act_halting` (training and inference run
-            the same masked computation, training adds exploration).
+        act_halting (`bool`, *optional*): ACT halting; defaults to `config.act_halting`, except that a training
+            forward with labels runs every step on every position unless `config.act_halting_in_training` (then it
+            halts by masking as inference does, with exploration), and reports where ACT would halt.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): label-token count over the whole accumulated (and
             distributed) batch, passed by `Trainer`; every loss term is a sum over tokens divided by it, so
             gradient accumulation and DDP average correctly.
@@ -1385,7 +1387,8 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
           `deep_supervision_fraction < 1` the earlier steps are scored on a random subset of the label positions and
           rescaled, an unbiased estimate that skips most of the extra full-vocabulary LM-head passes.
         - ACT (TRM's Q-head): BCE of `q_t` against "step t's prediction is already right" on the positions still
-          refining at `t`, averaged over steps.
+          refining at `t`, averaged over steps; or, with `act_target="saturated"`, against "no later step lowers this
+          token's loss by more than `act_saturation_margin`" on the positions that ran step t+1, over steps 0..T-1.
 
         `step_losses[t]` is the loss of stopping at step t (states of halted positions frozen), the per-step
         diagnostic; `lm_loss` is the weighted training objective.
