@@ -291,3 +291,15 @@ def test_training_runs_every_step_unless_act_halting_in_training_and_reports_the
             would = torch.where(crossed.any(-1), crossed.long().argmax(-1), 3)
             assert torch.equal(trained.halt_steps, would)
             assert (trained.logits - halting.logits).abs().max() > 1e-4  # inference does halt
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [({"act_target": "right"}, "act_target"), ({"act_saturation_margin": -0.1}, "act_saturation_margin"), ({}, None)],
+)
+def test_act_target_fields_are_validated(tiny_config, overrides, field):
+    if field is None:
+        assert tiny_config(act_target="saturated", act_saturation_margin=0.0).act_target == "saturated"
+        return
+    with pytest.raises(ValueError, match=rf"ForgeConfig\.{field} .* Fix: "):
+        tiny_config(**overrides)
