@@ -5,8 +5,8 @@ gate"): causal sliding-window attention `y` and a long-term memory `m`; the outp
 a SwiGLU feed-forward block. On top of the backbone features `h`, one small block (causal sliding-window attention
 over the refined states plus a SwiGLU) refines an answer state `y` and a latent `z` recursively (TRM), every step is
 supervised (deep supervision), and an ACT head learns when a position can stop (its answer is already right, or no
-later step helps), so at inference a position stops refining by masking (its state is frozen and later steps still
-read it); training runs every step on every position unless `act_halting_in_training`.
+later step helps), so a position stops refining by masking (its state is frozen and later steps still read it), in
+training too unless `act_halting_in_training` is off.
 
 References:
     - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant, linear memory).
@@ -851,7 +851,7 @@ class ForgeRecursion(nn.Module):
     scored by the ACT head `q_t = sigmoid(Linear(norm(y_t)))`. With halting on, a position whose `q_t` exceeds
     `act_threshold` stops: its `y` and `z` stay as they are, every later application still reads its (frozen) state
     through attention, and its output is its halting step's state. Cached decoding equals uncached decoding (both
-    mask alike); a training forward with labels runs without halting unless `act_halting_in_training`. The control
+    mask alike); a training forward with labels halts alike unless `act_halting_in_training` is off. The control
     flow does not depend on the data (the optional early break in eager mode is skipped under `torch.compile` and
     `torch.export`), so the forward exports. Training with the ACT loss explores (HRM/TRM): a share `act_exploration`
     of positions gets a random minimum step before which it may not halt (`explore`; never without the loss, whose
@@ -1292,9 +1292,9 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             ignored.
         output_step_logits (`bool`): return the logits of every recursion step (each position's state at that step,
             a halted position's state frozen at its halting step).
-        act_halting (`bool`, *optional*): ACT halting; defaults to `config.act_halting`, except that a training
-            forward with labels runs every step on every position unless `config.act_halting_in_training` (then it
-            halts by masking as inference does, with exploration), and reports where ACT would halt.
+        act_halting (`bool`, *optional*): ACT halting; defaults to `config.act_halting` (a training forward with
+            labels adds exploration), except that with `config.act_halting_in_training` off a training forward with
+            labels runs every step on every position and reports where ACT would halt.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): label-token count over the whole accumulated (and
             distributed) batch, passed by `Trainer`; every loss term is a sum over tokens divided by it, so
             gradient accumulation and DDP average correctly.
