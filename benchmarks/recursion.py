@@ -2,7 +2,8 @@
 steps, optimizer and batches; then what ACT saves (issue 14's evidence).
 
     OMP_NUM_THREADS=1 nice python benchmarks/recursion.py                # tiny preset, 600 steps x 16 x 128 tokens
-    python benchmarks/recursion.py --steps 200                            # quicker
+    python benchmarks/recursion.py --steps 300 --models 0                 # quicker: the recursive Forge only
+    python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"saturated"'   # a config ablation
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
 packed into 128-token blocks. Every model sees the same batches in the same order. The Llama has Forge's width and
@@ -11,8 +12,9 @@ so it is compute-matched, not parameter-matched. Reported on held-out examples:
 - loss per source, and on the final-answer tokens of held-out arithmetic / code examples (teacher-forced: the worked
   solution is in context) with answer exact-match (every answer token predicted);
 - the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many);
-- ACT on: mean steps over real tokens and the share halting at each step, per source (corpus text vs arithmetic
-  answers), and the loss cost of halting vs running every step.
+- ACT on: mean steps over real tokens and the share halting at each step, per source, and the loss cost of halting
+  vs running every step; the same under other thresholds (0.3 / 0.7 / 0.9, as the specialisations set them); and the
+  steps run at the final-answer tokens of held-out arithmetic / code (hard) vs the rest of those examples (template).
 """
 
 import argparse
@@ -102,7 +104,7 @@ def block_loss(model, blocks, **kwargs) -> float:
 @torch.no_grad()
 def act_statistics(model, blocks, steps: int) -> dict:
     ids, labels = blocks
-    halting = model(ids, labels=labels)
+    halting = model(ids, labels=labels, act_halting=True)
     every = model(ids, labels=labels, act_halting=False)
     real = labels != -100
     halts = halting.halt_steps[real].float()
@@ -112,6 +114,21 @@ def act_statistics(model, blocks, steps: int) -> dict:
         "loss_act": float(halting.step_losses[-1]),
         "loss_every_step": float(every.step_losses[-1]),
     }
+
+
+@torch.no_grad()
+def answer_halting(model, examples, steps: int) -> dict:
+    """ACT steps at the positions that predict the final-answer tokens (the hard tokens) and at the other positions of
+    the same held-out examples (their easy template text)."""
+    answer, other = [], []
+    for ids, mask in examples:
+        halts = model(ids[None], act_halting=True).halt_steps[0, :-1].float()  # position t predicts token t+1
+        answer.append(halts[mask[1:]])
+        other.append(halts[~mask[1:]])
+    answer, other = torch.cat(answer), torch.cat(other)
+    share = lambda h: [round(float((h == t).float().mean()), 3) for t in range(steps + 1)]  # noqa: E731
+    return {"answer_mean_steps": float(answer.mean()), "answer_share_per_step": share(answer),
+            "other_mean_steps": float(other.mean()), "other_share_per_step": share(other)}  # fmt: skip
 
 
 def tensors(blocks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +143,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-examples", type=int, default=60)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="ForgeConfig overrides (JSON) of the recursive Forge, e.g. trm_cycles=2")  # fmt: skip
     parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
                         "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
     args = parser.parse_args()
@@ -155,7 +174,7 @@ def main() -> None:
         return ForgeForCausalLM(config)
 
     torch.manual_seed(0)
-    recursive = forge()
+    recursive = forge(**{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
     models = {
         "forge (recursion + ACT)": recursive,
         "forge trm_max_steps=0": forge(trm_max_steps=0),
@@ -196,6 +215,12 @@ def main() -> None:
                 }
             row["per_inference_steps"] = per_step
             row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
+            row["act_answers"] = {family: answer_halting(model, answers[family], steps) for family in answers}
+            threshold, row["act_thresholds"] = model.config.act_threshold, {}
+            for value in (0.3, 0.7, 0.9):  # the same trained model under other specialisation thresholds
+                model.config.act_threshold = value
+                row["act_thresholds"][value] = {s: act_statistics(model, b, steps) for s, b in held_out.items()}
+            model.config.act_threshold = threshold
         results[name] = row
         print(name, json.dumps(row), flush=True)
 
@@ -221,6 +246,23 @@ def main() -> None:
         print(f"  {source:>10}: {stats['mean_steps']:.2f} of {len(stats['share_per_step']) - 1}  "
               f"{stats['share_per_step']}  {stats['loss_act']:.4f} vs {stats['loss_every_step']:.4f} "
               f"({100 * cost:+.2f}%)")  # fmt: skip
+    act = row["act"].values()
+    mean_steps = sum(stats["mean_steps"] for stats in act) / len(row["act"])
+    cost = sum(stats["loss_act"] for stats in act) / sum(stats["loss_every_step"] for stats in act) - 1
+    steps = len(next(iter(act))["share_per_step"]) - 1
+    print(f"  {'all':>10}: {mean_steps:.2f} of {steps} ({100 * mean_steps / steps:.0f}%), summed loss "
+          f"{100 * cost:+.2f}% vs every step")  # fmt: skip
+    for value, by_source in row["act_thresholds"].items():
+        stats = by_source.values()
+        mean_steps = sum(item["mean_steps"] for item in stats) / len(by_source)
+        cost = sum(item["loss_act"] for item in stats) / sum(item["loss_every_step"] for item in stats) - 1
+        per_source = " / ".join(f"{item['mean_steps']:.2f}" for item in stats)
+        print(f"  act_threshold {value}: mean steps {per_source} (all {100 * mean_steps / steps:.0f}%), summed loss "
+              f"{100 * cost:+.2f}% vs every step")  # fmt: skip
+    print("ACT at the final-answer tokens (hard) vs the rest of the same held-out examples (template text):")
+    for family, stats in row["act_answers"].items():
+        print(f"  {family:>10}: answers {stats['answer_mean_steps']:.2f} {stats['answer_share_per_step']}, "
+              f"rest {stats['other_mean_steps']:.2f} {stats['other_share_per_step']}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -135,8 +135,21 @@ class ForgeConfig(PreTrainedConfig):
         act_exploration (`float`, *optional*, defaults to 0.1):
             Share of positions that, in training, get a random minimum step before which they may not halt (HRM/TRM's
             exploration), so the Q-head also sees later steps of positions it would stop early.
+        act_halting_in_training (`bool`, *optional*, defaults to `True`):
+            Halt by masking in training too, with exploration (training computes exactly what ACT inference does; a
+            halted position does not train later steps). Off: a training forward with labels runs every step on every
+            position, so every step is trained as an exit on every token; it reports the step ACT would halt at
+            (`halt_steps`), and inference still halts by masking. Measured on `benchmarks/recursion.py` (tiny, 300
+            steps): off gives steps that help on arithmetic (0.3550 -> 0.3425 over y0..y3, vs flat) but a 0.045 nats
+            worse corpus loss, so on stays the default.
         act_loss_weight (`float`, *optional*, defaults to 0.01):
-            Weight of the ACT BCE loss (target: "step t already predicts the label").
+            Weight of the ACT BCE loss.
+        act_target (`str`, *optional*, defaults to `"correct"`):
+            Target of the Q-head `q_t`: `"correct"` (TRM/HRM: "step t already predicts the label") or `"saturated"`
+            ("no later step lowers this token's loss by more than `act_saturation_margin`", in the spirit of
+            PonderNet/CALM: halt where more recursion does not help, continue where it does).
+        act_saturation_margin (`float`, *optional*, defaults to 0.01):
+            Loss improvement (nats per token) below which later steps count as not helping (`act_target="saturated"`).
         gate_entropy_weight (`float`, *optional*, defaults to 0.001):
             Weight of the gate-entropy regulariser; the loss subtracts `weight * entropy` to keep gates from
             saturating.
@@ -221,7 +234,10 @@ class ForgeConfig(PreTrainedConfig):
     act_threshold: float = 0.5
     act_halting: bool = True
     act_exploration: float = 0.1
+    act_halting_in_training: bool = True
     act_loss_weight: float = 0.01
+    act_target: str = "correct"
+    act_saturation_margin: float = 0.01
     gate_entropy_weight: float = 0.001
     layer_types: list[str] | None = None
     layer_input_scales: list[float] | None = None
@@ -369,6 +385,10 @@ class ForgeConfig(PreTrainedConfig):
             )
         if not 0.0 < self.deep_supervision_fraction <= 1.0:
             fail("deep_supervision_fraction", f"must lie in (0, 1], got {self.deep_supervision_fraction}", "use 1.0")
+        if self.act_target not in ("correct", "saturated"):
+            fail("act_target", f"must be 'correct' or 'saturated', got {self.act_target!r}", "use 'saturated'")
+        if self.act_saturation_margin < 0:
+            fail("act_saturation_margin", f"must be >= 0, got {self.act_saturation_margin}", "use e.g. 0.01 (nats)")
         if not 0.0 < self.act_threshold < 1.0:
             fail("act_threshold", f"must lie strictly between 0 and 1, got {self.act_threshold}", "use e.g. 0.5")
         for name in ("act_loss_weight", "gate_entropy_weight", "attention_dropout"):

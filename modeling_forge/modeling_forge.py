@@ -4,8 +4,9 @@ Each decoder layer mixes two branches over the same normed input through a learn
 gate"): causal sliding-window attention `y` and a long-term memory `m`; the output `g*y + (1-g)*m` is followed by
 a SwiGLU feed-forward block. On top of the backbone features `h`, one small block (causal sliding-window attention
 over the refined states plus a SwiGLU) refines an answer state `y` and a latent `z` recursively (TRM), every step is
-supervised (deep supervision), and an ACT head learns when a position's answer is already right, so a position stops
-refining (by masking: its state is frozen and later steps still read it, in training and inference alike).
+supervised (deep supervision), and an ACT head learns when a position can stop (its answer is already right, or no
+later step helps), so a position stops refining by masking (its state is frozen and later steps still read it), in
+training too unless `act_halting_in_training` is off.
 
 References:
     - Behrouz, Zhong, Mirrokni. "Titans: Learning to Memorize at Test Time", 2024 (MAG variant, linear memory).
@@ -1088,8 +1089,8 @@ class ForgeRecursion(nn.Module):
     step's loss trains the backbone as a plain LM loss would. Each answer state `y_t` is normed for the LM head and
     scored by the ACT head `q_t = sigmoid(Linear(norm(y_t)))`. With halting on, a position whose `q_t` exceeds
     `act_threshold` stops: its `y` and `z` stay as they are, every later application still reads its (frozen) state
-    through attention, and its output is its halting step's state. Training and inference run the same masked
-    computation, so ACT inference equals training-time selection and cached equals uncached decoding. The control
+    through attention, and its output is its halting step's state. Cached decoding equals uncached decoding (both
+    mask alike); a training forward with labels halts alike unless `act_halting_in_training` is off. The control
     flow does not depend on the data (the optional early break in eager mode is skipped under `torch.compile` and
     `torch.export`), so the forward exports. Training with the ACT loss explores (HRM/TRM): a share `act_exploration`
     of positions gets a random minimum step before which it may not halt (`explore`; never without the loss, whose
@@ -1530,8 +1531,9 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             ignored.
         output_step_logits (`bool`): return the logits of every recursion step (each position's state at that step,
             a halted position's state frozen at its halting step).
-        act_halting (`bool`, *optional*): ACT halting; defaults to `config.act_halting` (training and inference run
-            the same masked computation, training adds exploration).
+        act_halting (`bool`, *optional*): ACT halting; defaults to `config.act_halting` (a training forward with
+            labels adds exploration), except that with `config.act_halting_in_training` off a training forward with
+            labels runs every step on every position and reports where ACT would halt.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): label-token count over the whole accumulated (and
             distributed) batch, passed by `Trainer`; every loss term is a sum over tokens divided by it, so
             gradient accumulation and DDP average correctly.
@@ -1543,6 +1545,12 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
         shift_labels = kwargs.pop("shift_labels", None)
         has_targets = labels is not None or shift_labels is not None
         keep_steps = has_targets or output_step_logits
+        training_run = self.training and has_targets
+        report_would_halt = False
+        if training_run and act_halting is None and not self.config.act_halting_in_training:
+            # Training runs every step on every position, so each step is trained as an exit on every token and the
+            # Q-head's targets compare real later steps; inference halts by masking (see `act_halting_in_training`).
+            act_halting, report_would_halt = False, self.config.act_halting
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1556,7 +1564,7 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             output_attention_logit_max=output_attention_logit_max,
             positions_to_keep=0 if keep_steps else logits_to_keep,
             recursion_steps=recursion_steps,
-            act_exploration=self.training and has_targets,
+            act_exploration=training_run,
             **kwargs,
         )
         # One full-vocabulary pass for the output: the last state is each position's ACT-selected answer state.
@@ -1584,6 +1592,11 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # token t predicts t+1
             self._add_losses(result, outputs, step_logits, full_logits, shift_labels, num_items_in_batch)
+        if report_would_halt:
+            # The halting step ACT would choose from these states (first `q_t > act_threshold`), for the metrics.
+            crossed = halting_probs > self.config.act_threshold  # (B, T, K)
+            last = torch.full_like(outputs.halt_steps, crossed.shape[-1] - 1)
+            result.halt_steps = torch.where(crossed.any(-1), crossed.long().argmax(-1), last)
         return result
 
     def create_masks_for_generate(self, **kwargs) -> dict[str, torch.Tensor | None]:
@@ -1613,7 +1626,8 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
           `deep_supervision_fraction < 1` the earlier steps are scored on a random subset of the label positions and
           rescaled, an unbiased estimate that skips most of the extra full-vocabulary LM-head passes.
         - ACT (TRM's Q-head): BCE of `q_t` against "step t's prediction is already right" on the positions still
-          refining at `t`, averaged over steps.
+          refining at `t`, averaged over steps; or, with `act_target="saturated"`, against "no later step lowers this
+          token's loss by more than `act_saturation_margin`" on the positions that ran step t+1, over steps 0..T-1.
 
         `step_losses[t]` is the loss of stopping at step t (states of halted positions frozen), the per-step
         diagnostic; `lm_loss` is the weighted training objective.
@@ -1628,15 +1642,17 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             denominator = torch.as_tensor(num_items_in_batch, device=final_logits.device, dtype=torch.float32)
         else:
             denominator = torch.tensor(float(max(n_valid, 1)), device=final_logits.device)
-        sampled = valid
+        sampled, sample_index = valid, None
         fraction = config.deep_supervision_fraction
         if self.training and step_logits is None and fraction < 1.0 and n_valid > 0:
             keep = max(1, round(fraction * n_valid))
-            sampled = valid[torch.randperm(n_valid, device=valid.device)[:keep]]
+            sample_index = torch.randperm(n_valid, device=valid.device)[:keep]  # into `valid`
+            sampled = valid[sample_index]
 
         halt_steps = outputs.halt_steps.reshape(-1)  # (B*T,)
         halting_logits = outputs.halting_logits.reshape(-1, n_steps)  # (B*T, K)
-        step_losses, train_terms, step_correct, act_terms = [], [], [], []
+        step_losses, train_terms, step_correct, act_terms, sampled_ce = [], [], [], [], []
+        scale = n_valid / max(sampled.numel(), 1)  # rescales a subset to the full label count
         for step in range(n_steps):
             final = step == n_steps - 1
             rows = valid if final else sampled
@@ -1647,16 +1663,31 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             else:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and config.deep_supervision):
                     logits = self.lm_head(states[step].reshape(-1, states[step].shape[-1])[rows])
-            scale = n_valid / max(rows.numel(), 1)  # rescales a subset to the full label count
+            row_scale = n_valid / max(rows.numel(), 1)
             targets = flat_labels[rows]
             ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (rows,)
             refining = (halt_steps[rows] >= step).float()  # still refining at this step (not halted before it)
-            step_losses.append(ce.detach().sum() * scale / denominator)
-            train_terms.append((ce.sum() if final else (ce * refining).sum()) * scale / denominator)
+            step_losses.append(ce.detach().sum() * row_scale / denominator)
+            train_terms.append((ce.sum() if final else (ce * refining).sum()) * row_scale / denominator)
             correct = (logits.detach().argmax(-1) == targets).float()
             step_correct.append(correct.mean() if rows.numel() else correct.sum())
-            bce = F.binary_cross_entropy_with_logits(halting_logits[rows, step].float(), correct, reduction="none")
-            act_terms.append((bce * refining).sum() * scale / n_steps)
+            if config.act_target == "correct":
+                bce = F.binary_cross_entropy_with_logits(halting_logits[rows, step].float(), correct, reduction="none")
+                act_terms.append((bce * refining).sum() * row_scale / n_steps)
+            else:
+                sampled_ce.append(ce.detach()[sample_index] if final and sample_index is not None else ce.detach())
+        if config.act_target == "saturated" and n_steps > 1:
+            # Target of q_t: "no later step lowers this token's loss by more than act_saturation_margin", on the
+            # positions that ran step t+1 (a position halted at t has frozen later states, so its own later losses
+            # say nothing; exploration supplies those counterfactuals). The last step decides nothing.
+            ces = torch.stack(sampled_ce, dim=-1)  # (rows, K)
+            later_best = ces.flip(-1).cummin(-1).values.flip(-1)[:, 1:]  # (rows, K-1): min over s > t
+            saturated = (later_best > ces[:, :-1] - config.act_saturation_margin).float()
+            ran_next = (halt_steps[sampled][:, None] > torch.arange(n_steps - 1, device=ces.device)).float()
+            bce = F.binary_cross_entropy_with_logits(halting_logits[sampled, :-1].float(), saturated, reduction="none")
+            act_terms.append((bce * ran_next).sum() * scale / (n_steps - 1))
+        if not act_terms:
+            act_terms.append(halting_logits.sum() * 0.0)
         terms = torch.stack(train_terms)  # (K,)
         if config.deep_supervision:
             if len(config.trm_step_weights) != config.trm_max_steps + 1:  # trm_max_steps is read live

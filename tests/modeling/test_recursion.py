@@ -211,7 +211,7 @@ def test_act_target_is_step_correctness_and_halted_positions_are_not_supervised_
 
 
 def test_exploration_keeps_some_positions_refining_in_training_with_labels_only(tiny_config):
-    model = _model(tiny_config(act_exploration=0.5), spread_halting=False)
+    model = _model(tiny_config(act_exploration=0.5, act_halting_in_training=True), spread_halting=False)
     with torch.no_grad():
         model.model.recursion.act_head.bias.fill_(12.0)  # q ~ 1: halts at step 0 unless exploring
         x = _x(4, 32)
@@ -234,3 +234,72 @@ def test_the_forward_exports_with_halting(tiny_config):
     assert expected.halt_steps.unique().numel() > 1
     torch.testing.assert_close(got.logits, expected.logits)
     torch.testing.assert_close(got.halt_steps, expected.halt_steps)
+
+
+def _saturated_act_loss(step_logits, targets, probs, halt, margin):
+    """Reference ACT loss for `act_target="saturated"`: BCE of q_t against "no later step lowers this token's loss by
+    more than the margin", on the positions that ran step t+1, averaged over the K-1 deciding steps."""
+    ces = torch.stack(
+        [F.cross_entropy(s[:, :-1].reshape(-1, 97), targets.reshape(-1), reduction="none") for s in step_logits], -1
+    )  # (N, K)
+    steps = ces.shape[-1]
+    total = 0.0
+    for step in range(steps - 1):
+        later = ces[:, step + 1 :].min(-1).values
+        target = (later > ces[:, step] - margin).double()
+        ran_next = (halt.reshape(-1) > step).double()
+        bce = F.binary_cross_entropy(probs[..., step].reshape(-1).double(), target, reduction="none")
+        total = total + (bce * ran_next).sum() / (steps - 1)
+    return total / targets.numel(), ces
+
+
+@pytest.mark.parametrize("halting", [False, True])
+def test_saturated_act_target_is_whether_a_later_step_still_lowers_the_loss(tiny_config, halting):
+    model = _model(tiny_config(act_loss_weight=1.0, act_exploration=0.0, act_target="saturated"))
+    x = _x(2, 16)
+    if halting:
+        _spread_halting_bias(model, x)
+    with torch.no_grad():
+        out = model(x, labels=x, output_step_logits=True, act_halting=halting)
+    halt = out.halt_steps[:, :-1]
+    assert (halt.unique().numel() > 2) == halting  # halted positions are left out of the targets of later steps
+    expected, ces = _saturated_act_loss(out.step_logits, x[:, 1:], out.halting_probs[:, :-1], halt, 0.01)
+    torch.testing.assert_close(out.act_loss.double(), expected, rtol=1e-4, atol=1e-6)
+    # Both targets occur: the random refiner lowers some tokens' loss by more than the margin and raises others'.
+    later_best = ces[:, 1:].min(-1).values
+    assert (later_best < ces[:, 0] - 0.01).any() and (later_best > ces[:, 0] - 0.01).any()
+
+
+def test_training_runs_every_step_unless_act_halting_in_training_and_reports_the_would_halt_step(tiny_config):
+    """With `act_halting_in_training=False` a training forward with labels runs every step on every position (the
+    logits are the non-halting ones) and reports where ACT would halt; with it on, training halts by masking."""
+    x = _x(3, 20)
+    for in_training in (False, True):
+        model = _model(tiny_config(act_halting_in_training=in_training, act_exploration=0.0))
+        _spread_halting_bias(model, x)
+        with torch.no_grad():
+            every = model(x, act_halting=False, output_step_logits=True)
+            halting = model(x)
+            trained = model.train()(x, labels=x)
+        assert halting.halt_steps.unique().numel() > 2
+        if in_training:
+            torch.testing.assert_close(trained.logits, halting.logits)
+            assert torch.equal(trained.halt_steps, halting.halt_steps)
+        else:
+            torch.testing.assert_close(trained.logits, every.logits)
+            crossed = every.halting_probs > model.config.act_threshold
+            would = torch.where(crossed.any(-1), crossed.long().argmax(-1), 3)
+            assert torch.equal(trained.halt_steps, would)
+            assert (trained.logits - halting.logits).abs().max() > 1e-4  # inference does halt
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [({"act_target": "right"}, "act_target"), ({"act_saturation_margin": -0.1}, "act_saturation_margin"), ({}, None)],
+)
+def test_act_target_fields_are_validated(tiny_config, overrides, field):
+    if field is None:
+        assert tiny_config(act_target="saturated", act_saturation_margin=0.0).act_target == "saturated"
+        return
+    with pytest.raises(ValueError, match=rf"ForgeConfig\.{field} .* Fix: "):
+        tiny_config(**overrides)
