@@ -80,8 +80,11 @@ def continue_base(source: Path, folder: Path, steps: int, n_examples: int) -> No
                       overwrite=True)  # fmt: skip
 
 
-def run(base: Path, output: Path, seed: int, dreams: bool, args) -> dict:
-    config = CurriculumConfig(
+def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list[float] | None = None) -> dict:
+    """Phase 5 from `base`; `fractions` is the hint ladder (None: one prose-hint retry, the shipped default)."""
+    ladder = {} if fractions is None else {"hint_solution_fractions": fractions,
+                                           "hint_solution_format": args.hint_format}  # fmt: skip
+    config = CurriculumConfig(**ladder,
         model_name_or_path=str(base), output_dir=str(output), overwrite=True, levels=args.levels, num_levels=2,
         placement_problems=8, placement_k=2, pool_size=args.pool, attempts_per_round=args.pool,
         max_rounds=args.rounds, eval_problems=args.eval_problems, max_new_tokens=24, temperature=0.8,
@@ -96,7 +99,23 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args) -> dict:
             "pools": {r["level"]: [x["pool_active"] for x in r["rounds"]] for r in report["records"]},
             "bwt": report["backward_transfer"]["bwt"], "totals": report["totals"],
             "placement": {lv: v["pass@1"] for lv, v in report["placement"]["per_level"].items()},
-            "first_level": report["levels"][0]}  # fmt: skip
+            "first_level": report["levels"][0], "ladder": fractions,
+            "rung_successes": report["totals"]["hinted_successes_per_rung"],
+            "rung_attempts": report["totals"]["hinted_attempts_per_rung"]}  # fmt: skip
+
+
+def _print_run(result: dict) -> None:
+    success = ", ".join(f"L{lv} {v['before']:.3f} -> {v['after']:.3f}" for lv, v in result["success"].items())
+    pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
+    totals = result["totals"]
+    placed = ", ".join(f"L{lv} {p:.2f}" for lv, p in result["placement"].items())
+    ladder = "prose hint x1" if result["ladder"] is None else f"ladder {result['ladder']}"
+    rungs = "/".join(f"{s}/{a}" for s, a in zip(result["rung_successes"], result["rung_attempts"], strict=False))
+    print(f"seed {result['seed']} dreams {'on ' if result['dreams'] else 'off'} {ladder}: placement pass@1 {placed} "
+          f"-> start L{result['first_level']}; held-out pass@1 {success}; pool per round {pools}; hinted successes "
+          f"per rung (of attempts) {rungs or 'none'}; BWT(first level) {_signed(result['bwt'])}; "
+          f"{result['wall_s']:.0f} s; {totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} "
+          "programs/s (generation included)", flush=True)  # fmt: skip
 
 
 def _signed(value: float | None) -> str:
@@ -115,6 +134,12 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=16, help="tasks per level pool (all attempted each round)")
     parser.add_argument("--eval-problems", type=int, default=24, help="held-out test problems per level")
     parser.add_argument("--lr", type=float, default=1e-3, help="Phase 5 learning rate (MuGrokfast P5 preset: 5e-4)")
+    parser.add_argument("--hint-fractions", type=float, nargs="+", default=None,
+                        help="the hint ladder (shares of the reference body shown per retry), e.g. 0 0.5 1; each run "
+                        "is then paired with a control of as many prose-only retries (fractions 0)")  # fmt: skip
+    parser.add_argument("--hint-format", choices=("prefix", "comment"), default="prefix",
+                        help="how the ladder shows the partial solution")  # fmt: skip
+    parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
     parser.add_argument("--work", type=Path, default=Path("outputs/bench/curriculum"))
     args = parser.parse_args()
     base = args.work / f"base-{args.base_steps}"
@@ -130,23 +155,33 @@ def main() -> None:
             print(f"base: {args.base_extra_steps} more steps in {time.time() - started:.0f} s -> {continued}")
         base = continued
     results = []
+    dream_settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.dreams]
+    ladders = [None] if args.hint_fractions is None else [[0.0] * len(args.hint_fractions), args.hint_fractions]
     for seed in args.seeds:
-        for dreams in (True, False):
-            result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}", seed, dreams, args)
-            results.append(result)
-            success = ", ".join(f"L{lv} {v['before']:.3f} -> {v['after']:.3f}" for lv, v in result["success"].items())
-            pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
-            totals = result["totals"]
-            placed = ", ".join(f"L{lv} {p:.2f}" for lv, p in result["placement"].items())
-            print(f"seed {seed} dreams {'on ' if dreams else 'off'}: placement pass@1 {placed} -> start "
-                  f"L{result['first_level']}; held-out pass@1 {success}; pool per round "
-                  f"{pools}; BWT(first level) {_signed(result['bwt'])}; {result['wall_s']:.0f} s; "
-                  f"{totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} programs/s "
-                  "(generation included)", flush=True)  # fmt: skip
+        for dreams in dream_settings:
+            for fractions in ladders:
+                tag = "" if fractions is None else "-ladder" + "_".join(f"{f:g}" for f in fractions) + args.hint_format
+                result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams, args,
+                             fractions)  # fmt: skip
+                results.append(result)
+                _print_run(result)
+    if args.hint_fractions is not None:
+        print(f"\nHint ladder {args.hint_fractions} ({args.hint_format}) minus its prose-only control (same base, "
+              "seed, rounds), held-out pass@1 gain per trained level:")  # fmt: skip
+        for seed in args.seeds:
+            for dreams in dream_settings:
+                control, ladder = (next(r for r in results if r["seed"] == seed and r["dreams"] == dreams
+                                        and r["ladder"] == f) for f in ladders)  # fmt: skip
+                gains = ", ".join(f"L{lv} {v['gain']:+.3f} (control {control['success'][lv]['gain']:+.3f})"
+                                  for lv, v in ladder["success"].items() if lv in control["success"])  # fmt: skip
+                print(f"  seed {seed} dreams {'on ' if dreams else 'off'}: {gains}")
+    if len(dream_settings) < 2:
+        (args.work / "results.json").write_text(json.dumps(results, indent=2))
+        return
     print("\nBWT on the first trained level, dreams on minus off, per seed (positive = dreams forgot less):")
     for seed in args.seeds:
-        on = next(r for r in results if r["seed"] == seed and r["dreams"])
-        off = next(r for r in results if r["seed"] == seed and not r["dreams"])
+        on = next(r for r in results if r["seed"] == seed and r["dreams"] and r["ladder"] == ladders[-1])
+        off = next(r for r in results if r["seed"] == seed and not r["dreams"] and r["ladder"] == ladders[-1])
         if on["bwt"] is None or off["bwt"] is None:
             print(f"  seed {seed}: one level trained, no BWT")
             continue

@@ -95,6 +95,40 @@ def with_hint(prompt: str, hint: str) -> str:
     return "".join(f"# {line}\n" for line in lines) + prompt
 
 
+def partial_solution(body: str | None, fraction: float) -> str:
+    """The first `fraction` of a solution body by characters, cut back to the last whitespace (so the model never
+    continues inside a word), without trailing whitespace; '' for fraction 0 or no body, the whole body at 1."""
+    if not body or fraction <= 0:
+        return ""
+    if fraction >= 1:
+        return body.rstrip()
+    cut = int(fraction * len(body))
+    while cut > 0 and not body[cut].isspace():
+        cut -= 1
+    return body[:cut].rstrip() if body[:cut].strip() else ""
+
+
+def ladder_prompt(prompt: str, hint: str, partial: str, form: str = "prefix") -> str:
+    """A hint-ladder rung's prompt: the prose hint as comment lines above the function (`with_hint`), and the
+    partial solution either written into the function for the model to continue ('prefix') or as comment lines
+    after the hint ('comment'). With no partial solution it is the prose rung, `with_hint(prompt, hint)`."""
+    if not partial:
+        return with_hint(prompt, hint)
+    if form == "prefix":
+        return with_hint(prompt, hint) + partial.lstrip("\n")
+    shown = "".join(f"# {line}\n" for line in partial.strip("\n").splitlines())
+    return with_hint(prompt, hint).removesuffix(prompt) + "# Solution lines:\n" + shown + prompt
+
+
+def ladder_completion(prompt: str, partial: str, completion: str, form: str = "prefix") -> str:
+    """The completion that runs (and, when verified, trains) for a rung's output: with a 'prefix' rung the shown
+    part of the solution plus the model's continuation, as a continuation of the task prompt's context; else the
+    model's completion itself."""
+    if form != "prefix" or not partial:
+        return completion
+    return split_context(prompt)[1] + partial.lstrip("\n") + completion
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model as the loop sees it
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +209,7 @@ class PoolTask:
     hints: list[str] = field(default_factory=list)
     hinted_attempts: int = 0
     hinted_successes: int = 0
+    rung_successes: list[int] = field(default_factory=list)  # hinted successes per rung of the hint ladder
     removed: bool = False
 
     @property
@@ -235,7 +270,44 @@ class TaskPool:
             "variants": sum(t.variants for t in self.tasks),
             "hints": sum(len(t.hints) for t in self.tasks),
             "hinted_successes": sum(t.hinted_successes for t in self.tasks),
+            "hinted_successes_per_rung": _sum_lists([t.rung_successes for t in self.tasks]),
         }
+
+
+def _sum_lists(lists: Sequence[Sequence[int]]) -> list[int]:
+    """Element-wise sums of lists of unequal length."""
+    width = max((len(x) for x in lists), default=0)
+    return [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
+
+
+class SolutionCache:
+    """The teacher's solution bodies for the hint ladder, asked once per task (variant) and, unless the teacher's
+    are verified by construction (procedural: the reference), checked in the sandbox first: a wrong solution is
+    never shown. Where the teacher has none, the ladder stops at prose hints (logged)."""
+
+    def __init__(self, teacher: Teacher, family: CodeFamily) -> None:
+        self.teacher, self.family = teacher, family
+        self.bodies: dict[str, str | None] = {}
+        self.programs = 0  # sandbox runs spent verifying
+
+    def get(self, examples: Sequence[Example]) -> list[str | None]:
+        todo = list({e.key: e for e in examples if e.key not in self.bodies}.values())
+        if todo:
+            bodies = list(self.teacher.solutions(todo))
+            if not self.teacher.solutions_verified:
+                checkable = [i for i, body in enumerate(bodies) if body]
+                ran = self.family.run([todo[i] for i in checkable],
+                                      [split_context(todo[i].prompt)[1] + bodies[i] for i in checkable])  # fmt: skip
+                self.programs += len(checkable)
+                for i, result in zip(checkable, ran, strict=True):
+                    if result is None or not result.passed:
+                        bodies[i] = None
+            missing = sum(1 for body in bodies if not body)
+            if missing:
+                logger.warning("Phase 5: teacher %r gave no verified solution for %d of %d tasks; their hint-ladder "
+                               "rungs show the prose hint only.", self.teacher.name, missing, len(todo))  # fmt: skip
+            self.bodies.update({e.key: body for e, body in zip(todo, bodies, strict=True)})
+        return [self.bodies[e.key] for e in examples]
 
 
 @dataclass
@@ -274,6 +346,7 @@ def run_level(
     rng = random.Random(seed)
     family = pool.family
     rounds = []
+    solutions = SolutionCache(teacher, family)
     for index in range(config.max_rounds):
         if pool.mastered(config.mastery_fraction):
             break
@@ -295,29 +368,44 @@ def run_level(
                 failed.append((task, example, attempt, result))
         unaided = len(pairs)
         hinted_attempts = hinted_successes = 0
+        rungs, verified_before = [], solutions.programs
         for retry in range(config.hint_retries):
             if not failed:
                 break
+            fraction = config.hint_solution_fractions[retry]
+            form = config.hint_solution_format
             hints = teacher.hints([f[1] for f in failed], [f[3] for f in failed],
                                   [strip_thoughts(f[2]) for f in failed], family)  # fmt: skip
-            prompts = [with_hint(f[1].prompt, hint) for f, hint in zip(failed, hints, strict=True)]
-            retries = [c[0] for c in policy.complete(prompts, temperature=config.temperature, num_samples=1,
+            bodies = solutions.get([f[1] for f in failed]) if fraction > 0 else [None] * len(failed)
+            partials = [partial_solution(body, fraction) for body in bodies]
+            prompts = [ladder_prompt(f[1].prompt, hint, partial, form)
+                       for f, hint, partial in zip(failed, hints, partials, strict=True)]  # fmt: skip
+            outputs = [c[0] for c in policy.complete(prompts, temperature=config.temperature, num_samples=1,
                                                      seed=seed + 1000 * index + 100 * (retry + 1))]  # fmt: skip
+            retries = [ladder_completion(f[1].prompt, partial, out, form)
+                       for f, partial, out in zip(failed, partials, outputs, strict=True)]  # fmt: skip
             retry_results = family.run([f[1] for f in failed], [strip_thoughts(a) for a in retries])
             programs += len(failed)
             still = []
+            rung = {"rung": retry, "fraction": fraction, "attempts": len(failed),
+                    "solution_shown": sum(1 for p in partials if p), "successes": 0}  # fmt: skip
             for (task, example, _, _), hint, attempt, result in zip(failed, hints, retries, retry_results,
                                                                     strict=True):  # fmt: skip
                 task.hints.append(hint)
                 task.hinted_attempts += 1
                 hinted_attempts += 1
-                if result is not None and result.passed:  # trained WITHOUT the hint: the task's own prompt
+                if result is not None and result.passed:  # trained WITHOUT hint or solution: the task's own prompt
                     task.hinted_successes += 1
+                    task.rung_successes += [0] * (retry + 1 - len(task.rung_successes))
+                    task.rung_successes[retry] += 1
                     hinted_successes += 1
+                    rung["successes"] += 1
                     pairs.append(TrainingPair(example.prompt, training_completion(attempt), "hinted", level))
                 else:
                     still.append((task, example, attempt, result))
+            rungs.append(rung)
             failed = still
+        programs += solutions.programs - verified_before  # the teacher's solutions checked in the sandbox
         if learned is not None:
             learned.extend(pairs)
         n_replay = 0
@@ -334,6 +422,7 @@ def run_level(
             "success_rate": unaided / max(len(tasks), 1),
             "hinted_attempts": hinted_attempts,
             "hinted_successes": hinted_successes,
+            "rungs": rungs,
             "replayed": n_replay,
             "programs": programs,
             "generate_and_run_s": sandbox_s,
@@ -341,8 +430,9 @@ def run_level(
             "train": trained,
         }
         rounds.append(record)
-        logger.info("Phase 5 level %d round %d: %d/%d solved, %d/%d with hints, pool %d/%d", level, index, unaided,
-                    len(tasks), hinted_successes, hinted_attempts, len(pool.active), pool.initial_size)  # fmt: skip
+        logger.info("Phase 5 level %d round %d: %d/%d solved, %d/%d with hints (per rung %s), pool %d/%d", level,
+                    index, unaided, len(tasks), hinted_successes, hinted_attempts,
+                    [r["successes"] for r in rungs], len(pool.active), pool.initial_size)  # fmt: skip
         if on_round is not None:
             on_round(record)
     return rounds
@@ -756,6 +846,10 @@ def _report(config: CurriculumConfig, placement: dict, levels: list[int], before
             "unaided_successes": sum(r["successes"] for r in rounds),
             "hints_used": sum(r["hinted_attempts"] for r in rounds),
             "hinted_successes": sum(r["hinted_successes"] for r in rounds),
+            "hint_solution_fractions": list(config.hint_solution_fractions),
+            "hint_solution_format": config.hint_solution_format,
+            "hinted_successes_per_rung": _sum_lists([[x["successes"] for x in r.get("rungs", [])] for r in rounds]),
+            "hinted_attempts_per_rung": _sum_lists([[x["attempts"] for x in r.get("rungs", [])] for r in rounds]),
             "programs_run": programs,
             "loop_generate_and_run_s": run_s,
             "loop_programs_per_s": sum(r["programs"] for r in rounds) / run_s if run_s > 0 else None,
@@ -841,7 +935,10 @@ __all__ = [
     "band_temperatures",
     "choose_start_level",
     "evaluate_levels",
+    "ladder_completion",
+    "ladder_prompt",
     "masked_self_items",
+    "partial_solution",
     "pass_at_k",
     "place",
     "reference_completion",
