@@ -35,9 +35,10 @@ from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.tokenization import build_tokenizer
 from trainers.base import ForgeTrainer
 from trainers.curriculum_config import CurriculumConfig
-from trainers.curriculum_trainer import run_phase5
+from trainers.curriculum_trainer import ModelPolicy, ladder_completion, ladder_prompt, partial_solution, run_phase5
 from trainers.data import pack_examples
 from trainers.phase_output import save_phase_output
+from trainers.teachers import get_teacher
 
 
 def train_base(folder: Path, steps: int, n_examples: int) -> None:
@@ -104,6 +105,40 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
             "rung_attempts": report["totals"]["hinted_attempts_per_rung"]}  # fmt: skip
 
 
+def probe_ladder(base: Path, args) -> None:
+    """Which rung format does the model use? On `--eval-problems` training-split tasks per level that it fails at
+    temperature 0.8, the share solved by one retry per fraction and format (no training), before any Phase 5."""
+    family = get_task_family("code", require_isolation=True)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    policy = ModelPolicy(model, tokenizer, max_new_tokens=24, think=False)
+    teacher = get_teacher("procedural")
+    fractions = args.hint_fractions or [0.0, 0.5, 1.0]
+    for level in range(args.levels[0], args.levels[1] + 1):
+        examples = family.generate("train", args.eval_problems, seed=123, difficulty=level)
+        first = [c[0] for c in policy.complete([e.prompt for e in examples], temperature=0.8, num_samples=1, seed=0)]
+        results = family.run(examples, first)
+        failed = [(e, c, r) for e, c, r in zip(examples, first, results, strict=True) if r is None or not r.passed]
+        if not failed:
+            print(f"probe L{level}: no failures among {len(examples)}")
+            continue
+        hints = teacher.hints([f[0] for f in failed], [f[2] for f in failed], [f[1] for f in failed], family)
+        bodies = teacher.solutions([f[0] for f in failed])
+        cells = []
+        for form in ("prefix", "comment"):
+            for fraction in fractions:
+                partials = [partial_solution(b, fraction) for b in bodies]
+                prompts = [ladder_prompt(f[0].prompt, h, p, form) for f, h, p in zip(failed, hints, partials,
+                                                                                      strict=True)]  # fmt: skip
+                outs = [c[0] for c in policy.complete(prompts, temperature=0.8, num_samples=1, seed=1)]
+                ran = [ladder_completion(f[0].prompt, p, o, form) for f, p, o in zip(failed, partials, outs,
+                                                                                     strict=True)]  # fmt: skip
+                solved = sum(1 for r in family.run([f[0] for f in failed], ran) if r is not None and r.passed)
+                cells.append(f"{form} {fraction:g}: {solved}/{len(failed)}")
+        print(f"probe L{level} ({len(examples) - len(failed)}/{len(examples)} solved unaided), solved on one retry "
+              f"among the failed: " + "; ".join(cells), flush=True)  # fmt: skip
+
+
 def _print_run(result: dict) -> None:
     success = ", ".join(f"L{lv} {v['before']:.3f} -> {v['after']:.3f}" for lv, v in result["success"].items())
     pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
@@ -140,6 +175,9 @@ def main() -> None:
     parser.add_argument("--hint-format", choices=("prefix", "comment"), default="prefix",
                         help="how the ladder shows the partial solution")  # fmt: skip
     parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
+    parser.add_argument("--probe", action="store_true",
+                        help="only measure, without training, how often one retry per ladder rung and format solves "
+                        "the tasks the base fails (which format a tiny model uses)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("outputs/bench/curriculum"))
     args = parser.parse_args()
     base = args.work / f"base-{args.base_steps}"
@@ -154,6 +192,9 @@ def main() -> None:
             continue_base(base, continued, args.base_extra_steps, args.base_examples)
             print(f"base: {args.base_extra_steps} more steps in {time.time() - started:.0f} s -> {continued}")
         base = continued
+    if args.probe:
+        probe_ladder(base, args)
+        return
     results = []
     dream_settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.dreams]
     ladders = [None] if args.hint_fractions is None else [[0.0] * len(args.hint_fractions), args.hint_fractions]

@@ -11,8 +11,12 @@ weights, trained with MuGrokfast in STE mode and packed again at the end), then:
    tokens; spans are stripped before execution); the programs run in the sandbox in concurrent batches
    (`evaluation.sandbox` via the code family). Success: a variant replaces the task, `successes_to_remove`
    consecutive successes remove it. Failure: the teacher's hint (procedural by default, offline) and a retry with the
-   hint in context. The round trains on the successes and on the hinted successes **without the hint** in context
-   (STaR's rationalization, Zelikman et al. 2022), plus a replay share of earlier levels. The level ends when the
+   hint in context; with a hint ladder (`hint_solution_fractions`) each further retry also shows a larger part of the
+   teacher's verified solution (QuestA's partial solutions, arXiv 2507.13266), written into the function for the
+   model to continue or as comment lines. The round trains on the successes and on the hinted successes **without the
+   hint or the shown solution** in context (STaR's rationalization, Zelikman et al. 2022; with a prefix rung the
+   trained body is the program that passed: the shown part plus the model's continuation), plus a replay share of
+   earlier levels. The level ends when the
    pool has shrunk to `mastery_fraction` of its size or the round budget is spent.
 3. **After each level:** half-bakes of the eudaimonia, OODA and identity prompts (`bake_prompt` machinery, LoRA on
    the ternary layers via `trainers.bitnet_lora`); self-modeling in temperature bands (the model predicts masked
@@ -312,7 +316,7 @@ class SolutionCache:
 
 @dataclass
 class TrainingPair:
-    """A training example: the prompt (never the hint) and the model's own successful completion (thoughts kept)."""
+    """A training example: the prompt (never the hint) and the successful completion that ran (thoughts kept)."""
 
     prompt: str
     completion: str
