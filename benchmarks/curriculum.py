@@ -84,7 +84,8 @@ def continue_base(source: Path, folder: Path, steps: int, n_examples: int) -> No
 def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list[float] | None = None) -> dict:
     """Phase 5 from `base`; `fractions` is the hint ladder (None: one prose-hint retry, the shipped default)."""
     ladder = {} if fractions is None else {"hint_solution_fractions": fractions,
-                                           "hint_solution_format": args.hint_format}  # fmt: skip
+                                           "hint_solution_format": args.hint_format,
+                                           "variant_after_hinted_success": args.hinted_variants}  # fmt: skip
     config = CurriculumConfig(**ladder,
         model_name_or_path=str(base), output_dir=str(output), overwrite=True, levels=args.levels, num_levels=2,
         placement_problems=8, placement_k=2, pool_size=args.pool, attempts_per_round=args.pool,
@@ -174,6 +175,11 @@ def main() -> None:
                         "is then paired with a control of as many prose-only retries (fractions 0)")  # fmt: skip
     parser.add_argument("--hint-format", choices=("prefix", "comment"), default="prefix",
                         help="how the ladder shows the partial solution")  # fmt: skip
+    parser.add_argument(
+        "--hinted-variants",
+        action="store_true",
+        help="a hinted success replaces the task by a variant (ladder and its control alike)",
+    )
     parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
     parser.add_argument("--probe", action="store_true",
                         help="only measure, without training, how often one retry per ladder rung and format solves "
@@ -201,7 +207,8 @@ def main() -> None:
     for seed in args.seeds:
         for dreams in dream_settings:
             for fractions in ladders:
-                tag = "" if fractions is None else "-ladder" + "_".join(f"{f:g}" for f in fractions) + args.hint_format
+                tag = "" if fractions is None else "-ladder" + "_".join(f"{f:g}" for f in fractions) + \
+                    args.hint_format + ("-hv" if args.hinted_variants else "")  # fmt: skip
                 result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams, args,
                              fractions)  # fmt: skip
                 results.append(result)

@@ -100,6 +100,13 @@ class CurriculumConfig(ForgeTrainingArguments):
             "continuation) or 'comment' (comment lines above the function; the model writes the whole body)."
         },
     )
+    variant_after_hinted_success: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a task by a variant after a hinted success too (it still never counts towards "
+            "removal), so the same instance is not trained on every round; useful with solution rungs."
+        },
+    )
     task_sampling: str = field(
         default="lilo",
         metadata={

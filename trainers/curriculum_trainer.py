@@ -259,6 +259,17 @@ class TaskPool:
             task.example = self.family.make_variant(task.example, seed=task.variants + 1)
             task.variants += 1
 
+    def record_hinted_success(self, task: PoolTask, rung: int, variant: bool = False) -> None:
+        """A success with a hint: counted per ladder rung, never towards removal (the streak stays 0); with
+        `variant` the task is replaced by a variant, so a task solved only with help is not trained again on the
+        very same instance every round (fresh constants instead of a memorized solution)."""
+        task.hinted_successes += 1
+        task.rung_successes += [0] * (rung + 1 - len(task.rung_successes))
+        task.rung_successes[rung] += 1
+        if variant:
+            task.example = self.family.make_variant(task.example, seed=task.variants + 1)
+            task.variants += 1
+
     def record_failure(self, task: PoolTask) -> None:
         task.attempts += 1
         task.streak = 0
@@ -399,9 +410,7 @@ def run_level(
                 task.hinted_attempts += 1
                 hinted_attempts += 1
                 if result is not None and result.passed:  # trained WITHOUT hint or solution: the task's own prompt
-                    task.hinted_successes += 1
-                    task.rung_successes += [0] * (retry + 1 - len(task.rung_successes))
-                    task.rung_successes[retry] += 1
+                    pool.record_hinted_success(task, retry, config.variant_after_hinted_success)
                     hinted_successes += 1
                     rung["successes"] += 1
                     pairs.append(TrainingPair(example.prompt, training_completion(attempt), "hinted", level))

@@ -255,6 +255,22 @@ def test_a_coder_that_needs_the_solution_gets_hinted_successes_trained_without_i
             _REFERENCE[e.prompt], 0.5) for p in shown for e in examples)  # fmt: skip
 
 
+@needs_bwrap
+def test_hinted_successes_can_bring_variants_without_counting_towards_removal(tmp_path):
+    family = get_task_family("code", require_isolation=True)
+    examples = family.generate("train", 2, seed=7, difficulty=1)
+    _remember(examples)
+    pool = TaskPool(examples, _Variants(family))
+    trained: list = []
+    config = _config(tmp_path, max_rounds=2, pool_size=2, attempts_per_round=2, hint_solution_fractions=[1.0],
+                     variant_after_hinted_success=True)  # fmt: skip
+    run_level(pool, ScriptedPolicy(_ladder_answer("prefix")), get_teacher("procedural"),
+              lambda pairs: trained.append(pairs) or {}, level=1, config=config)  # fmt: skip
+    assert all(t.variants == 2 and t.streak == 0 and not t.removed and t.rung_successes == [2] for t in pool.tasks)
+    prompts = [p.prompt for batch in trained for p in batch]
+    assert len(prompts) == 4 and len(set(prompts)) == 4  # a fresh instance each round, not the same one again
+
+
 class _NoSolutions(Teacher):
     name = "no-solutions"
 
