@@ -88,6 +88,15 @@ def split_context(prompt: str) -> tuple[str, str]:
     return context, prompt[len(context) :]
 
 
+def generation_context(prompt: str) -> str:
+    """What the model continues: `split_context`'s context, except that a prompt ending in a finished code line (a
+    ladder rung showing the whole solution) keeps its final newline, so that ending the function is the natural
+    continuation (measured: without it a tiny model extends the last line on templates it has not seen)."""
+    context, suffix = split_context(prompt)
+    finished_code = suffix == "\n" and not context.endswith('"""') and not context.endswith(":")
+    return context + "\n" if finished_code else context
+
+
 def reference_completion(example: Example) -> str:
     """The reference body as a continuation of the example's context (`split_context`)."""
     return split_context(example.prompt)[1] + example.target
@@ -101,11 +110,12 @@ def with_hint(prompt: str, hint: str) -> str:
 
 def partial_solution(body: str | None, fraction: float) -> str:
     """The first `fraction` of a solution body by characters, cut back to the last whitespace (so the model never
-    continues inside a word), without trailing whitespace; '' for fraction 0 or no body, the whole body at 1."""
+    continues inside a word), without trailing whitespace; '' for fraction 0 or no body, the whole body (ending in
+    its newline: nothing is left but to end the function) at 1."""
     if not body or fraction <= 0:
         return ""
     if fraction >= 1:
-        return body.rstrip()
+        return body.rstrip() + "\n"
     cut = int(fraction * len(body))
     while cut > 0 and not body[cut].isspace():
         cut -= 1
@@ -147,7 +157,7 @@ class Policy(Protocol):
 
 
 class ModelPolicy:
-    """`model.generate` continuations of each prompt's context (`split_context`), decoded with thought tokens kept
+    """`model.generate` continuations of each prompt's context (`generation_context`), decoded with thought tokens kept
     (other special tokens dropped); with `think` every completion starts inside a thought span (`<think>` is
     appended to the context and returned with the text). The code that runs is `prompt + strip_thoughts(completion)`
     (the completion's own leading newline then makes an empty line, which Python ignores)."""
@@ -160,7 +170,7 @@ class ModelPolicy:
     def complete(self, prompts, *, temperature, num_samples=1, seed=0):
         tokenizer, model = self.tokenizer, self.model
         prefix = THOUGHT_START if self.think else ""
-        encoded = [tokenizer(split_context(p)[0] + prefix)["input_ids"] for p in prompts]
+        encoded = [tokenizer(generation_context(p) + prefix)["input_ids"] for p in prompts]
         sample = temperature is not None and temperature > 0
         drop = {i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
         out: list[list[str]] = [[] for _ in prompts]
@@ -948,6 +958,7 @@ __all__ = [
     "band_temperatures",
     "choose_start_level",
     "evaluate_levels",
+    "generation_context",
     "ladder_completion",
     "ladder_prompt",
     "masked_self_items",

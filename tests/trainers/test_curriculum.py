@@ -23,6 +23,7 @@ from trainers.curriculum_trainer import (
     TaskPool,
     backward_transfer,
     choose_start_level,
+    generation_context,
     ladder_completion,
     ladder_prompt,
     masked_self_items,
@@ -183,7 +184,7 @@ PROMPT = 'def f(items):\n    """Sum the items."""\n'
 
 def test_ladder_rungs_show_the_hint_then_growing_parts_of_the_solution():
     assert partial_solution(BODY, 0.0) == "" and partial_solution(None, 1.0) == ""
-    assert partial_solution(BODY, 1.0) == BODY.rstrip()
+    assert partial_solution(BODY, 1.0) == BODY  # whole: ends in its newline, only ending the function is left
     half = partial_solution(BODY, 0.5)
     assert half == "    total = 0\n    for item in items:" and BODY.startswith(half)  # cut back to whitespace
     assert partial_solution("    return x + 3\n", 0.7) == "    return"  # never inside a word
@@ -196,6 +197,11 @@ def test_ladder_rungs_show_the_hint_then_growing_parts_of_the_solution():
     ran = ladder_completion(PROMPT, half, "\n        total += item\n    return total\n", "prefix")
     assert PROMPT + ran == PROMPT + "\n" + BODY
     assert ladder_completion(PROMPT, half, "    return 0\n", "comment") == "    return 0\n"
+    whole = ladder_prompt(PROMPT, "Add them.", partial_solution(BODY, 1.0), "prefix")
+    assert whole == f"# Add them.\n{PROMPT}{BODY}" and ladder_completion(PROMPT, BODY, "", "prefix") == "\n" + BODY
+    # the model continues a finished body on a new line, a half line where it stops, a task after its docstring
+    assert generation_context(whole) == whole and generation_context(PROMPT) == PROMPT.rstrip()
+    assert generation_context(ladder_prompt(PROMPT, "Add them.", half, "prefix")).endswith("for item in items:")
 
 
 def _ladder_answer(form: str):
@@ -205,8 +211,8 @@ def _ladder_answer(form: str):
     def answer(prompt, index):
         if form == "prefix":
             for task_prompt, body in _REFERENCE.items():
-                if prompt.endswith(task_prompt + body.rstrip()):
-                    return "\n"
+                if prompt.endswith(task_prompt + body):
+                    return ""
             return "\n    return None\n"
         lines = prompt.split("# Solution lines:\n", 1)
         if len(lines) == 2:
