@@ -33,13 +33,14 @@ Phase 5, `--hint-fractions 0 0.5 1 --hinted-variants --epochs 4 --lr 5e-4`, seed
 levels 1-2 and 2-3 (placement L1 / L2): hinted successes per rung 3 / 9 / 84 and 10 / 6 / 83 (control 10 / 6 / 6
 and 4 / 2 / 4); unaided loop successes 75 vs 61 and 62 vs 44; pools L1 16 -> 12, L2 16 -> 9 (control 15, 11) and L2
 16 -> 13, L3 16 -> 13 (control 15, 13); held-out pass@1 change L1 +0.000 (control +0.125), L2 +0.000 (+0.000); L2
-+0.042 (-0.042), L3 -0.042 (-0.042). `--levels 3 6` (placement L3, levels 3-4): 90 hinted successes from the
-whole-solution rung (control 0) and held-out L3 0.167 -> 0.167 (control 0.208), L4 0 -> 0 (0). The ladder
++0.042 (-0.042), L3 -0.042 (-0.042). `--levels 3 6` (placement L3, levels 3-4): 90 and 84 hinted successes from
+the whole-solution rung (control 0 and 1); held-out L3 +0.000 (control +0.042) and +0.000 (+0.000), L4 0 -> 0 in
+every run; at `--lr 2e-3` (seed 0) 164 from that rung, L3 +0.083 (control +0.000), L4 0 -> 0. The ladder
 multiplies the verified pairs on failed tasks, but held-out success does not move beyond one or two of 24 problems:
 the +0.20 goal is still not met. More training hurts: at `--lr 1e-3 --epochs 8` (seed 0) the ladder lost L1 -0.250,
 L2 -0.417 (control -0.042, -0.208), at `--lr 2e-3` both arms lost up to -0.375. The errors are miscopied constants
 (`return a + b + 976` for 966; the input got 15 of 24 L1 problems, the ladder model 9): a few epochs on a few dozen
-instances per round teach their constants, not the copying. 102-135 s per run, 6.8-10.6 programs/s (generation
+instances per round teach their constants, not the copying. 92-135 s per run, 6.8-11.6 programs/s (generation
 included). The L1-L2 runs predate the final-newline fix (it changes only the whole-solution rung, which passed 10/11
 and 15/15 there already).
 
