@@ -38,7 +38,8 @@ the whole-solution rung (control 0 and 1); held-out L3 +0.000 (control +0.042) a
 every run; at `--lr 2e-3` (seed 0) 164 from that rung, L3 +0.083 (control +0.000), L4 0 -> 0. The ladder
 multiplies the verified pairs on failed tasks, but held-out success does not move beyond one or two of 24 problems:
 the +0.20 goal is still not met. More training hurts: at `--lr 1e-3 --epochs 8` (seed 0) the ladder lost L1 -0.250,
-L2 -0.417 (control -0.042, -0.208), at `--lr 2e-3` both arms lost up to -0.375. The errors are miscopied constants
+L2 -0.417 (control -0.042, -0.208); at `--lr 2e-3` on levels 1-3 (no `--hinted-variants`) the ladder lost -0.167
+to -0.375 and the control +0.125 to -0.250. The errors are miscopied constants
 (`return a + b + 976` for 966; the input got 15 of 24 L1 problems, the ladder model 9): a few epochs on a few dozen
 instances per round teach their constants, not the copying. 92-135 s per run, 6.8-11.6 programs/s (generation
 included). The L1-L2 runs predate the final-newline fix (it changes only the whole-solution rung, which passed 10/11
