@@ -41,9 +41,11 @@ the +0.20 goal is still not met. More training hurts: at `--lr 1e-3 --epochs 8` 
 L2 -0.417 (control -0.042, -0.208); at `--lr 2e-3` on levels 1-3 (no `--hinted-variants`) the ladder lost -0.167
 to -0.375 and the control +0.125 to -0.250. The errors are miscopied constants
 (`return a + b + 976` for 966; the input got 15 of 24 L1 problems, the ladder model 9): a few epochs on a few dozen
-instances per round teach their constants, not the copying. 92-135 s per run, 6.8-11.6 programs/s (generation
-included). The L1-L2 runs predate the final-newline fix (it changes only the whole-solution rung, which passed 10/11
-and 15/15 there already).
+instances per round teach their constants, not the copying. The L1-L3 runs above predate the final-newline fix
+(it changes only the whole-solution rung); rerun with it (seed 0, `--dreams both`): L1 +0.000, L2 -0.125 (control
++0.125, +0.000) with dreams, L1 -0.042, L2 -0.125 (control +0.042, -0.042) without; BWT on L1 with the ladder,
+dreams on minus off, +0.042 = one held-out problem (noise). 56-135 s per run, 6.8-15.7 programs/s (generation
+included).
 
 The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
 measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
