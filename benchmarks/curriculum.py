@@ -44,8 +44,11 @@ to -0.375 and the control +0.125 to -0.250. The errors are miscopied constants
 instances per round teach their constants, not the copying. The L1-L3 runs above predate the final-newline fix
 (it changes only the whole-solution rung); rerun with it (seed 0, `--dreams both`): L1 +0.000, L2 -0.125 (control
 +0.125, +0.000) with dreams, L1 -0.042, L2 -0.125 (control +0.042, -0.042) without; BWT on L1 with the ladder,
-dreams on minus off, +0.042 = one held-out problem (noise). 56-135 s per run, 6.8-15.7 programs/s (generation
-included).
+dreams on minus off, +0.042 = one held-out problem (noise). Fewer passes, `--epochs 1 --lr 1e-3`, seeds 0 / 1:
+L1 +0.167, L2 +0.042 (control +0.125, +0.000) and L2 +0.000, L3 -0.042 (control +0.083, +0.000), 87 and 111
+hinted successes from the whole-solution rung: the best single run of the ladder, but its control gains nearly as
+much and the other seed does not. 38-135 s per run, 6.8-26 programs/s (generation included; the machine's load
+varied).
 
 The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
 measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
