@@ -10,11 +10,45 @@ sandbox throughput; then the dreams on-off difference of BWT per seed.
 
     OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --base-extra-steps 500   # ~55 min on a busy 2-core CPU
     OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --base-extra-steps 500 --seeds 0 1 2 --rounds 6
+    # the hint ladder against a control of as many prose-only retries, and the rung/format probe (no training):
+    OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --base-extra-steps 200 --rounds 6 --epochs 4 --lr 5e-4 \
+        --seeds 0 1 --dreams on --hint-fractions 0 0.5 1 --hint-format prefix --hinted-variants
+    OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --base-extra-steps 200 --probe --eval-problems 16 \
+        --levels 1 4 --hint-fractions 0 0.5 1
 
 Measured (base 400 + 500 steps, `--rounds 8 --epochs 4 --lr 2e-3`, seeds 0 and 1, a shared 2-core CPU): placement
 started at L3 / L2; the pools shrank (L3 16 -> 10, L2 16 -> 1) and then stalled on tasks the model failed even with
 hints; held-out pass@1 of the trained levels changed by -0.125 to +0.042 (the +0.20 goal is not met); BWT dreams on
 minus off +0.042 in both seeds, i.e. one held-out problem (within noise); 56-80 s per run, 9-11 programs/s.
+
+Measured, hint ladder (base 400 + 200 steps, reduced from 500 to fit a session; 6 rounds of 16 tasks, dreams on;
+held-out greedy pass@1 of the input L1 0.625, L2 0.625, L3 0.17-0.25, L4 0; each ladder run is paired with a control
+of three prose-only retries on the same base and seed; a shared 2-core CPU at load 7-9, runs under `nice`).
+Probe (`--probe`, no training): among training tasks the base fails at temperature 0.8, one retry solves with the
+prose hint / + half the reference / + all of it, as a code prefix: L1 1 / 1 / 11 of 11, L2 2 / 3 / 15 of 15, L3
+0 / 1 / 9 of 12, L4 0 / 0 / 5 of 16; as comment lines: at most 2 per level at any rung. A tiny model continues code
+but does not copy commented code, so `prefix` is the format (before the whole-solution rung kept its final newline
+in the context, it extended the last line on unseen templates: L3 3 of 12, L4 0 of 16).
+Phase 5, `--hint-fractions 0 0.5 1 --hinted-variants --epochs 4 --lr 5e-4`, seeds 0 / 1:
+levels 1-2 and 2-3 (placement L1 / L2): hinted successes per rung 3 / 9 / 84 and 10 / 6 / 83 (control 10 / 6 / 6
+and 4 / 2 / 4); unaided loop successes 75 vs 61 and 62 vs 44; pools L1 16 -> 12, L2 16 -> 9 (control 15, 11) and L2
+16 -> 13, L3 16 -> 13 (control 15, 13); held-out pass@1 change L1 +0.000 (control +0.125), L2 +0.000 (+0.000); L2
++0.042 (-0.042), L3 -0.042 (-0.042). `--levels 3 6` (placement L3, levels 3-4): 90 and 84 hinted successes from
+the whole-solution rung (control 0 and 1); held-out L3 +0.000 (control +0.042) and +0.000 (+0.000), L4 0 -> 0 in
+every run; at `--lr 2e-3` (seed 0) 164 from that rung, L3 +0.083 (control +0.000), L4 0 -> 0. The ladder
+multiplies the verified pairs on failed tasks, but held-out success does not move beyond one or two of 24 problems:
+the +0.20 goal is still not met. More training hurts: at `--lr 1e-3 --epochs 8` (seed 0) the ladder lost L1 -0.250,
+L2 -0.417 (control -0.042, -0.208); at `--lr 2e-3` on levels 1-3 (no `--hinted-variants`) the ladder lost -0.167
+to -0.375 and the control +0.125 to -0.250. The errors are miscopied constants
+(`return a + b + 976` for 966; the input got 15 of 24 L1 problems, the ladder model 9): a few epochs on a few dozen
+instances per round teach their constants, not the copying. The L1-L3 runs above predate the final-newline fix
+(it changes only the whole-solution rung); rerun with it (seed 0, `--dreams both`): L1 +0.000, L2 -0.125 (control
++0.125, +0.000) with dreams, L1 -0.042, L2 -0.125 (control +0.042, -0.042) without; BWT on L1 with the ladder,
+dreams on minus off, +0.042 = one held-out problem (noise). Fewer passes, `--epochs 1 --lr 1e-3`, seeds 0 / 1:
+L1 +0.167, L2 +0.042 (control +0.125, +0.000) and L2 +0.000, L3 -0.042 (control +0.083, +0.000), 87 and 111
+hinted successes from the whole-solution rung: the best single run of the ladder, but its control gains nearly as
+much and the other seed does not. 38-135 s per run, 6.8-26 programs/s (generation included; the machine's load
+varied).
 
 The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
 measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
@@ -35,9 +69,10 @@ from modeling_forge import ForgeConfig, ForgeForCausalLM
 from modeling_forge.tokenization import build_tokenizer
 from trainers.base import ForgeTrainer
 from trainers.curriculum_config import CurriculumConfig
-from trainers.curriculum_trainer import run_phase5
+from trainers.curriculum_trainer import ModelPolicy, ladder_completion, ladder_prompt, partial_solution, run_phase5
 from trainers.data import pack_examples
 from trainers.phase_output import save_phase_output
+from trainers.teachers import get_teacher
 
 
 def train_base(folder: Path, steps: int, n_examples: int) -> None:
@@ -80,8 +115,12 @@ def continue_base(source: Path, folder: Path, steps: int, n_examples: int) -> No
                       overwrite=True)  # fmt: skip
 
 
-def run(base: Path, output: Path, seed: int, dreams: bool, args) -> dict:
-    config = CurriculumConfig(
+def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list[float] | None = None) -> dict:
+    """Phase 5 from `base`; `fractions` is the hint ladder (None: one prose-hint retry, the shipped default)."""
+    ladder = {} if fractions is None else {"hint_solution_fractions": fractions,
+                                           "hint_solution_format": args.hint_format,
+                                           "variant_after_hinted_success": args.hinted_variants}  # fmt: skip
+    config = CurriculumConfig(**ladder,
         model_name_or_path=str(base), output_dir=str(output), overwrite=True, levels=args.levels, num_levels=2,
         placement_problems=8, placement_k=2, pool_size=args.pool, attempts_per_round=args.pool,
         max_rounds=args.rounds, eval_problems=args.eval_problems, max_new_tokens=24, temperature=0.8,
@@ -96,7 +135,57 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args) -> dict:
             "pools": {r["level"]: [x["pool_active"] for x in r["rounds"]] for r in report["records"]},
             "bwt": report["backward_transfer"]["bwt"], "totals": report["totals"],
             "placement": {lv: v["pass@1"] for lv, v in report["placement"]["per_level"].items()},
-            "first_level": report["levels"][0]}  # fmt: skip
+            "first_level": report["levels"][0], "ladder": fractions,
+            "rung_successes": report["totals"]["hinted_successes_per_rung"],
+            "rung_attempts": report["totals"]["hinted_attempts_per_rung"]}  # fmt: skip
+
+
+def probe_ladder(base: Path, args) -> None:
+    """Which rung format does the model use? On `--eval-problems` training-split tasks per level that it fails at
+    temperature 0.8, the share solved by one retry per fraction and format (no training), before any Phase 5."""
+    family = get_task_family("code", require_isolation=True)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    policy = ModelPolicy(model, tokenizer, max_new_tokens=24, think=False)
+    teacher = get_teacher("procedural")
+    fractions = args.hint_fractions or [0.0, 0.5, 1.0]
+    for level in range(args.levels[0], args.levels[1] + 1):
+        examples = family.generate("train", args.eval_problems, seed=123, difficulty=level)
+        first = [c[0] for c in policy.complete([e.prompt for e in examples], temperature=0.8, num_samples=1, seed=0)]
+        results = family.run(examples, first)
+        failed = [(e, c, r) for e, c, r in zip(examples, first, results, strict=True) if r is None or not r.passed]
+        if not failed:
+            print(f"probe L{level}: no failures among {len(examples)}")
+            continue
+        hints = teacher.hints([f[0] for f in failed], [f[2] for f in failed], [f[1] for f in failed], family)
+        bodies = teacher.solutions([f[0] for f in failed])
+        cells = []
+        for form in ("prefix", "comment"):
+            for fraction in fractions:
+                partials = [partial_solution(b, fraction) for b in bodies]
+                prompts = [ladder_prompt(f[0].prompt, h, p, form) for f, h, p in zip(failed, hints, partials,
+                                                                                      strict=True)]  # fmt: skip
+                outs = [c[0] for c in policy.complete(prompts, temperature=0.8, num_samples=1, seed=1)]
+                ran = [ladder_completion(f[0].prompt, p, o, form) for f, p, o in zip(failed, partials, outs,
+                                                                                     strict=True)]  # fmt: skip
+                solved = sum(1 for r in family.run([f[0] for f in failed], ran) if r is not None and r.passed)
+                cells.append(f"{form} {fraction:g}: {solved}/{len(failed)}")
+        print(f"probe L{level} ({len(examples) - len(failed)}/{len(examples)} solved unaided), solved on one retry "
+              f"among the failed: " + "; ".join(cells), flush=True)  # fmt: skip
+
+
+def _print_run(result: dict) -> None:
+    success = ", ".join(f"L{lv} {v['before']:.3f} -> {v['after']:.3f}" for lv, v in result["success"].items())
+    pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
+    totals = result["totals"]
+    placed = ", ".join(f"L{lv} {p:.2f}" for lv, p in result["placement"].items())
+    ladder = "prose hint x1" if result["ladder"] is None else f"ladder {result['ladder']}"
+    rungs = "/".join(f"{s}/{a}" for s, a in zip(result["rung_successes"], result["rung_attempts"], strict=False))
+    print(f"seed {result['seed']} dreams {'on ' if result['dreams'] else 'off'} {ladder}: placement pass@1 {placed} "
+          f"-> start L{result['first_level']}; held-out pass@1 {success}; pool per round {pools}; hinted successes "
+          f"per rung (of attempts) {rungs or 'none'}; BWT(first level) {_signed(result['bwt'])}; "
+          f"{result['wall_s']:.0f} s; {totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} "
+          "programs/s (generation included)", flush=True)  # fmt: skip
 
 
 def _signed(value: float | None) -> str:
@@ -115,6 +204,20 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=16, help="tasks per level pool (all attempted each round)")
     parser.add_argument("--eval-problems", type=int, default=24, help="held-out test problems per level")
     parser.add_argument("--lr", type=float, default=1e-3, help="Phase 5 learning rate (MuGrokfast P5 preset: 5e-4)")
+    parser.add_argument("--hint-fractions", type=float, nargs="+", default=None,
+                        help="the hint ladder (shares of the reference body shown per retry), e.g. 0 0.5 1; each run "
+                        "is then paired with a control of as many prose-only retries (fractions 0)")  # fmt: skip
+    parser.add_argument("--hint-format", choices=("prefix", "comment"), default="prefix",
+                        help="how the ladder shows the partial solution")  # fmt: skip
+    parser.add_argument(
+        "--hinted-variants",
+        action="store_true",
+        help="a hinted success replaces the task by a variant (ladder and its control alike)",
+    )
+    parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
+    parser.add_argument("--probe", action="store_true",
+                        help="only measure, without training, how often one retry per ladder rung and format solves "
+                        "the tasks the base fails (which format a tiny model uses)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("outputs/bench/curriculum"))
     args = parser.parse_args()
     base = args.work / f"base-{args.base_steps}"
@@ -129,24 +232,38 @@ def main() -> None:
             continue_base(base, continued, args.base_extra_steps, args.base_examples)
             print(f"base: {args.base_extra_steps} more steps in {time.time() - started:.0f} s -> {continued}")
         base = continued
+    if args.probe:
+        probe_ladder(base, args)
+        return
     results = []
+    dream_settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.dreams]
+    ladders = [None] if args.hint_fractions is None else [[0.0] * len(args.hint_fractions), args.hint_fractions]
     for seed in args.seeds:
-        for dreams in (True, False):
-            result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}", seed, dreams, args)
-            results.append(result)
-            success = ", ".join(f"L{lv} {v['before']:.3f} -> {v['after']:.3f}" for lv, v in result["success"].items())
-            pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
-            totals = result["totals"]
-            placed = ", ".join(f"L{lv} {p:.2f}" for lv, p in result["placement"].items())
-            print(f"seed {seed} dreams {'on ' if dreams else 'off'}: placement pass@1 {placed} -> start "
-                  f"L{result['first_level']}; held-out pass@1 {success}; pool per round "
-                  f"{pools}; BWT(first level) {_signed(result['bwt'])}; {result['wall_s']:.0f} s; "
-                  f"{totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} programs/s "
-                  "(generation included)", flush=True)  # fmt: skip
+        for dreams in dream_settings:
+            for fractions in ladders:
+                tag = "" if fractions is None else "-ladder" + "_".join(f"{f:g}" for f in fractions) + \
+                    args.hint_format + ("-hv" if args.hinted_variants else "")  # fmt: skip
+                result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams, args,
+                             fractions)  # fmt: skip
+                results.append(result)
+                _print_run(result)
+    if args.hint_fractions is not None:
+        print(f"\nHint ladder {args.hint_fractions} ({args.hint_format}) minus its prose-only control (same base, "
+              "seed, rounds), held-out pass@1 gain per trained level:")  # fmt: skip
+        for seed in args.seeds:
+            for dreams in dream_settings:
+                control, ladder = (next(r for r in results if r["seed"] == seed and r["dreams"] == dreams
+                                        and r["ladder"] == f) for f in ladders)  # fmt: skip
+                gains = ", ".join(f"L{lv} {v['gain']:+.3f} (control {control['success'][lv]['gain']:+.3f})"
+                                  for lv, v in ladder["success"].items() if lv in control["success"])  # fmt: skip
+                print(f"  seed {seed} dreams {'on ' if dreams else 'off'}: {gains}")
+    if len(dream_settings) < 2:
+        (args.work / "results.json").write_text(json.dumps(results, indent=2))
+        return
     print("\nBWT on the first trained level, dreams on minus off, per seed (positive = dreams forgot less):")
     for seed in args.seeds:
-        on = next(r for r in results if r["seed"] == seed and r["dreams"])
-        off = next(r for r in results if r["seed"] == seed and not r["dreams"])
+        on = next(r for r in results if r["seed"] == seed and r["dreams"] and r["ladder"] == ladders[-1])
+        off = next(r for r in results if r["seed"] == seed and not r["dreams"] and r["ladder"] == ladders[-1])
         if on["bwt"] is None or off["bwt"] is None:
             print(f"  seed {seed}: one level trained, no BWT")
             continue

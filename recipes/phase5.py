@@ -43,6 +43,9 @@ def main(config: CurriculumConfig) -> dict:
               f"{pool['hints']} hints, {pool['hinted_successes']} hinted successes")  # fmt: skip
     bwt = report["backward_transfer"]["bwt"]
     print(f"  backward transfer: {'n/a (one level)' if bwt is None else f'{bwt:+.3f}'}")
+    if totals["hinted_attempts_per_rung"]:
+        print(f"  hint ladder {totals['hint_solution_fractions']}: hinted successes per rung "
+              f"{totals['hinted_successes_per_rung']} of {totals['hinted_attempts_per_rung']}")  # fmt: skip
     print(f"  sandbox: {totals['programs_run']} programs; loop {totals['loop_programs_per_s'] or 0:.2f} programs/s")
     return summary
 

@@ -9,6 +9,7 @@ from .config_fields import json_field
 from .teachers import TEACHERS
 
 TASK_SAMPLING = ("lilo", "uniform")
+SOLUTION_FORMATS = ("prefix", "comment")
 THINKING = ("auto", "on", "off")
 
 # The texts baked after each level (overridable in the YAML). Written for this project.
@@ -75,8 +76,36 @@ class CurriculumConfig(ForgeTrainingArguments):
     successes_to_remove: int = field(
         default=3, metadata={"help": "Consecutive unaided successes on a task (and its variants) that remove it."}
     )
-    hint_retries: int = field(
-        default=1, metadata={"help": "Retries with the teacher's hint after a failed attempt (0: no hints)."}
+    hint_retries: int | None = field(
+        default=None,
+        metadata={
+            "help": "Retries with the teacher's hint after a failed attempt (0: no hints); default: one per "
+            "`hint_solution_fractions` entry, else 1."
+        },
+    )
+    hint_solution_fractions: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "The hint ladder: per retry, the share of the teacher's solution body shown with the prose hint "
+            "(QuestA-style partial solutions, arXiv 2507.13266), non-decreasing in [0, 1], e.g. [0.0, 0.5, 1.0]; "
+            "default: 0 for every retry (prose hints only). Verified successes train without hint or solution "
+            "in context."
+        },
+    )
+    hint_solution_format: str = field(
+        default="prefix",
+        metadata={
+            "help": "How a rung shows the partial solution: 'prefix' (the body's first part is written into the "
+            "function for the model to continue; the program that runs and trains is that part plus the "
+            "continuation) or 'comment' (comment lines above the function; the model writes the whole body)."
+        },
+    )
+    variant_after_hinted_success: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a task by a variant after a hinted success too (it still never counts towards "
+            "removal), so the same instance is not trained on every round; useful with solution rungs."
+        },
     )
     task_sampling: str = field(
         default="lilo",
@@ -184,6 +213,17 @@ class CurriculumConfig(ForgeTrainingArguments):
     def __post_init__(self) -> None:
         owner = "CurriculumConfig"
         self.levels = list(json_field(self.levels, owner, "levels") or [1, 10])
+        fractions = json_field(self.hint_solution_fractions, owner, "hint_solution_fractions")
+        if fractions is not None and not isinstance(fractions, list | tuple):
+            fractions = [fractions]
+        if self.hint_retries is None:
+            self.hint_retries = 1 if fractions is None else len(fractions)
+        if fractions is None and isinstance(self.hint_retries, int) and self.hint_retries >= 0:
+            fractions = [0.0] * self.hint_retries
+        self.hint_solution_fractions = list(fractions or [])
+        ladder = self.hint_solution_fractions
+        ladder_ok = all(isinstance(f, int | float) and not isinstance(f, bool) and 0.0 <= f <= 1.0 for f in ladder) \
+            and all(a <= b for a, b in zip(ladder, ladder[1:], strict=False))  # fmt: skip
         self.teacher_kwargs = dict(json_field(self.teacher_kwargs, owner, "teacher_kwargs") or {})
         prompts = json_field(self.bake_prompts, owner, "bake_prompts")
         self.bake_prompts = dict(DEFAULT_BAKE_PROMPTS if prompts is None else prompts)
@@ -209,6 +249,13 @@ class CurriculumConfig(ForgeTrainingArguments):
              "use a share in [0, 1), e.g. 0.05"),
             (self.successes_to_remove >= 1, "successes_to_remove", "must be >= 1", "use 3 (SPEC)"),
             (self.hint_retries >= 0, "hint_retries", "must be >= 0", "use 1, or 0 for no hints"),
+            (ladder_ok, "hint_solution_fractions", f"is {ladder}",
+             "use non-decreasing shares in [0, 1], one per hint retry, e.g. [0.0, 0.5, 1.0]"),
+            (len(ladder) == self.hint_retries, "hint_solution_fractions",
+             f"has {len(ladder)} rungs but hint_retries is {self.hint_retries}",
+             "give one fraction per retry, or leave hint_retries unset (it then follows the fractions)"),
+            (self.hint_solution_format in SOLUTION_FORMATS, "hint_solution_format",
+             f"is {self.hint_solution_format!r}", f"use one of {SOLUTION_FORMATS}"),
             (self.task_sampling in TASK_SAMPLING, "task_sampling", f"is {self.task_sampling!r}",
              f"use one of {TASK_SAMPLING}"),
             (self.teacher in TEACHERS, "teacher", f"is {self.teacher!r}", f"use one of {sorted(TEACHERS)}"),
@@ -265,4 +312,4 @@ class CurriculumConfig(ForgeTrainingArguments):
         return round(first + (last - first) * (level - 1) / 9)
 
 
-__all__ = ["DEFAULT_BAKE", "DEFAULT_BAKE_PROMPTS", "TASK_SAMPLING", "THINKING", "CurriculumConfig"]
+__all__ = ["DEFAULT_BAKE", "DEFAULT_BAKE_PROMPTS", "SOLUTION_FORMATS", "TASK_SAMPLING", "THINKING", "CurriculumConfig"]

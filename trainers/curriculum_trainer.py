@@ -11,8 +11,12 @@ weights, trained with MuGrokfast in STE mode and packed again at the end), then:
    tokens; spans are stripped before execution); the programs run in the sandbox in concurrent batches
    (`evaluation.sandbox` via the code family). Success: a variant replaces the task, `successes_to_remove`
    consecutive successes remove it. Failure: the teacher's hint (procedural by default, offline) and a retry with the
-   hint in context. The round trains on the successes and on the hinted successes **without the hint** in context
-   (STaR's rationalization, Zelikman et al. 2022), plus a replay share of earlier levels. The level ends when the
+   hint in context; with a hint ladder (`hint_solution_fractions`) each further retry also shows a larger part of the
+   teacher's verified solution (QuestA's partial solutions, arXiv 2507.13266), written into the function for the
+   model to continue or as comment lines. The round trains on the successes and on the hinted successes **without the
+   hint or the shown solution** in context (STaR's rationalization, Zelikman et al. 2022; with a prefix rung the
+   trained body is the program that passed: the shown part plus the model's continuation), plus a replay share of
+   earlier levels. The level ends when the
    pool has shrunk to `mastery_fraction` of its size or the round budget is spent.
 3. **After each level:** half-bakes of the eudaimonia, OODA and identity prompts (`bake_prompt` machinery, LoRA on
    the ternary layers via `trainers.bitnet_lora`); self-modeling in temperature bands (the model predicts masked
@@ -84,6 +88,15 @@ def split_context(prompt: str) -> tuple[str, str]:
     return context, prompt[len(context) :]
 
 
+def generation_context(prompt: str) -> str:
+    """What the model continues: `split_context`'s context, except that a prompt ending in a finished code line (a
+    ladder rung showing the whole solution) keeps its final newline, so that ending the function is the natural
+    continuation (measured: without it a tiny model extends the last line on templates it has not seen)."""
+    context, suffix = split_context(prompt)
+    finished_code = suffix == "\n" and not context.endswith('"""') and not context.endswith(":")
+    return context + "\n" if finished_code else context
+
+
 def reference_completion(example: Example) -> str:
     """The reference body as a continuation of the example's context (`split_context`)."""
     return split_context(example.prompt)[1] + example.target
@@ -93,6 +106,41 @@ def with_hint(prompt: str, hint: str) -> str:
     """The retry prompt: the hint as comment lines above the function (the model stays in code mode)."""
     lines = [line.strip() for line in hint.strip().splitlines() if line.strip()]
     return "".join(f"# {line}\n" for line in lines) + prompt
+
+
+def partial_solution(body: str | None, fraction: float) -> str:
+    """The first `fraction` of a solution body by characters, cut back to the last whitespace (so the model never
+    continues inside a word), without trailing whitespace; '' for fraction 0 or no body, the whole body (ending in
+    its newline: nothing is left but to end the function) at 1."""
+    if not body or fraction <= 0:
+        return ""
+    if fraction >= 1:
+        return body.rstrip() + "\n"
+    cut = int(fraction * len(body))
+    while cut > 0 and not body[cut].isspace():
+        cut -= 1
+    return body[:cut].rstrip() if body[:cut].strip() else ""
+
+
+def ladder_prompt(prompt: str, hint: str, partial: str, form: str = "prefix") -> str:
+    """A hint-ladder rung's prompt: the prose hint as comment lines above the function (`with_hint`), and the
+    partial solution either written into the function for the model to continue ('prefix') or as comment lines
+    after the hint ('comment'). With no partial solution it is the prose rung, `with_hint(prompt, hint)`."""
+    if not partial:
+        return with_hint(prompt, hint)
+    if form == "prefix":
+        return with_hint(prompt, hint) + partial.lstrip("\n")
+    shown = "".join(f"# {line}\n" for line in partial.strip("\n").splitlines())
+    return with_hint(prompt, hint).removesuffix(prompt) + "# Solution lines:\n" + shown + prompt
+
+
+def ladder_completion(prompt: str, partial: str, completion: str, form: str = "prefix") -> str:
+    """The completion that runs (and, when verified, trains) for a rung's output: with a 'prefix' rung the shown
+    part of the solution plus the model's continuation, as a continuation of the task prompt's context; else the
+    model's completion itself."""
+    if form != "prefix" or not partial:
+        return completion
+    return split_context(prompt)[1] + partial.lstrip("\n") + completion
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,7 +157,7 @@ class Policy(Protocol):
 
 
 class ModelPolicy:
-    """`model.generate` continuations of each prompt's context (`split_context`), decoded with thought tokens kept
+    """`model.generate` continuations of each prompt's context (`generation_context`), decoded with thought tokens kept
     (other special tokens dropped); with `think` every completion starts inside a thought span (`<think>` is
     appended to the context and returned with the text). The code that runs is `prompt + strip_thoughts(completion)`
     (the completion's own leading newline then makes an empty line, which Python ignores)."""
@@ -122,7 +170,7 @@ class ModelPolicy:
     def complete(self, prompts, *, temperature, num_samples=1, seed=0):
         tokenizer, model = self.tokenizer, self.model
         prefix = THOUGHT_START if self.think else ""
-        encoded = [tokenizer(split_context(p)[0] + prefix)["input_ids"] for p in prompts]
+        encoded = [tokenizer(generation_context(p) + prefix)["input_ids"] for p in prompts]
         sample = temperature is not None and temperature > 0
         drop = {i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
         out: list[list[str]] = [[] for _ in prompts]
@@ -175,6 +223,7 @@ class PoolTask:
     hints: list[str] = field(default_factory=list)
     hinted_attempts: int = 0
     hinted_successes: int = 0
+    rung_successes: list[int] = field(default_factory=list)  # hinted successes per rung of the hint ladder
     removed: bool = False
 
     @property
@@ -220,6 +269,17 @@ class TaskPool:
             task.example = self.family.make_variant(task.example, seed=task.variants + 1)
             task.variants += 1
 
+    def record_hinted_success(self, task: PoolTask, rung: int, variant: bool = False) -> None:
+        """A success with a hint: counted per ladder rung, never towards removal (the streak stays 0); with
+        `variant` the task is replaced by a variant, so a task solved only with help is not trained again on the
+        very same instance every round (fresh constants instead of a memorized solution)."""
+        task.hinted_successes += 1
+        task.rung_successes += [0] * (rung + 1 - len(task.rung_successes))
+        task.rung_successes[rung] += 1
+        if variant:
+            task.example = self.family.make_variant(task.example, seed=task.variants + 1)
+            task.variants += 1
+
     def record_failure(self, task: PoolTask) -> None:
         task.attempts += 1
         task.streak = 0
@@ -235,12 +295,49 @@ class TaskPool:
             "variants": sum(t.variants for t in self.tasks),
             "hints": sum(len(t.hints) for t in self.tasks),
             "hinted_successes": sum(t.hinted_successes for t in self.tasks),
+            "hinted_successes_per_rung": _sum_lists([t.rung_successes for t in self.tasks]),
         }
+
+
+def _sum_lists(lists: Sequence[Sequence[int]]) -> list[int]:
+    """Element-wise sums of lists of unequal length."""
+    width = max((len(x) for x in lists), default=0)
+    return [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
+
+
+class SolutionCache:
+    """The teacher's solution bodies for the hint ladder, asked once per task (variant) and, unless the teacher's
+    are verified by construction (procedural: the reference), checked in the sandbox first: a wrong solution is
+    never shown. Where the teacher has none, the ladder stops at prose hints (logged)."""
+
+    def __init__(self, teacher: Teacher, family: CodeFamily) -> None:
+        self.teacher, self.family = teacher, family
+        self.bodies: dict[str, str | None] = {}
+        self.programs = 0  # sandbox runs spent verifying
+
+    def get(self, examples: Sequence[Example]) -> list[str | None]:
+        todo = list({e.key: e for e in examples if e.key not in self.bodies}.values())
+        if todo:
+            bodies = list(self.teacher.solutions(todo))
+            if not self.teacher.solutions_verified:
+                checkable = [i for i, body in enumerate(bodies) if body]
+                ran = self.family.run([todo[i] for i in checkable],
+                                      [split_context(todo[i].prompt)[1] + bodies[i] for i in checkable])  # fmt: skip
+                self.programs += len(checkable)
+                for i, result in zip(checkable, ran, strict=True):
+                    if result is None or not result.passed:
+                        bodies[i] = None
+            missing = sum(1 for body in bodies if not body)
+            if missing:
+                logger.warning("Phase 5: teacher %r gave no verified solution for %d of %d tasks; their hint-ladder "
+                               "rungs show the prose hint only.", self.teacher.name, missing, len(todo))  # fmt: skip
+            self.bodies.update({e.key: body for e, body in zip(todo, bodies, strict=True)})
+        return [self.bodies[e.key] for e in examples]
 
 
 @dataclass
 class TrainingPair:
-    """A training example: the prompt (never the hint) and the model's own successful completion (thoughts kept)."""
+    """A training example: the prompt (never the hint) and the successful completion that ran (thoughts kept)."""
 
     prompt: str
     completion: str
@@ -274,6 +371,7 @@ def run_level(
     rng = random.Random(seed)
     family = pool.family
     rounds = []
+    solutions = SolutionCache(teacher, family)
     for index in range(config.max_rounds):
         if pool.mastered(config.mastery_fraction):
             break
@@ -295,29 +393,42 @@ def run_level(
                 failed.append((task, example, attempt, result))
         unaided = len(pairs)
         hinted_attempts = hinted_successes = 0
+        rungs, verified_before = [], solutions.programs
         for retry in range(config.hint_retries):
             if not failed:
                 break
+            fraction = config.hint_solution_fractions[retry]
+            form = config.hint_solution_format
             hints = teacher.hints([f[1] for f in failed], [f[3] for f in failed],
                                   [strip_thoughts(f[2]) for f in failed], family)  # fmt: skip
-            prompts = [with_hint(f[1].prompt, hint) for f, hint in zip(failed, hints, strict=True)]
-            retries = [c[0] for c in policy.complete(prompts, temperature=config.temperature, num_samples=1,
+            bodies = solutions.get([f[1] for f in failed]) if fraction > 0 else [None] * len(failed)
+            partials = [partial_solution(body, fraction) for body in bodies]
+            prompts = [ladder_prompt(f[1].prompt, hint, partial, form)
+                       for f, hint, partial in zip(failed, hints, partials, strict=True)]  # fmt: skip
+            outputs = [c[0] for c in policy.complete(prompts, temperature=config.temperature, num_samples=1,
                                                      seed=seed + 1000 * index + 100 * (retry + 1))]  # fmt: skip
+            retries = [ladder_completion(f[1].prompt, partial, out, form)
+                       for f, partial, out in zip(failed, partials, outputs, strict=True)]  # fmt: skip
             retry_results = family.run([f[1] for f in failed], [strip_thoughts(a) for a in retries])
             programs += len(failed)
             still = []
+            rung = {"rung": retry, "fraction": fraction, "attempts": len(failed),
+                    "solution_shown": sum(1 for p in partials if p), "successes": 0}  # fmt: skip
             for (task, example, _, _), hint, attempt, result in zip(failed, hints, retries, retry_results,
                                                                     strict=True):  # fmt: skip
                 task.hints.append(hint)
                 task.hinted_attempts += 1
                 hinted_attempts += 1
-                if result is not None and result.passed:  # trained WITHOUT the hint: the task's own prompt
-                    task.hinted_successes += 1
+                if result is not None and result.passed:  # trained WITHOUT hint or solution: the task's own prompt
+                    pool.record_hinted_success(task, retry, config.variant_after_hinted_success)
                     hinted_successes += 1
+                    rung["successes"] += 1
                     pairs.append(TrainingPair(example.prompt, training_completion(attempt), "hinted", level))
                 else:
                     still.append((task, example, attempt, result))
+            rungs.append(rung)
             failed = still
+        programs += solutions.programs - verified_before  # the teacher's solutions checked in the sandbox
         if learned is not None:
             learned.extend(pairs)
         n_replay = 0
@@ -334,6 +445,7 @@ def run_level(
             "success_rate": unaided / max(len(tasks), 1),
             "hinted_attempts": hinted_attempts,
             "hinted_successes": hinted_successes,
+            "rungs": rungs,
             "replayed": n_replay,
             "programs": programs,
             "generate_and_run_s": sandbox_s,
@@ -341,8 +453,9 @@ def run_level(
             "train": trained,
         }
         rounds.append(record)
-        logger.info("Phase 5 level %d round %d: %d/%d solved, %d/%d with hints, pool %d/%d", level, index, unaided,
-                    len(tasks), hinted_successes, hinted_attempts, len(pool.active), pool.initial_size)  # fmt: skip
+        logger.info("Phase 5 level %d round %d: %d/%d solved, %d/%d with hints (per rung %s), pool %d/%d", level,
+                    index, unaided, len(tasks), hinted_successes, hinted_attempts,
+                    [r["successes"] for r in rungs], len(pool.active), pool.initial_size)  # fmt: skip
         if on_round is not None:
             on_round(record)
     return rounds
@@ -756,6 +869,10 @@ def _report(config: CurriculumConfig, placement: dict, levels: list[int], before
             "unaided_successes": sum(r["successes"] for r in rounds),
             "hints_used": sum(r["hinted_attempts"] for r in rounds),
             "hinted_successes": sum(r["hinted_successes"] for r in rounds),
+            "hint_solution_fractions": list(config.hint_solution_fractions),
+            "hint_solution_format": config.hint_solution_format,
+            "hinted_successes_per_rung": _sum_lists([[x["successes"] for x in r.get("rungs", [])] for r in rounds]),
+            "hinted_attempts_per_rung": _sum_lists([[x["attempts"] for x in r.get("rungs", [])] for r in rounds]),
             "programs_run": programs,
             "loop_generate_and_run_s": run_s,
             "loop_programs_per_s": sum(r["programs"] for r in rounds) / run_s if run_s > 0 else None,
@@ -841,7 +958,11 @@ __all__ = [
     "band_temperatures",
     "choose_start_level",
     "evaluate_levels",
+    "generation_context",
+    "ladder_completion",
+    "ladder_prompt",
     "masked_self_items",
+    "partial_solution",
     "pass_at_k",
     "place",
     "reference_completion",

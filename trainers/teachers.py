@@ -14,8 +14,10 @@ or an HTTP endpoint) write a free-text rationale; it becomes one thought before 
 rationale reaches the right answer (STaR's filter), unless `keep_incorrect=True`.
 """
 
+import ast
 import os
 import re
+import textwrap
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,6 +96,14 @@ class Teacher(ABC):
             hints.append(family.hint(example, result, completion) if result is not None else _no_body_hint(example))
         return hints
 
+    # Whether `solutions` returns bodies already verified by the task's tests (else the curriculum verifies them).
+    solutions_verified: bool = False
+
+    def solutions(self, examples: Sequence[Example]) -> list[str | None]:
+        """The teacher's solution body per example (Phase 5's hint ladder shows part of it), None where it has
+        none. This base teacher has none: the ladder then stops at prose hints."""
+        return [None] * len(examples)
+
 
 class ProceduralTeacher(Teacher):
     """Offline teacher for task families with structured worked steps (`meta["steps"]`, e.g. arithmetic)."""
@@ -114,6 +124,12 @@ class ProceduralTeacher(Teacher):
             completion = "\n" + "\n".join(lines)
             results.append(ReasoningExample(example.prompt, completion, example.answer, self.name, example.family, {}))
         return results
+
+    solutions_verified = True  # the reference bodies are what the tests were computed from
+
+    def solutions(self, examples: Sequence[Example]) -> list[str | None]:
+        """The task's reference body (code family: `meta["solution"]` is prompt + this body); None for others."""
+        return [e.target if e.meta.get("solution") == e.prompt + e.target else None for e in examples]
 
 
 class _RationaleTeacher(Teacher):
@@ -165,11 +181,46 @@ class _RationaleTeacher(Teacher):
         texts = self.rationales([HINT_INSTRUCTION.format(prompt=e.prompt, facts=f) for e, f in pairs])
         return [" ".join(t.split())[: self.max_thought_chars] or f for t, f in zip(texts, facts, strict=True)]
 
+    def solutions(self, examples: Sequence[Example]) -> list[str | None]:
+        """The language model's own solution: asked to complete the function, its code is parsed and the body
+        kept (None where it wrote no parsable function; the curriculum verifies the rest in the sandbox)."""
+        texts = self.rationales([SOLUTION_INSTRUCTION.format(prompt=e.prompt) for e in examples])
+        return [function_body(text, e.meta.get("entry_point")) for e, text in zip(examples, texts, strict=True)]
+
 
 HINT_INSTRUCTION = (
     "A student's attempt at this function failed.\n\n{prompt}\nWhat the test run reported: {facts}\n\n"
     "Write one short hint (one or two sentences) that helps the student fix it without giving the full code."
 )
+
+SOLUTION_INSTRUCTION = (
+    "Complete this Python function. Reply with the whole function in one ```python code block and nothing else.\n\n"
+    "{prompt}"
+)
+_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
+
+
+def function_body(text: str, entry_point: str | None = None) -> str | None:
+    """The body of function `entry_point` (else the first function) in a model's reply, docstring dropped and
+    indented by four spaces, or None when the reply holds no parsable function. Written here: no kept library
+    extracts a function body from free text."""
+    fenced = _FENCE.findall(text or "")
+    for code in fenced or [text or ""]:
+        try:
+            tree = ast.parse(textwrap.dedent(code))
+        except SyntaxError:
+            continue
+        functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        chosen = next((f for f in functions if f.name == entry_point), functions[0] if functions else None)
+        if chosen is None:
+            continue
+        body = list(chosen.body)
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):  # fmt: skip
+            body = body[1:]
+        if body:
+            return textwrap.indent("\n".join(ast.unparse(node) for node in body), "    ") + "\n"
+    return None
 
 
 def _no_body_hint(example: Example) -> str:
@@ -337,10 +388,12 @@ __all__ = [
     "ModelTeacher",
     "OpenAICompatibleTeacher",
     "ProceduralTeacher",
+    "SOLUTION_INSTRUCTION",
     "ReasoningExample",
     "TEACHERS",
     "Teacher",
     "extract_final_number",
+    "function_body",
     "get_teacher",
     "thought",
     "write_reasoning_examples",

@@ -19,10 +19,15 @@ from recipes.phase5 import main, make_parser
 from trainers import curriculum_trainer
 from trainers.curriculum_config import CurriculumConfig
 from trainers.curriculum_trainer import (
+    SolutionCache,
     TaskPool,
     backward_transfer,
     choose_start_level,
+    generation_context,
+    ladder_completion,
+    ladder_prompt,
     masked_self_items,
+    partial_solution,
     pass_at_k,
     place,
     run_level,
@@ -30,7 +35,7 @@ from trainers.curriculum_trainer import (
     with_hint,
 )
 from trainers.phase_output import weights_sha256
-from trainers.teachers import get_teacher
+from trainers.teachers import ProceduralTeacher, Teacher, _RationaleTeacher, function_body, get_teacher
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 needs_bwrap = pytest.mark.skipif(not sandbox.isolation_available(), reason="bubblewrap is not usable here")
@@ -170,6 +175,160 @@ def test_thoughts_are_stripped_before_execution_and_hints_go_above_the_function(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The hint ladder: later retries show part of the teacher's solution
+# ----------------------------------------------------------------------------------------------------------------
+
+BODY = "    total = 0\n    for item in items:\n        total += item\n    return total\n"
+PROMPT = 'def f(items):\n    """Sum the items."""\n'
+
+
+def test_ladder_rungs_show_the_hint_then_growing_parts_of_the_solution():
+    assert partial_solution(BODY, 0.0) == "" and partial_solution(None, 1.0) == ""
+    assert partial_solution(BODY, 1.0) == BODY  # whole: ends in its newline, only ending the function is left
+    half = partial_solution(BODY, 0.5)
+    assert half == "    total = 0\n    for item in items:" and BODY.startswith(half)  # cut back to whitespace
+    assert partial_solution("    return x + 3\n", 0.7) == "    return"  # never inside a word
+    assert ladder_prompt(PROMPT, "Add them.", "", "prefix") == with_hint(PROMPT, "Add them.")  # the prose rung
+    assert ladder_prompt(PROMPT, "Add them.", half, "prefix") == f"# Add them.\n{PROMPT}{half}"
+    assert ladder_prompt(PROMPT, "Add them.", half, "comment") == (
+        f"# Add them.\n# Solution lines:\n#     total = 0\n#     for item in items:\n{PROMPT}"
+    )
+    # a prefix rung's program is the shown part plus the model's continuation, continuing the task's context
+    ran = ladder_completion(PROMPT, half, "\n        total += item\n    return total\n", "prefix")
+    assert PROMPT + ran == PROMPT + "\n" + BODY
+    assert ladder_completion(PROMPT, half, "    return 0\n", "comment") == "    return 0\n"
+    whole = ladder_prompt(PROMPT, "Add them.", partial_solution(BODY, 1.0), "prefix")
+    assert whole == f"# Add them.\n{PROMPT}{BODY}" and ladder_completion(PROMPT, BODY, "", "prefix") == "\n" + BODY
+    # the model continues a finished body on a new line, a half line where it stops, a task after its docstring
+    assert generation_context(whole) == whole and generation_context(PROMPT) == PROMPT.rstrip()
+    assert generation_context(ladder_prompt(PROMPT, "Add them.", half, "prefix")).endswith("for item in items:")
+
+
+def _ladder_answer(form: str):
+    """A scripted coder that fails unaided and with prose or half a solution, and succeeds only when the whole
+    reference is shown: it then stops (prefix) or copies the commented lines (comment)."""
+
+    def answer(prompt, index):
+        if form == "prefix":
+            for task_prompt, body in _REFERENCE.items():
+                if prompt.endswith(task_prompt + body):
+                    return ""
+            return "\n    return None\n"
+        lines = prompt.split("# Solution lines:\n", 1)
+        if len(lines) == 2:
+            shown = [line[2:] for line in lines[1].splitlines() if line.startswith("# ")]
+            task = lines[1].split("\n", len(shown))[-1]
+            if "\n".join(shown) + "\n" == _REFERENCE[task]:
+                return "\n" + "\n".join(shown) + "\n"
+        return "    return None\n"
+
+    return answer
+
+
+@needs_bwrap
+@pytest.mark.parametrize("form", ["prefix", "comment"])
+def test_a_coder_that_needs_the_solution_gets_hinted_successes_trained_without_it(tmp_path, form):
+    family = get_task_family("code", require_isolation=True)
+    examples = family.generate("train", 3, seed=4, difficulty=2)
+    _remember(examples)
+    policy = ScriptedPolicy(_ladder_answer(form))
+    trained: list = []
+    pool = TaskPool(examples, family)
+    config = _config(tmp_path, max_rounds=2, pool_size=3, attempts_per_round=3,
+                     hint_solution_fractions=[0.0, 0.5, 1.0], hint_solution_format=form)  # fmt: skip
+    assert config.hint_retries == 3
+    rounds = run_level(pool, policy, get_teacher("procedural"), lambda pairs: trained.append(pairs) or {},
+                       level=2, config=config)  # fmt: skip
+    for record in rounds:  # per rung: attempts, solutions shown, successes
+        assert [r["fraction"] for r in record["rungs"]] == [0.0, 0.5, 1.0]
+        assert [r["attempts"] for r in record["rungs"]] == [3, 3, 3]
+        assert [r["successes"] for r in record["rungs"]] == [0, 0, 3]
+        assert record["rungs"][0]["solution_shown"] == 0 and record["rungs"][2]["solution_shown"] == 3
+        assert record["successes"] == 0 and record["hinted_successes"] == 3
+    assert pool.stats()["hinted_successes_per_rung"] == [0, 0, 6]
+    assert all(t.rung_successes == [0, 0, 2] for t in pool.tasks)
+    pairs = [p for batch in trained for p in batch]
+    assert len(pairs) == 6 and all(p.kind == "hinted" for p in pairs)
+    for pair in pairs:  # trained without hint or solution in context; the completion is the verified program
+        assert pair.prompt in {e.prompt for e in examples}
+        assert "#" not in pair.prompt and "Hint" not in pair.prompt and "Solution" not in pair.prompt
+        assert "#" not in pair.completion
+        assert pair.completion.strip() == _REFERENCE[pair.prompt].strip()
+    shown = [p for p in policy.prompts if "return None" not in p and p.startswith("# ")]
+    assert len(shown) == 18  # 3 rungs x 3 tasks x 2 rounds
+    if form == "prefix":  # the 0.5 rung writes half the body into the function
+        assert any(p.endswith(partial_solution(_REFERENCE[e.prompt], 0.5)) and partial_solution(
+            _REFERENCE[e.prompt], 0.5) for p in shown for e in examples)  # fmt: skip
+
+
+@needs_bwrap
+def test_hinted_successes_can_bring_variants_without_counting_towards_removal(tmp_path):
+    family = get_task_family("code", require_isolation=True)
+    examples = family.generate("train", 2, seed=7, difficulty=1)
+    _remember(examples)
+    pool = TaskPool(examples, _Variants(family))
+    trained: list = []
+    config = _config(tmp_path, max_rounds=2, pool_size=2, attempts_per_round=2, hint_solution_fractions=[1.0],
+                     variant_after_hinted_success=True)  # fmt: skip
+    run_level(pool, ScriptedPolicy(_ladder_answer("prefix")), get_teacher("procedural"),
+              lambda pairs: trained.append(pairs) or {}, level=1, config=config)  # fmt: skip
+    assert all(t.variants == 2 and t.streak == 0 and not t.removed and t.rung_successes == [2] for t in pool.tasks)
+    prompts = [p.prompt for batch in trained for p in batch]
+    assert len(prompts) == 4 and len(set(prompts)) == 4  # a fresh instance each round, not the same one again
+
+
+class _NoSolutions(Teacher):
+    name = "no-solutions"
+
+    def annotate(self, examples):
+        return [None] * len(examples)
+
+
+@needs_bwrap
+def test_a_teacher_without_solutions_stops_the_ladder_at_prose_hints(tmp_path, caplog):
+    family = get_task_family("code", require_isolation=True)
+    examples = family.generate("train", 2, seed=5, difficulty=1)
+    _remember(examples)
+    policy = ScriptedPolicy(_ladder_answer("prefix"))
+    config = _config(tmp_path, max_rounds=1, pool_size=2, attempts_per_round=2, hint_solution_fractions=[0.0, 1.0])
+    with caplog.at_level("WARNING"):
+        rounds = run_level(TaskPool(examples, family), policy, _NoSolutions(), lambda pairs: {}, level=1,
+                           config=config)  # fmt: skip
+    assert [r["solution_shown"] for r in rounds[0]["rungs"]] == [0, 0]
+    assert [r["successes"] for r in rounds[0]["rungs"]] == [0, 0]
+    assert "gave no verified solution for 2 of 2 tasks" in caplog.text
+    assert all(p.startswith("# ") and not p.rstrip().endswith("return") for p in policy.prompts[2:])
+
+
+class _WritesCode(_RationaleTeacher):
+    """A language-model teacher whose replies are scripted: right for the first task, wrong for the second."""
+
+    name = "scripted-lm"
+
+    def __init__(self, replies):
+        super().__init__()
+        self.replies = replies
+
+    def rationales(self, questions):
+        return [self.replies[i % len(self.replies)] for i in range(len(questions))]
+
+
+@needs_bwrap
+def test_a_language_model_teachers_solutions_are_parsed_and_verified_before_they_are_shown():
+    family = get_task_family("code", require_isolation=True)
+    right, wrong = family.generate("train", 2, seed=6, difficulty=1)
+    name = right.meta["entry_point"]
+    reply = f"Here:\n```python\n{right.prompt}{right.target}```\nDone."
+    assert function_body(reply, name) == right.target
+    assert function_body("no code here", name) is None
+    assert ProceduralTeacher().solutions([right]) == [right.target]
+    cache = SolutionCache(_WritesCode([reply, "```python\ndef g(x):\n    return -12345\n```"]), family)
+    assert cache.get([right, wrong]) == [right.target, None]  # the wrong one failed its tests in the sandbox
+    assert cache.programs == 2
+    assert cache.get([right]) == [right.target] and cache.programs == 2  # asked and checked once per task
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Placement and sampling
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -244,12 +403,23 @@ def test_backward_transfer_is_final_minus_right_after():
         ({"teacher": "oracle"}, "teacher"),
         ({"model_name_or_path": None}, "model_name_or_path"),
         ({"bake": {"fraction": 2.0}}, "bake"),
+        ({"hint_solution_fractions": [0.5, 0.2]}, "hint_solution_fractions"),
+        ({"hint_solution_fractions": [0.0, 1.5]}, "hint_solution_fractions"),
+        ({"hint_solution_fractions": [0.0, 1.0], "hint_retries": 1}, "hint_solution_fractions"),
+        ({"hint_solution_format": "inline"}, "hint_solution_format"),
     ],
 )
 def test_config_errors_name_the_field_and_the_fix(tmp_path, overrides, name):
     with pytest.raises(ValueError, match=rf"CurriculumConfig\.{name} .*(Fix|fraction)"):
         _config(tmp_path, **overrides)
     _config(tmp_path)  # and the defaults are valid
+
+
+def test_hint_ladder_defaults_follow_hint_retries_or_the_fractions(tmp_path):
+    assert (_config(tmp_path).hint_retries, _config(tmp_path).hint_solution_fractions) == (1, [0.0])
+    assert _config(tmp_path, hint_retries=2).hint_solution_fractions == [0.0, 0.0]
+    assert _config(tmp_path, hint_solution_fractions="[0, 0.5, 1]").hint_retries == 3
+    assert _config(tmp_path, hint_retries=0).hint_solution_fractions == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
