@@ -24,7 +24,11 @@ class PromptBakingConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        metadata={"help": "Module names that get LoRA adapters (attention and MLP projections by default)."},
+        metadata={
+            "help": "Module-name suffixes that get LoRA adapters (peft matching). The default hits every "
+            "attention, MLP, neural-memory and TRM-refiner projection of a Forge model (Llama-style names on Hub "
+            "models); list full paths such as `layers.0.self_attn.q_proj` to narrow it."
+        },
     )
     trainable_token_indices: list[int] | None = field(
         default=None,

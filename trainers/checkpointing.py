@@ -94,6 +94,30 @@ def _normalise_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush one file's or folder's contents to the disk (a folder's fsync makes the renames in it durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:  # e.g. a folder on a file system that cannot be opened read-only: durability is best-effort
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file, then every folder bottom-up, so a power cut after the rename cannot leave empty files in a
+    folder that looks finished (a rename is only ordered after the data when the data was flushed first)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if not path.is_symlink():
+            _fsync_path(path)
+    _fsync_path(folder)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `final`; on success it replaces `final` in one rename.
@@ -113,11 +137,13 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _normalise_permissions(staging)
+    _fsync_tree(staging)
     retired = None
     if final.exists():
         retired = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, retired)
     os.replace(staging, final)
+    _fsync_path(final.parent)
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
 

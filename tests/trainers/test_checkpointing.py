@@ -1,5 +1,7 @@
 """Atomic output folders: complete or absent, never half-written."""
 
+from pathlib import Path
+
 import pytest
 
 from trainers.checkpointing import atomic_directory
@@ -113,3 +115,36 @@ def test_kill_9_while_replacing_an_output_never_loses_the_last_good_one(tmp_path
     assert leftovers and all(".phase3." in name for name in leftovers)  # hidden, never under the final name
     assert finished_output(final) and (final / "v").read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["phase3"]  # staging and retired folders cleared
+
+
+def test_every_file_and_folder_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    """A power cut right after the rename must not leave a finished-looking folder with unflushed (empty) files."""
+    import os
+
+    from trainers import checkpointing
+
+    flushed: list[str] = []
+    renamed_after: list[list[str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    def replace(src, dst) -> None:
+        renamed_after.append(list(flushed))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "fsync", fsync)
+    monkeypatch.setattr(checkpointing.os, "replace", replace)
+    final = tmp_path / "out"
+    with atomic_directory(final) as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "weights.bin").write_bytes(b"x" * 10)
+        (staging / "config.json").write_text("{}")
+        staging_name = str(staging)
+    before_rename = set(renamed_after[-1])
+    for name in ("sub/weights.bin", "config.json", "sub", ""):
+        assert str(Path(staging_name) / name).rstrip("/") in before_rename, name
+    assert flushed[-1] == str(tmp_path)  # the parent folder, after the rename, so the rename itself is durable
+    assert (final / "sub" / "weights.bin").read_bytes() == b"x" * 10
