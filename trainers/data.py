@@ -253,11 +253,13 @@ def _task_blocks(
     levels = list(range(difficulty[0], difficulty[1] + 1))
     per_level = max(8, n_blocks // len(levels) + 1)
     for level in levels:
-        try:
-            examples = family.generate(split, per_level, seed=seed, difficulty=level)
-        except ValueError as error:  # a small level's problem space: take what exists, and say so
-            logger.info("%s difficulty %d: %s", family_name, level, error)
-            continue
+        examples, wanted = [], per_level
+        while not examples and wanted >= 1:
+            try:
+                examples = family.generate(split, wanted, seed=seed, difficulty=level)
+            except ValueError as error:  # a small level's problem space: take what exists (halving), and say so
+                logger.info("%s difficulty %d: %s Taking %d.", family_name, level, error, wanted // 2)
+                wanted //= 2
         texts.extend((example.prompt, example.target) for example in examples)  # tokenized as at generation
     random.Random(seed).shuffle(texts)
     return pack_examples(texts, tokenizer, block_size)

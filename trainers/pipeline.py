@@ -285,7 +285,8 @@ class PipelineState:
             "config_file": config.config_file, "from_phase": config.from_phase, "to_phase": config.to_phase,
             "started": _now(), "updated": _now(), "ended": None, "current_phase": None,
             "phases": {str(n): {"number": n, "name": spec.name, "status": "pending", "output": str(spec.output(
-                config.run_dir)), "started": None, "ended": None, "seconds": None, "error": None, "note": None}
+                config.run_dir)), "started": None, "ended": None, "seconds": None, "cpu_seconds": None, "error": None,
+                "note": None}
                 for n, spec in PHASES.items()},
             "evaluation": {"status": "pending" if config.evaluate else "skipped", "error": None},
             "report": None,
@@ -317,6 +318,15 @@ def phase_finished(run_dir: Path, number: int) -> bool:
     return (output / "config.json").exists()
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children (sandboxed code, workers): on a shared
+    machine it estimates the phase's unshared wall time better than the wall clock does."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_pipeline(config: PipelineConfig, *, runners: dict[int, Callable] | None = None) -> dict[str, Any]:
     """Run phases `from_phase..to_phase` (skipping finished ones), evaluate, write the report; returns a summary.
 
@@ -345,7 +355,7 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[int, Callable] | None 
                 state.phase(number, status="skipped", note="already finished")
                 summary["phases"][number] = "skipped"
                 continue
-            started = time.time()
+            started, cpu_started = time.time(), _cpu_seconds()
             state.phase(number, status="running", started=_now())
             state.update(current_phase=number)
             try:
@@ -355,18 +365,28 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[int, Callable] | None 
                 run(phase_config)
             except BaseException as error:
                 state.phase(number, status="failed", ended=_now(), seconds=round(time.time() - started, 1),
+                            cpu_seconds=round(_cpu_seconds() - cpu_started, 1),
                             error=f"{type(error).__name__}: {error}")  # fmt: skip
                 raise
             if not phase_finished(run_dir, number):
                 raise RuntimeError(f"Phase {number} ({spec.name}) returned without writing {spec.output(run_dir)}.")
-            state.phase(number, status="finished", ended=_now(), seconds=round(time.time() - started, 1))
+            state.phase(
+                number,
+                status="finished",
+                ended=_now(),
+                seconds=round(time.time() - started, 1),
+                cpu_seconds=round(_cpu_seconds() - cpu_started, 1),
+            )
             summary["phases"][number] = "finished"
         state.update(current_phase=None)
         if config.evaluate:
             state.data["evaluation"]["status"] = "running"
             state.save()
             try:
+                started, cpu_started = time.time(), _cpu_seconds()
                 results = evaluate_phases(config)
+                state.data["evaluation"].update(seconds=round(time.time() - started, 1),
+                                                cpu_seconds=round(_cpu_seconds() - cpu_started, 1))  # fmt: skip
                 report = write_report(config, results, state.data)
             except BaseException as error:
                 state.data["evaluation"].update(status="failed", error=f"{type(error).__name__}: {error}")
@@ -502,7 +522,8 @@ def write_report(config: PipelineConfig, results: dict[str, dict[str, Any]], sta
         "Phase 1's change column is empty; Phase 2 is compared with the best Phase 1 model (mean score).",
         "",
     ]
-    lines += ["## Phases", "", "| phase | status | seconds | note | headline metrics |", "|---|---|---|---|---|"]
+    lines += ["## Phases", "", "| phase | status | seconds | CPU seconds | note | headline metrics |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for number, spec in PHASES.items():
         entry = state["phases"][str(number)]
         folder = next(iter(spec.models(run_dir).values()))
@@ -511,9 +532,20 @@ def write_report(config: PipelineConfig, results: dict[str, dict[str, Any]], sta
         wall = json.loads(lineage.read_text()).get("wall_time_s") if lineage.exists() else None
         seconds = entry["seconds"] if entry["seconds"] is not None else wall
         headline = ", ".join(f"`{k}` {v:.4g}" for k, v in metrics.items() if k in HEADLINE_METRICS)
+        cpu = entry.get("cpu_seconds")
         lines.append(f"| {number} {spec.name} | {entry['status']} | {'' if seconds is None else f'{seconds:.0f}'} | "
-                     f"{entry['note'] or ''} | {headline} |")  # fmt: skip
-    lines += ["", "Seconds: this invocation's wall time, or the phase's recorded wall time when it was skipped.", ""]
+                     f"{'' if cpu is None else f'{cpu:.0f}'} | {entry['note'] or ''} | {headline} |")  # fmt: skip
+    evaluation = state.get("evaluation") or {}
+    if evaluation.get("seconds") is not None:
+        lines += ["", f"Shared evaluation (models not cached in `{EVAL_FILE}`): {evaluation['seconds']:.0f} s wall, "
+                      f"{evaluation['cpu_seconds']:.0f} s CPU."]  # fmt: skip
+    lines += [
+        "",
+        "Seconds: this invocation's wall time, or the phase's recorded wall time when it was skipped. CPU "
+        "seconds: user + system time of the runner and its finished child processes during the phase (with "
+        "OMP_NUM_THREADS=1 about the wall time the phase takes on an otherwise idle machine).",
+        "",
+    ]
     history_path = run_dir / "phase6" / "ab_history.json"
     if history_path.exists():
         history = json.loads(history_path.read_text())

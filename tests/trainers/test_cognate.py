@@ -99,6 +99,20 @@ def test_curriculum_validation_names_the_problem(tiny_tokenizer):
                          global_batch_size=2)  # fmt: skip
 
 
+def test_a_task_level_smaller_than_the_request_gives_what_it_has_instead_of_nothing(tiny_tokenizer):
+    """Difficulty-1 arithmetic has ~333 validation problems: asking for 800 blocks reuses them (it raised before)."""
+    from trainers.data import source_blocks
+
+    blocks = source_blocks("arithmetic", tiny_tokenizer, block_size=128, n_blocks=800, split="validation", seed=0,
+                           difficulty=(1, 1))  # fmt: skip
+    assert len(blocks) == 800
+    distinct = {tuple(ids) for ids, _ in blocks}
+    assert 50 <= len(distinct) < 800  # the level's problems, packed, then repeated
+    small = source_blocks("arithmetic", tiny_tokenizer, block_size=128, n_blocks=20, split="validation", seed=0,
+                          difficulty=(1, 1))  # fmt: skip
+    assert len({tuple(ids) for ids, _ in small}) == 20  # a request the level can meet is not cut down
+
+
 def test_cognate_trainer_follows_the_curriculum_and_logs_every_metric(tiny_tokenizer, tmp_path):
     trainer = _trainer(tiny_tokenizer, tmp_path)
     untrained = perplexity(trainer.model, tiny_tokenizer, trainer.eval_texts, max_length=480, stride=240,

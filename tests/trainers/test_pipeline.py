@@ -85,6 +85,29 @@ def test_an_interrupted_phase_is_resumed_and_recorded_as_failed_until_then(tmp_p
     assert [state["phases"][str(n)]["status"] for n in (1, 2, 3)] == ["skipped", "finished", "finished"]
 
 
+def test_each_phase_records_its_cpu_time_apart_from_its_wall_time(tmp_path):
+    """CPU seconds estimate a phase's time on an idle machine: a busy phase is counted, a waiting one is not."""
+    import time
+
+    recorder = Recorder()
+
+    def busy(config):
+        started = time.process_time()
+        while time.process_time() - started < 0.3:
+            pass
+        return recorder.runner(1)(config)
+
+    def waiting(config):
+        time.sleep(0.3)
+        return recorder.runner(2)(config)
+
+    run_pipeline(_config(tmp_path, to_phase=2), runners={1: busy, 2: waiting})
+    phases = json.loads((tmp_path / STATE_FILE).read_text())["phases"]
+    assert phases["1"]["cpu_seconds"] >= 0.3
+    assert phases["2"]["seconds"] >= 0.3 and phases["2"]["cpu_seconds"] < 0.2
+    assert phases["3"]["cpu_seconds"] is None  # not run
+
+
 def test_from_phase_needs_the_previous_phase_finished_and_says_how_to_fix_it(tmp_path):
     with pytest.raises(RuntimeError, match="--from_phase 2"):
         run_pipeline(_config(tmp_path, from_phase=3), runners=Recorder().runners())
