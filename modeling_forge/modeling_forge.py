@@ -871,11 +871,13 @@ MEMORY_CLASSES = {"neural": ForgeNeuralMemory, "ema": ForgeEMAMemory}
 
 
 class ForgeMAGGate(nn.Module):
-    """Titans §4.2 "memory as gate": both branches RMS-normed (learnable weights), then per channel
-    `g = sigmoid(MLP([y; m]))` mixes them as `g*y + (1-g)*m`."""
+    """Titans §4.2 "memory as gate": the gate reads both branches RMS-normed (learnable weights), and per channel
+    `g = sigmoid(MLP([norm y; norm m]))` mixes them as `g*y + (1-g)*m`: the raw branches by default, the normed ones
+    with `config.mag_normed_output` (Titans' literal form, which measured worse here; see the config)."""
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
+        self.config = config
         self.attn_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.memory_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.fc1 = nn.Linear(2 * config.hidden_size, config.gate_hidden_size)
@@ -883,9 +885,11 @@ class ForgeMAGGate(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, attn: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attn, memory = self.attn_norm(attn), self.memory_norm(memory)
-        gate = torch.sigmoid(self.fc2(self.act_fn(self.fc1(torch.cat([attn, memory], dim=-1)))))  # (B, T, D)
-        return gate * attn + (1.0 - gate) * memory, gate
+        normed_attn, normed_memory = self.attn_norm(attn), self.memory_norm(memory)
+        gate = torch.sigmoid(self.fc2(self.act_fn(self.fc1(torch.cat([normed_attn, normed_memory], dim=-1)))))
+        if self.config.mag_normed_output:
+            attn, memory = normed_attn, normed_memory
+        return gate * attn + (1.0 - gate) * memory, gate  # gate: (B, T, D)
 
 
 def binary_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -422,3 +422,24 @@ def test_deep_memory_refuses_packed_documents(tiny_config):
     positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
     with pytest.raises(ValueError, match="memory_deep does not support padding-free"):
         model(torch.randint(0, 97, (1, 12)), position_ids=positions, use_cache=False)
+
+
+@pytest.mark.parametrize("normed_output", [False, True])
+def test_mag_gate_reads_normed_branches_and_mixes_raw_ones_unless_asked(tiny_config, normed_output):
+    """The gate always sees both branches RMS-normed; what it mixes is the raw branches by default (each at its own
+    scale) and the normed ones with `mag_normed_output` (every layer then adds a unit-RMS vector)."""
+    from modeling_forge.modeling_forge import ForgeMAGGate
+
+    config = tiny_config(mag_normed_output=normed_output)
+    gate = ForgeMAGGate(config)
+    torch.manual_seed(0)
+    attn, memory = 0.05 * torch.randn(2, 5, config.hidden_size), 3.0 * torch.randn(2, 5, config.hidden_size)
+    mixed, g = gate(attn, memory)
+    normed_g = gate(attn * 40.0, memory / 7.0)[1]
+    torch.testing.assert_close(
+        g, normed_g, rtol=1e-3, atol=1e-4
+    )  # the gate ignores each branch's scale: it reads the normed branches
+    a, m = (gate.attn_norm(attn), gate.memory_norm(memory)) if normed_output else (attn, memory)
+    torch.testing.assert_close(mixed, g * a + (1 - g) * m)
+    rms = mixed.pow(2).mean(-1).sqrt()
+    assert ((rms > 0.3) & (rms < 1.0)).all() if normed_output else (rms > 1.0).all()
