@@ -202,13 +202,13 @@ def test_fallback_keeps_a_layer_constructed_to_be_sensitive_in_full_precision(ph
     assert block_metrics(model, blocks["corpus"])[0] == pytest.approx(before, rel=1e-4)  # still the same model
     names = ["layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
     sensitive_name = "layers.1.mlp.up_proj"
-    # measured: the hostile layer +15% loss, the others <= 0.27%
-    result = layerwise_quantize(model, names, blocks, threshold=0.01)
+    # measured: the hostile layer +6.5% loss, the others <= 1.3% (cumulative, in order)
+    result = layerwise_quantize(model, names, blocks, threshold=0.025)
     status = {r["name"]: r["status"] for r in result["layers"]}
     assert status == {**dict.fromkeys(names, "ternary"), sensitive_name: "fallback"}, result["layers"]
     sensitive = next(r for r in result["layers"] if r["name"] == sensitive_name)
-    assert sensitive["relative_increase"] > 0.05  # well past the 1% threshold
-    assert all(r["relative_increase"] < 0.005 for r in result["layers"] if r["name"] != sensitive_name)
+    assert sensitive["relative_increase"] > 0.045  # well past the 2.5% threshold
+    assert all(r["relative_increase"] < 0.02 for r in result["layers"] if r["name"] != sensitive_name)
     up_proj = model.model.layers[1].mlp.up_proj
     assert type(up_proj) is nn.Linear  # restored, full precision
     assert result["loss_end"] < sensitive["loss_after"]
