@@ -965,7 +965,8 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
     write_atomic(phase_dir / RECORDS_FILE, "".join(json.dumps(r) + "\n" for r in state.records))
     plot_path = phase_dir / "plots" / "fitness.png"
     generations = [h["generation"] for h in state.history]
-    best_parent_validation = max(evaluator.score(raw)[0] for raw in evaluator.reference_raw.values())
+    validation_scores = {name: evaluator.score(raw)[0] for name, raw in evaluator.reference_raw.items()}
+    best_parent_validation = max(validation_scores.values())
     line_plot(
         plot_path,
         {
@@ -985,7 +986,6 @@ def _run_phase2_main(config: EvoMergeConfig, champion_dir: Path, state_path: Pat
     kept_parent = None
     if config.keep_best_parent and state.best["fitness"] < best_parent_validation:
         # Decided on validation fitness, like the search; the test split below only reports.
-        validation_scores = {name: evaluator.score(raw)[0] for name, raw in evaluator.reference_raw.items()}
         kept_parent = max(validation_scores, key=validation_scores.get)
         logger.warning("Phase 2: no merge beat the best parent %s on validation fitness (best merge %.4f < %.4f); "
                        "handing on %s unchanged (keep_best_parent).", kept_parent, state.best["fitness"],
