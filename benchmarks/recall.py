@@ -23,6 +23,7 @@ transformers' torch form of the same algorithm and the per-token recurrence.
 import argparse
 import json
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,38 +39,86 @@ from transformers import (
 from modeling_forge import ForgeConfig, ForgeForCausalLM, gated_delta_rule_chunked, gated_delta_rule_recurrent
 
 FILLER = range(1, 17)  # 16 filler tokens
-KEYS = range(32, 96)  # 64 key tokens
-VALUES = range(128, 192)  # 64 value tokens
-VOCAB = 256
-PAIRS_FAR, PAIRS_NEAR = 2, 2
 TITANS_FLAGS = ("memory_momentum", "memory_deep")  # "forge neural+momentum+deep" turns both on
 
 
-def make_batch(batch: int, gap: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Task:
+    """The MQAR layout: `pairs_far` pairs, a `gap` of filler, `pairs_near` pairs, then every key queried once.
+
+    Keys are `keys` distinct tokens from 32 on, values `values` tokens after them (from 128 while they fit); the
+    defaults are the task of the README's first tables (64 keys, 64 values, vocabulary 256)."""
+
+    pairs_far: int = 2
+    pairs_near: int = 2
+    keys: int = 64
+    values: int = 64
+    gap: int = 40
+
+    @property
+    def key_start(self) -> int:
+        return 32
+
+    @property
+    def value_start(self) -> int:
+        return max(128, self.key_start + self.keys + 32)
+
+    @property
+    def vocab(self) -> int:
+        return max(256, -(-(self.value_start + self.values) // 64) * 64)
+
+    @property
+    def length(self) -> int:
+        return 4 * (self.pairs_far + self.pairs_near) + self.gap
+
+    def distances(self, kind: str) -> tuple[int, int]:
+        """Smallest and largest distance from a query's key to its pair's value, for the far or near pairs."""
+        n_pairs = self.pairs_far + self.pairs_near
+        first_query = 2 * n_pairs + self.gap
+        last_query = first_query + 2 * (n_pairs - 1)
+        if kind == "far":
+            return first_query - (2 * self.pairs_far - 1), last_query - 1
+        return 1, last_query - (2 * self.pairs_far + self.gap + 1)
+
+    def check(self) -> None:
+        """Clear errors for layouts the sampler cannot draw."""
+        n_pairs = self.pairs_far + self.pairs_near
+        if self.pairs_far < 1 or self.pairs_near < 0:
+            raise ValueError(f"--pairs-far must be >= 1 and --pairs-near >= 0, got {self.pairs_far}, "
+                             f"{self.pairs_near}. Fix: e.g. --pairs-far 8 --pairs-near 8.")  # fmt: skip
+        if self.keys < n_pairs:
+            raise ValueError(f"--keys ({self.keys}) must be >= the pairs per sequence ({n_pairs}): keys are distinct "
+                             f"within a sequence. Fix: --keys {max(64, n_pairs)}.")  # fmt: skip
+        if self.values < 2 or self.gap < 0:
+            raise ValueError(f"--values must be >= 2 and --gap >= 0, got {self.values}, {self.gap}.")
+
+
+def make_batch(batch: int, task: Task, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, labels, is_far) for `batch` sequences; labels are -100 except at answers; is_far (B, T) marks the
     answers whose pair lies before the gap."""
-    n_pairs = PAIRS_FAR + PAIRS_NEAR
-    keys = torch.stack([torch.randperm(len(KEYS), generator=generator)[:n_pairs] for _ in range(batch)]) + KEYS[0]
-    values = torch.randint(VALUES[0], VALUES[-1] + 1, (batch, n_pairs), generator=generator)
+    n_pairs = task.pairs_far + task.pairs_near
+    keys = torch.stack([torch.randperm(task.keys, generator=generator)[:n_pairs] for _ in range(batch)])
+    keys = keys + task.key_start
+    values = torch.randint(task.value_start, task.value_start + task.values, (batch, n_pairs), generator=generator)
     pairs = torch.stack([keys, values], -1)  # (B, P, 2)
-    filler = torch.randint(FILLER[0], FILLER[-1] + 1, (batch, gap), generator=generator)
+    filler = torch.randint(FILLER[0], FILLER[-1] + 1, (batch, task.gap), generator=generator)
     order = torch.stack([torch.randperm(n_pairs, generator=generator) for _ in range(batch)])  # (B, P)
     queries = torch.stack([keys.gather(1, order), values.gather(1, order)], -1)  # (B, P, 2)
-    far = pairs[:, :PAIRS_FAR].reshape(batch, -1)
-    near = pairs[:, PAIRS_FAR:].reshape(batch, -1)
+    far = pairs[:, : task.pairs_far].reshape(batch, -1)
+    near = pairs[:, task.pairs_far :].reshape(batch, -1)
     input_ids = torch.cat([far, filler, near, queries.reshape(batch, -1)], 1)
     labels = torch.full_like(input_ids, -100)
     answer_positions = input_ids.shape[1] - 2 * n_pairs + 1 + 2 * torch.arange(n_pairs)
     labels[:, answer_positions] = input_ids[:, answer_positions]
     is_far = torch.zeros_like(input_ids, dtype=torch.bool)
-    is_far[:, answer_positions] = order < PAIRS_FAR
+    is_far[:, answer_positions] = order < task.pairs_far
     return input_ids, labels, is_far
 
 
-def build(name: str, window: int, trm_steps: int, length: int, overrides: dict) -> torch.nn.Module:
+def build(name: str, window: int, trm_steps: int, task: Task, overrides: dict) -> torch.nn.Module:
     """A tiny model of the given kind (same width/depth for all)."""
-    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": length,
+    common = {"vocab_size": task.vocab, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": task.length,
               "tie_word_embeddings": True}  # fmt: skip
     if name == "llama (full attention)":
         return LlamaForCausalLM(LlamaConfig(**common))
@@ -77,8 +126,8 @@ def build(name: str, window: int, trm_steps: int, length: int, overrides: dict) 
         return MistralForCausalLM(MistralConfig(sliding_window=window, **common))
     memory_type = name.split()[1].split("+")[0]  # "forge neural+momentum" -> "neural"
     overrides = {**overrides, **{flag: True for flag in TITANS_FLAGS if flag.split("_")[1] in name.split()[1]}}
-    config = ForgeConfig.from_preset("tiny", vocab_size=VOCAB, sliding_window=window, memory_type=memory_type,
-                                     max_position_embeddings=length, trm_max_steps=trm_steps,
+    config = ForgeConfig.from_preset("tiny", vocab_size=task.vocab, sliding_window=window, memory_type=memory_type,
+                                     max_position_embeddings=task.length, trm_max_steps=trm_steps,
                                      **overrides)  # fmt: skip
     return ForgeForCausalLM(config)
 
@@ -110,19 +159,26 @@ def evaluate(model: torch.nn.Module, data: list[tuple[torch.Tensor, ...]]) -> di
     return result
 
 
+def task_of(args: argparse.Namespace) -> Task:
+    """The task the command line asks for, checked."""
+    task = Task(pairs_far=args.pairs_far, pairs_near=args.pairs_near, keys=args.keys, values=args.values, gap=args.gap)
+    task.check()
+    return task
+
+
 def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict:
-    length = 4 * (PAIRS_FAR + PAIRS_NEAR) + args.gap
+    task = task_of(args)
     torch.manual_seed(args.seed)
     overrides = json.loads(args.forge_overrides)
     if "+" in name:  # the mini-batch forms' chunk length is part of the model (gradients at the chunk start)
         overrides.setdefault("memory_chunk_size", args.titans_chunk)
-    model = build(name, args.window, trm_steps, length, overrides).train()
+    model = build(name, args.window, trm_steps, task, overrides).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 20), args.steps)
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for every model
     started, recent = time.time(), []
     for step in range(1, args.steps + 1):
-        input_ids, labels, _ = make_batch(args.batch, args.gap, generator)
+        input_ids, labels, _ = make_batch(args.batch, task, generator)
         loss = loss_of(model, input_ids, labels)
         recent.append(loss.item())
         if step % 100 == 0:
@@ -130,7 +186,7 @@ def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict
             recent = []
         if args.eval_every and step % args.eval_every == 0:
             probe = torch.Generator().manual_seed(20_000 + args.seed)
-            r = evaluate(model, [make_batch(64, args.gap, probe) for _ in range(2)])
+            r = evaluate(model, [make_batch(64, task, probe) for _ in range(2)])
             print(f"  {name} step {step}: held-out near {r['near']:.3f} far {r['far']:.3f}", flush=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,7 +195,7 @@ def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict
         schedule.step()
     seconds = time.time() - started
     held_out = torch.Generator().manual_seed(10_000 + args.seed)
-    data = [make_batch(64, args.gap, held_out) for _ in range(args.eval_batches)]
+    data = [make_batch(64, task, held_out) for _ in range(args.eval_batches)]
     result = evaluate(model, data)
     result.update(params=sum(p.numel() for p in model.parameters()), train_seconds=round(seconds, 1),
                   ms_per_step=round(1e3 * seconds / args.steps))  # fmt: skip
@@ -203,7 +259,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--gap", type=int, default=40)
+    parser.add_argument("--gap", type=int, default=40, help="filler tokens between the far and the near pairs")
+    parser.add_argument("--pairs-far", type=int, default=2, help="key-value pairs before the gap (all queried)")
+    parser.add_argument("--pairs-near", type=int, default=2, help="key-value pairs after the gap (all queried)")
+    parser.add_argument("--keys", type=int, default=64, help="key vocabulary (distinct keys within a sequence)")
+    parser.add_argument("--values", type=int, default=64, help="value vocabulary (chance is 1 / values)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -221,9 +281,16 @@ def main() -> None:
              "momentum": "forge neural+momentum", "deep": "forge neural+deep",
              "deep-momentum": "forge neural+deep+momentum",
              "llama": "llama (full attention)", "mistral": "mistral (sliding window)"}  # fmt: skip
-    print(f"MQAR: {PAIRS_FAR} far + {PAIRS_NEAR} near pairs, gap {args.gap}, window {args.window}, {args.steps} steps "
-          f"x {args.batch}, AdamW lr {args.lr}, threads {torch.get_num_threads()}; chance ~{1 / len(VALUES):.3f}; "
-          f"Forge overrides {args.forge_overrides}")  # fmt: skip
+    task = task_of(args)
+    far, near = task.distances("far"), task.distances("near")
+    print(f"MQAR: {task.pairs_far} far + {task.pairs_near} near pairs, {task.keys} keys, {task.values} values, gap "
+          f"{task.gap} (length {task.length}), window {args.window}, {args.steps} steps x {args.batch}, AdamW lr "
+          f"{args.lr}, threads {torch.get_num_threads()}; chance ~{1 / task.values:.3f}; query-to-value distance "
+          f"far {far[0]}-{far[1]}, near {near[0]}-{near[1]}; Forge overrides {args.forge_overrides}")  # fmt: skip
+    if near[1] > args.window:
+        print(f"  note: some near pairs lie up to {near[1]} tokens before their query, beyond the window {args.window}"
+              f" (near is then 'after the gap', not 'inside the window'); far pairs are all beyond "
+              f"{far[0]} > 2 x window: {far[0] > 2 * args.window}")  # fmt: skip
     results = {}
     for key in args.models:
         name = names[key]
