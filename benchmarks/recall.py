@@ -115,9 +115,12 @@ def make_batch(batch: int, task: Task, generator: torch.Generator) -> tuple[torc
     return input_ids, labels, is_far
 
 
-def build(name: str, window: int, trm_steps: int, task: Task, overrides: dict) -> torch.nn.Module:
-    """A tiny model of the given kind (same width/depth for all)."""
-    common = {"vocab_size": task.vocab, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+def build(name: str, window: int, trm_steps: int, task: Task, overrides: dict, init_std: float | None = None
+          ) -> torch.nn.Module:  # fmt: skip
+    """A tiny model of the given kind (same width/depth for all; `init_std` overrides every model's
+    initializer_range, 0.02 by default)."""
+    init = {} if init_std is None else {"initializer_range": init_std}
+    common = {**init, "vocab_size": task.vocab, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": task.length,
               "tie_word_embeddings": True}  # fmt: skip
     if name == "llama (full attention)":
@@ -128,7 +131,7 @@ def build(name: str, window: int, trm_steps: int, task: Task, overrides: dict) -
     overrides = {**overrides, **{flag: True for flag in TITANS_FLAGS if flag.split("_")[1] in name.split()[1]}}
     config = ForgeConfig.from_preset("tiny", vocab_size=task.vocab, sliding_window=window, memory_type=memory_type,
                                      max_position_embeddings=task.length, trm_max_steps=trm_steps,
-                                     **overrides)  # fmt: skip
+                                     **init, **overrides)  # fmt: skip
     return ForgeForCausalLM(config)
 
 
@@ -172,7 +175,7 @@ def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict
     overrides = json.loads(args.forge_overrides)
     if "+" in name:  # the mini-batch forms' chunk length is part of the model (gradients at the chunk start)
         overrides.setdefault("memory_chunk_size", args.titans_chunk)
-    model = build(name, args.window, trm_steps, task, overrides).train()
+    model = build(name, args.window, trm_steps, task, overrides, args.init_std).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 20), args.steps)
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for every model
@@ -202,10 +205,39 @@ def train_and_score(name: str, args: argparse.Namespace, trm_steps: int) -> dict
     return result
 
 
-def memory_timing(repeats: int) -> None:
+def memory_flops(form: str, batch: int, heads: int, length: int, d_k: int, d_v: int, chunk: int = 64) -> float:
+    """Analytic forward+backward FLOPs of one gated-delta-rule form, to read the timings against (not measured).
+
+    Counted: every multiply and every add of the matrix products and of the state updates (a multiply-add is 2
+    FLOPs), a triangular solve of C x C with r right-hand sides as C*C*r, and the elementwise (C, C) decay/mask
+    terms as 5 per entry; not counted: exp/cumsum over (B, H, T) and other O(d) per-token terms (well under 1%).
+    Backward is counted as twice the forward, the usual rule for matrix products (and a fair one for the solve,
+    whose backward is one more solve and two products).
+    Per token and head, forward: the recurrence decays `S` (d_k*d_v), reads `S^T k` (2*d_k*d_v), writes
+    `k delta^T` (2*d_k*d_v) and reads `S^T q` (2*d_k*d_v): 7*d_k*d_v. The chunked form builds per chunk
+    `diag(b) K K^T` and `Q K^T` (2*C*C*d_k each), solves for d_v+d_k right-hand sides (C*C*(d_k+d_v)), applies the
+    intra-chunk matrix to the corrected values (2*C*C*d_v), and carries the state across chunks with three
+    (C, d_k) x (d_k, d_v) products (6*C*d_k*d_v) plus a decay (d_k*d_v): per token
+    `C*(4*d_k + d_k + d_v + 2*d_v + 5) + 6*d_k*d_v + d_k*d_v/C`. At d_k = d_v = 32 that is 7,168 (recurrence) vs
+    10,400 (C=16), 14,500 (C=32) and 22,900 (C=64): the chunked form does more arithmetic than the recurrence, and
+    its speed-up on a CPU is bounded by how much faster it runs per FLOP (large products vs a per-token loop)."""
+    if form == "recurrent":
+        forward_per_token = 7 * d_k * d_v
+    elif form == "chunked":
+        forward_per_token = chunk * (5 * d_k + 3 * d_v + 5) + 6 * d_k * d_v + d_k * d_v / chunk
+    else:
+        raise ValueError(f"form must be 'recurrent' or 'chunked', got {form!r}")
+    return 3.0 * forward_per_token * batch * heads * length
+
+
+def memory_timing(repeats: int, compile_chunks: tuple[int, ...] = (16, 32)) -> None:
     """Forward+backward of the neural memory, B=8, T=1024, 5 heads of 32: the chunked form (C=64, the config default,
-    and C=32), transformers' torch reference form of the same algorithm (`torch_chunk_gated_delta_rule`, C=64, no
-    document resets) and the per-token recurrence, timed in interleaved rounds (minimum of each over the rounds)."""
+    and C=32), the chunked form under `torch.compile` (C in `compile_chunks`; compile time printed apart, warm calls
+    timed), transformers' torch reference form of the same algorithm (`torch_chunk_gated_delta_rule`, C=64, no
+    document resets) and the per-token recurrence, timed in interleaved rounds (minimum of each over the rounds),
+    each with its analytic FLOPs (`memory_flops`) and achieved GFLOP/s."""
+    import functools
+
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
     torch.manual_seed(0)
@@ -221,12 +253,23 @@ def memory_timing(repeats: int) -> None:
         out, state = torch_chunk_gated_delta_rule(*(x.transpose(1, 2) for x in tensors), chunk_size=64)
         return out.transpose(1, 2), state
 
-    forms = {
-        "chunked C=64": lambda *a: gated_delta_rule_chunked(*a, chunk_size=64),
-        "chunked C=32": lambda *a: gated_delta_rule_chunked(*a, chunk_size=32),
-        "transformers torch_chunk_gated_delta_rule C=64": transformers_form,
-        "per-token recurrence": gated_delta_rule_recurrent,
+    def loss_of_form(form):
+        return lambda: (form(q, k, v, g, b)[0] * weights).sum()
+
+    forms = {  # name -> (callable, chunk for the FLOP count, or 0 for the recurrence)
+        "chunked C=64": (functools.partial(gated_delta_rule_chunked, chunk_size=64), 64),
+        "chunked C=32": (functools.partial(gated_delta_rule_chunked, chunk_size=32), 32),
+        "transformers torch_chunk_gated_delta_rule C=64": (transformers_form, 64),
+        "per-token recurrence": (gated_delta_rule_recurrent, 0),
     }
+    compile_seconds, max_gaps = {}, {}
+    for chunk in compile_chunks:  # compiled first, once; the first call (forward+backward) is the compile
+        name = f"chunked C={chunk}, torch.compile"
+        compiled = torch.compile(functools.partial(gated_delta_rule_chunked, chunk_size=chunk), dynamic=False)
+        started = time.perf_counter()
+        (compiled(q, k, v, g, b)[0] * weights).sum().backward()
+        compile_seconds[name] = time.perf_counter() - started
+        forms[name] = (compiled, chunk)
 
     def run(form):
         def step():
@@ -237,18 +280,26 @@ def memory_timing(repeats: int) -> None:
         return step
 
     with torch.no_grad():
-        gap = (gated_delta_rule_chunked(q, k, v, g, b)[0] - gated_delta_rule_recurrent(q, k, v, g, b)[0]).abs().max()
+        reference = gated_delta_rule_recurrent(q, k, v, g, b)[0]
+        for name, (form, _) in forms.items():
+            if name.startswith("chunked"):
+                max_gaps[name] = (form(q, k, v, g, b)[0] - reference).abs().max().item()
     times = {name: [] for name in forms}
     for _ in range(repeats):  # interleaved, so load on a shared machine hits every form alike
-        for name, form in forms.items():
+        for name, (form, _) in forms.items():
             times[name].append(time_it(run(form), warmup=0 if "recurrence" in name else 1, repeats=1))
     print(f"neural memory fwd+bwd, B={batch} T={length} {heads} heads x {dim}, threads {torch.get_num_threads()}, "
-          f"max |chunked - recurrent| {gap:.1e} (fp32); best of {repeats} interleaved rounds")  # fmt: skip
+          f"max |chunked - recurrent| {max(max_gaps.values()):.1e} (fp32); best of {repeats} interleaved rounds; "
+          f"GFLOP analytic (memory_flops: fwd+bwd = 3 x fwd)")  # fmt: skip
     recurrent = min(times["per-token recurrence"])
     for name, measured in times.items():
+        chunk = forms[name][1]
+        flops = memory_flops("chunked" if chunk else "recurrent", batch, heads, length, dim, dim, chunk or 64)
         rounds = ", ".join(f"{t * 1e3:.0f}" for t in measured)
-        print(f"  {name:48s} {min(measured) * 1e3:8.1f} ms   per-token recurrence / this: "
-              f"{recurrent / min(measured):5.1f}x   (rounds: {rounds} ms)")  # fmt: skip
+        extra = f", compile {compile_seconds[name]:.0f} s (first call)" if name in compile_seconds else ""
+        best = min(measured)
+        print(f"  {name:48s} {best * 1e3:8.1f} ms  recurrence / this {recurrent / best:5.1f}x  {flops / 1e9:5.2f} "
+              f"GFLOP  {flops / best / 1e9:6.2f} GFLOP/s  (rounds: {rounds} ms{extra})")  # fmt: skip
 
 
 def main() -> None:
@@ -267,6 +318,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="initializer_range of all models (Llama, Mistral, Forge; default 0.02)")  # fmt: skip
     parser.add_argument("--forge-overrides", default="{}", help="JSON ForgeConfig fields for the Forge models")
     parser.add_argument("--titans-chunk", type=int, default=8,
                         help="memory_chunk_size of the momentum/deep models (there a modelling choice)")  # fmt: skip
