@@ -9,6 +9,11 @@ Each sequence: 2 "far" key-value pairs, a filler gap longer than two stacked att
 then a query for each of the 4 keys (in random order) whose answer is its value. Only the answers are trained on;
 held-out sequences are scored separately for near pairs (inside the window: does the model know the task?) and far
 pairs (beyond it: only a memory can answer). Values are drawn from 64 tokens, so guessing scores ~0.016.
+`--pairs-far`, `--pairs-near`, `--keys`, `--values`, `--gap` and `--window` change the layout (every pair is always
+queried; the header prints how far each kind of pair lies from its query), e.g. the task full-attention Llama learns
+best at this size (README, "the 90% condition"):
+
+    python benchmarks/recall.py --pairs-far 4 --pairs-near 4 --keys 16 --values 16 --gap 8 --window 8 --lr 1e-3
 
 All models have the tiny preset's width and depth (d 64, 2 layers, 4 heads): Forge `neural`, `ema`, `none` (with
 `trm_max_steps` as given; `--models momentum deep deep-momentum` add the neural memory with Titans' momentum and/or
@@ -16,8 +21,9 @@ deep MLP memory, chunk `--titans-chunk`), `LlamaForCausalLM` (full attention) an
 sliding window (Mistral is Llama plus a sliding window; transformers' Llama has none). Reported: accuracy near/far,
 per-layer MAG gate means on recall data (share of attention), parameters and training time (`--eval-every N` also
 prints held-out near/far every N steps, to see a trend). `--timing` times the neural memory's
-forward+backward at B=8, T=1024 (cognate-25m's memory shape: 5 heads of 32) in the chunked form (C=64 and 32),
-transformers' torch form of the same algorithm and the per-token recurrence.
+forward+backward at B=8, T=1024 (cognate-25m's memory shape: 5 heads of 32) in the chunked form (C=64 and 32, and
+C=16 and 32 under `torch.compile`), transformers' torch form of the same algorithm and the per-token recurrence, with
+each form's analytic FLOPs (`memory_flops`) and achieved GFLOP/s.
 """
 
 import argparse
