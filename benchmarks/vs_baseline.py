@@ -14,6 +14,7 @@ same seed and batch order.
 """
 
 import argparse
+import json
 import math
 import time
 
@@ -75,7 +76,15 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-blocks", type=int, default=64)
-    parser.add_argument("--only", nargs="*", help="run only these model names (Mistral always runs)")
+    parser.add_argument("--only", nargs="*", help="run only these model names (Mistral and --variants always run)")
+    parser.add_argument("--forge-overrides", default="{}", help="JSON ForgeConfig fields applied to every Forge row")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        metavar="NAME=JSON",
+        help='extra Forge rows, e.g. \'mix={"mag_mix": "memory_normed"}\' (on top of --forge-overrides)',
+    )
     args = parser.parse_args()
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=1024)
     train = torch.tensor(pack_texts(corpus_texts("train"), tokenizer, args.length)["input_ids"])
@@ -84,10 +93,12 @@ def main() -> None:
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     batches = [train[order[(i * args.batch) % len(train) :][: args.batch]] for i in range(args.steps)]
 
+    common = json.loads(args.forge_overrides)
+
     def forge(**overrides) -> ForgeForCausalLM:
         config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         max_position_embeddings=args.length, **overrides)  # fmt: skip
+                                         max_position_embeddings=args.length, **{**common, **overrides})  # fmt: skip
         return ForgeForCausalLM(config)
 
     torch.manual_seed(0)
@@ -99,9 +110,16 @@ def main() -> None:
         "forge, no memory": lambda: forge(memory_type="none"),
         "forge, position-wise refiner": lambda: forge(trm_attention=False),
     }
+    for variant in args.variants:
+        label, _, fields = variant.partition("=")
+        fields = json.loads(fields)
+        builders[f"forge, {label}"] = lambda fields=fields: forge(**fields)
+    variant_names = [f"forge, {variant.partition('=')[0]}" for variant in args.variants]
+    if args.only is None and args.variants:  # the default Forge row stays the reference for the variants
+        args.only = ["forge (recursion + ACT + memory)"]
     results = {}
     for index, (name, build) in enumerate(builders.items()):
-        if index and args.only and name not in args.only:
+        if index and args.only is not None and name not in args.only + variant_names:
             continue
         torch.manual_seed(0)
         model = build().train()
