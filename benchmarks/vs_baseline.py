@@ -3,14 +3,17 @@ parameters, tokens, batches and optimizer, with ablations in the same run (issue
 
     OMP_NUM_THREADS=1 nice python benchmarks/vs_baseline.py               # 600 steps x 8 x 256 tokens, ~1 h shared
     python benchmarks/vs_baseline.py --steps 200                           # quicker (not the goal's budget)
+    python benchmarks/vs_baseline.py --steps 200 --only --variants 'raw={"mag_mix": "raw"}'   # Mistral + extra rows
 
 Models: Forge `tiny` (recursion + ACT + memory), Forge without recursion (`trm_max_steps=0`), Forge without memory
 (`memory_type="none"`), Forge with the position-wise refiner (`trm_attention=False`), and a Mistral with Forge's width,
 heads and sliding window whose depth and feed-forward width are chosen to match the full Forge's parameter count.
 Reported: validation perplexity on the held-out corpus split (ACT on for Forge, as deployed), training time, and
-each model's perplexity relative to Mistral's (goal: Forge at least 5% better). A vocabulary of 1,024 BPE tokens
-fitted on 300k characters of the training split; AdamW lr 3e-3 with 50 warm-up steps, gradient clipping 1.0, the
-same seed and batch order.
+each model's perplexity relative to Mistral's (goal: Forge at least 5% better). `--variants NAME=JSON` adds Forge rows
+with those config fields (with `--variants` alone: Mistral, the default Forge and the variants run; `--only` names the
+built-in rows to keep, none when empty); `--forge-overrides` applies to every Forge row. A vocabulary of 1,024 BPE
+tokens fitted on 300k characters of the training split; AdamW lr 3e-3 with 50 warm-up steps, gradient clipping 1.0,
+the same seed and batch order.
 """
 
 import argparse
