@@ -248,7 +248,8 @@ def _prefill_then_decode(model, forward, input_ids):
 # cache it writes is right, the logits are not (found with benchmarks/generation.py --preset tiny). Turning off its
 # buffer reuse (`inplace_buffers` or `allow_buffer_reuse`) makes the graph exact, so the benchmark compiles that way.
 # The graph that triggers it is the one with the MAG gate mixing the normed branches (`mag_mix="normed"`); the
-# default raw mix compiles exactly either way, so the test pins the triggering graph to keep tracking the bug.
+# default mix and the raw one compile exactly either way (the test above compiles the default with buffer reuse on), so
+# this test pins the triggering graph to keep tracking the bug.
 _INDUCTOR_BUG = pytest.mark.xfail(
     strict=True, raises=AssertionError, reason="inductor buffer-reuse bug in torch 2.13; see the comment"
 )
