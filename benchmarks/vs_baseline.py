@@ -3,17 +3,21 @@ parameters, tokens, batches and optimizer, with ablations in the same run (issue
 
     OMP_NUM_THREADS=1 nice python benchmarks/vs_baseline.py               # 600 steps x 8 x 256 tokens, ~1 h shared
     python benchmarks/vs_baseline.py --steps 200                           # quicker (not the goal's budget)
+    python benchmarks/vs_baseline.py --steps 200 --only --variants 'raw={"mag_mix": "raw"}'   # Mistral + extra rows
 
 Models: Forge `tiny` (recursion + ACT + memory), Forge without recursion (`trm_max_steps=0`), Forge without memory
 (`memory_type="none"`), Forge with the position-wise refiner (`trm_attention=False`), and a Mistral with Forge's width,
 heads and sliding window whose depth and feed-forward width are chosen to match the full Forge's parameter count.
 Reported: validation perplexity on the held-out corpus split (ACT on for Forge, as deployed), training time, and
-each model's perplexity relative to Mistral's (goal: Forge at least 5% better). A vocabulary of 1,024 BPE tokens
-fitted on 300k characters of the training split; AdamW lr 3e-3 with 50 warm-up steps, gradient clipping 1.0, the
-same seed and batch order.
+each model's perplexity relative to Mistral's (goal: Forge at least 5% better). `--variants NAME=JSON` adds Forge rows
+with those config fields (with `--variants` alone: Mistral, the default Forge and the variants run; `--only` names the
+built-in rows to keep, none when empty); `--forge-overrides` applies to every Forge row. A vocabulary of 1,024 BPE
+tokens fitted on 300k characters of the training split; AdamW lr 3e-3 with 50 warm-up steps, gradient clipping 1.0,
+the same seed and batch order.
 """
 
 import argparse
+import json
 import math
 import time
 
@@ -75,7 +79,15 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-blocks", type=int, default=64)
-    parser.add_argument("--only", nargs="*", help="run only these model names (Mistral always runs)")
+    parser.add_argument("--only", nargs="*", help="run only these model names (Mistral and --variants always run)")
+    parser.add_argument("--forge-overrides", default="{}", help="JSON ForgeConfig fields applied to every Forge row")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        metavar="NAME=JSON",
+        help='extra Forge rows, e.g. \'mix={"mag_mix": "memory_normed"}\' (on top of --forge-overrides)',
+    )
     args = parser.parse_args()
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=1024)
     train = torch.tensor(pack_texts(corpus_texts("train"), tokenizer, args.length)["input_ids"])
@@ -84,10 +96,12 @@ def main() -> None:
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     batches = [train[order[(i * args.batch) % len(train) :][: args.batch]] for i in range(args.steps)]
 
+    common = json.loads(args.forge_overrides)
+
     def forge(**overrides) -> ForgeForCausalLM:
         config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         max_position_embeddings=args.length, **overrides)  # fmt: skip
+                                         max_position_embeddings=args.length, **{**common, **overrides})  # fmt: skip
         return ForgeForCausalLM(config)
 
     torch.manual_seed(0)
@@ -99,9 +113,16 @@ def main() -> None:
         "forge, no memory": lambda: forge(memory_type="none"),
         "forge, position-wise refiner": lambda: forge(trm_attention=False),
     }
+    for variant in args.variants:
+        label, _, fields = variant.partition("=")
+        fields = json.loads(fields)
+        builders[f"forge, {label}"] = lambda fields=fields: forge(**fields)
+    variant_names = [f"forge, {variant.partition('=')[0]}" for variant in args.variants]
+    if args.only is None and args.variants:  # the default Forge row stays the reference for the variants
+        args.only = ["forge (recursion + ACT + memory)"]
     results = {}
     for index, (name, build) in enumerate(builders.items()):
-        if index and args.only and name not in args.only:
+        if index and args.only is not None and name not in args.only + variant_names:
             continue
         torch.manual_seed(0)
         model = build().train()

@@ -8,6 +8,8 @@ from transformers import PreTrainedConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 MEMORY_TYPES = ("neural", "ema", "none")
+DEFAULT_MAG_MIX = "memory_at_attention_rms"
+MAG_MIXES = ("memory_at_attention_rms", "raw", "normed")
 # Deep-supervision weights the specification gives for y0..y3 (three recursion steps).
 DEFAULT_STEP_WEIGHTS = (0.33, 0.5, 0.75, 1.0)
 
@@ -99,13 +101,18 @@ class ForgeConfig(PreTrainedConfig):
             Hidden width of the deep memory's MLP, as a multiple of the memory head size.
         gate_hidden_size (`int`, *optional*, defaults to 160):
             Hidden width of the MAG gate MLP `g = sigmoid(MLP([y; m]))`.
-        mag_normed_output (`bool`, *optional*, defaults to `False`):
-            Where the MAG gate's RMS norms act. The gate always reads both branches RMS-normed (Titans §4.2). With
-            `True` it also mixes the normed branches, as Titans writes it, so every layer adds a unit-RMS vector to
-            the residual stream; with `False` it mixes the branches as they come (attention and memory at their own
-            output scale, as a pre-norm block's residual expects). Measured on the tiny preset (200 steps x 8 x 256
-            corpus tokens, no recursion, `benchmarks/vs_baseline.py`): validation perplexity 74.4 mixing raw, 97.0
-            mixing normed, 82.1 without memory: normed mixing made the memory a net loss.
+        mag_mix (`str`, *optional*, defaults to `"memory_at_attention_rms"`):
+            What the MAG gate mixes; it always reads both branches RMS-normed (Titans §4.2) and mixes
+            `g * attention + (1 - g) * memory` per channel. `"memory_at_attention_rms"`: the raw attention output and
+            the RMS-normed memory rescaled, per token, to the attention output's RMS (both branches at the scale a
+            pre-norm residual branch has, and at the same scale as each other, so the gate's choice is a balanced
+            one). `"raw"`: both branches as they come (the memory is then at its own output scale). `"normed"`: both
+            normed, as Titans writes it (every layer adds a unit-RMS vector to the residual stream). Measured on the
+            tiny preset (README, "MAG mix"; `benchmarks/vs_baseline.py --steps 200` validation perplexity, and
+            `benchmarks/recall.py --models neural --trm-steps 0 --steps 600` recall near / far):
+            memory_at_attention_rms 71.5, 0.522 / 0.523; raw 74.4, 0.322 / 0.285; normed 93.2, 0.533 / 0.519 (the
+            memory alone normed: 106.3, 0.245 / 0.098; both normed times learnable scales: 0.021 / 0.008). Configs
+            saved with the older `mag_normed_output` boolean load as `"normed"` (True) or `"raw"` (False).
         trm_max_steps (`int`, *optional*, defaults to 3):
             Supervision steps `T_max` of the TRM refiner on top of the backbone (0 disables refinement). Step 0 is the
             backbone's own prediction (`y_0 = h`).
@@ -229,7 +236,7 @@ class ForgeConfig(PreTrainedConfig):
     memory_deep: bool = False
     memory_deep_expansion: int = 2
     gate_hidden_size: int = 160
-    mag_normed_output: bool = False
+    mag_mix: str = "memory_at_attention_rms"
     trm_max_steps: int = 3
     trm_micro_steps: int = 2
     trm_cycles: int = 1
@@ -258,6 +265,14 @@ class ForgeConfig(PreTrainedConfig):
     thought_mixing_hidden_size: int | None = None
 
     def __post_init__(self, **kwargs):
+        legacy = kwargs.pop("mag_normed_output", None)  # the boolean `mag_mix` replaced (configs saved before it)
+        if legacy is not None:
+            if self.mag_mix not in (DEFAULT_MAG_MIX, "normed" if legacy else "raw"):
+                raise ValueError(
+                    f"ForgeConfig.mag_normed_output={legacy} (the older name for mag_mix='normed'/'raw') contradicts "
+                    f"mag_mix={self.mag_mix!r}. Fix: drop mag_normed_output and set only mag_mix."
+                )
+            self.mag_mix = "normed" if legacy else "raw"
         self.check()
         super().__post_init__(**kwargs)
 
@@ -363,6 +378,8 @@ class ForgeConfig(PreTrainedConfig):
                 fail("memory_decay", f"must lie strictly between 0 and 1, got {self.memory_decay}", "use e.g. 0.99")
             if self.memory_chunk_size <= 0:
                 fail("memory_chunk_size", "must be >= 1", "use 64")
+            if self.mag_mix not in MAG_MIXES:
+                fail("mag_mix", f"is {self.mag_mix!r}", f"use one of {MAG_MIXES}")
             if self.gate_hidden_size <= 0:
                 fail("gate_hidden_size", "must be >= 1", "set it, e.g. hidden_size // 2")
         if self.trm_max_steps < 0:

@@ -872,8 +872,8 @@ MEMORY_CLASSES = {"neural": ForgeNeuralMemory, "ema": ForgeEMAMemory}
 
 class ForgeMAGGate(nn.Module):
     """Titans §4.2 "memory as gate": the gate reads both branches RMS-normed (learnable weights), and per channel
-    `g = sigmoid(MLP([norm y; norm m]))` mixes them as `g*y + (1-g)*m`: the raw branches by default, the normed ones
-    with `config.mag_normed_output` (Titans' literal form, which measured worse here; see the config)."""
+    `g = sigmoid(MLP([norm y; norm m]))` mixes them as `g*y + (1-g)*m`. What `y` and `m` are is `config.mag_mix`: by
+    default the raw attention and the normed memory rescaled per token to the attention's RMS (see the config)."""
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
@@ -887,8 +887,11 @@ class ForgeMAGGate(nn.Module):
     def forward(self, attn: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed_attn, normed_memory = self.attn_norm(attn), self.memory_norm(memory)
         gate = torch.sigmoid(self.fc2(self.act_fn(self.fc1(torch.cat([normed_attn, normed_memory], dim=-1)))))
-        if self.config.mag_normed_output:
+        mix = self.config.mag_mix
+        if mix == "normed":
             attn, memory = normed_attn, normed_memory
+        elif mix == "memory_at_attention_rms":
+            memory = normed_memory * attn.float().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt().to(attn.dtype)
         return gate * attn + (1.0 - gate) * memory, gate  # gate: (B, T, D)
 
 

@@ -247,8 +247,9 @@ def _prefill_then_decode(model, forward, input_ids):
 # torch 2.13's inductor (CPU) reuses a buffer that is still live in this decode graph (neural memory, two layers): the
 # cache it writes is right, the logits are not (found with benchmarks/generation.py --preset tiny). Turning off its
 # buffer reuse (`inplace_buffers` or `allow_buffer_reuse`) makes the graph exact, so the benchmark compiles that way.
-# The graph that triggers it is the one with the MAG gate mixing the normed branches (`mag_normed_output=True`); the
-# default raw mix compiles exactly either way, so the test pins the triggering graph to keep tracking the bug.
+# The graph that triggers it is the one with the MAG gate mixing the normed branches (`mag_mix="normed"`); the
+# default mix and the raw one compile exactly either way (the test above compiles the default with buffer reuse on), so
+# this test pins the triggering graph to keep tracking the bug.
 _INDUCTOR_BUG = pytest.mark.xfail(
     strict=True, raises=AssertionError, reason="inductor buffer-reuse bug in torch 2.13; see the comment"
 )
@@ -259,7 +260,7 @@ _INDUCTOR_BUG = pytest.mark.xfail(
 def test_compiled_static_cache_decode_step_equals_eager(inplace_buffers):
     """One compiled decode step after a compiled prefill equals eager (tiny preset: neural memory, two layers)."""
     config = ForgeConfig.from_preset("tiny", pad_token_id=0, eos_token_id=None, initializer_range=0.1,
-                                     trm_attention=False, mag_normed_output=True)  # fmt: skip
+                                     trm_attention=False, mag_mix="normed")  # fmt: skip
     torch.manual_seed(0)
     model = ForgeForCausalLM(config).eval()
     input_ids = torch.randint(1, config.vocab_size, (1, 17))

@@ -424,22 +424,67 @@ def test_deep_memory_refuses_packed_documents(tiny_config):
         model(torch.randint(0, 97, (1, 12)), position_ids=positions, use_cache=False)
 
 
-@pytest.mark.parametrize("normed_output", [False, True])
-def test_mag_gate_reads_normed_branches_and_mixes_raw_ones_unless_asked(tiny_config, normed_output):
-    """The gate always sees both branches RMS-normed; what it mixes is the raw branches by default (each at its own
-    scale) and the normed ones with `mag_normed_output` (every layer then adds a unit-RMS vector)."""
+@pytest.mark.parametrize("mix", ["raw", "normed", "memory_at_attention_rms"])
+def test_mag_gate_reads_normed_branches_and_mixes_each_branch_at_its_configured_scale(tiny_config, mix):
+    """The gate always sees both branches RMS-normed; what it mixes: the raw branches (`raw`), the normed ones
+    (`normed`: unit RMS), or the raw attention with the normed memory rescaled per token to the attention's RMS (the
+    default)."""
     from modeling_forge.modeling_forge import ForgeMAGGate
 
-    config = tiny_config(mag_normed_output=normed_output)
-    gate = ForgeMAGGate(config)
+    config = tiny_config(mag_mix=mix)
+    gate = ForgeMAGGate(config).requires_grad_(False)
     torch.manual_seed(0)
     attn, memory = 0.05 * torch.randn(2, 5, config.hidden_size), 3.0 * torch.randn(2, 5, config.hidden_size)
     mixed, g = gate(attn, memory)
     normed_g = gate(attn * 40.0, memory / 7.0)[1]
-    torch.testing.assert_close(
-        g, normed_g, rtol=1e-3, atol=1e-4
-    )  # the gate ignores each branch's scale: it reads the normed branches
-    a, m = (gate.attn_norm(attn), gate.memory_norm(memory)) if normed_output else (attn, memory)
-    torch.testing.assert_close(mixed, g * a + (1 - g) * m)
+    torch.testing.assert_close(g, normed_g, rtol=1e-3, atol=1e-4)  # the gate reads the normed branches
+    normed_a, normed_m = gate.attn_norm(attn), gate.memory_norm(memory)
+    attn_rms = attn.pow(2).mean(-1, keepdim=True).sqrt()
+    expected = {
+        "raw": (attn, memory),
+        "normed": (normed_a, normed_m),
+        "memory_at_attention_rms": (attn, normed_m * attn_rms),
+    }[mix]
+    torch.testing.assert_close(mixed, g * expected[0] + (1 - g) * expected[1])
     rms = mixed.pow(2).mean(-1).sqrt()
-    assert ((rms > 0.3) & (rms < 1.0)).all() if normed_output else (rms > 1.0).all()
+    low, high = {"raw": (1.0, 9.0), "normed": (0.3, 1.0), "memory_at_attention_rms": (0.02, 0.05)}[mix]
+    assert ((rms > low) & (rms < high)).all(), rms
+    # Each mode's scale law, both ways: the default is homogeneous in the attention and blind to the memory's scale.
+    scaled = gate(attn * 3.0, memory * 5.0)[0]  # equal up to the norms' epsilon, 1e-3 of the output's RMS
+    tolerance = {"rtol": 0.0, "atol": 1e-3 * rms.max().item()}
+    if mix == "memory_at_attention_rms":
+        torch.testing.assert_close(scaled, 3.0 * mixed, atol=3.0 * tolerance["atol"], rtol=0.0)
+    elif mix == "normed":
+        torch.testing.assert_close(scaled, mixed, **tolerance)
+    else:
+        assert not torch.allclose(scaled, 3.0 * mixed, rtol=1e-2) and not torch.allclose(scaled, mixed, rtol=1e-2)
+
+
+@pytest.mark.parametrize("mix", ["raw", "normed", "memory_at_attention_rms"])
+def test_every_mag_mix_decodes_from_the_cache_as_one_forward(tiny_config, mix):
+    """Cached == uncached for each MAG mix: pieces of 1-12 tokens through the cache (window 8, chunk 4) give one
+    forward's logits in float64."""
+    model = _model(tiny_config(mag_mix=mix, initializer_range=0.3)).eval().double()
+    x = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(x).logits
+        out = model(x[:, :11], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for start, end in ((11, 12), (12, 23), (23, 30)):
+            out = model(x[:, start:end], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+            cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_mag_mix_is_validated_and_the_older_boolean_still_loads(tiny_config):
+    """A wrong mix names the field; configs saved with `mag_normed_output` load as the mix it meant."""
+    from modeling_forge import ForgeConfig
+
+    with pytest.raises(ValueError, match="ForgeConfig.mag_mix is 'gated'.*Fix: use one of"):
+        tiny_config(mag_mix="gated")
+    assert ForgeConfig.from_dict({"mag_normed_output": True}).mag_mix == "normed"
+    assert ForgeConfig.from_dict({"mag_normed_output": False}).mag_mix == "raw"
+    assert "mag_normed_output" not in ForgeConfig.from_dict({"mag_normed_output": True}).to_dict()
+    with pytest.raises(ValueError, match="mag_normed_output=True .* contradicts mag_mix='raw'"):
+        ForgeConfig(mag_normed_output=True, mag_mix="raw")
