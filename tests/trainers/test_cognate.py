@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -350,9 +351,17 @@ def test_wandb_tracking_runs_offline_with_the_spec_metric_names(tiny_tokenizer, 
     wandb.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, list(tmp_path.iterdir())
-    history = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for name in (b"act/avg_steps", b"gate/m_usage", b"loss/step_0", b"curriculum/stage"):
-        assert name in history
+    names = (b"act/avg_steps", b"gate/m_usage", b"loss/step_0", b"curriculum/stage")
+    # wandb's service process writes the history file asynchronously; on a loaded machine `finish()` has returned
+    # while the file still held only its header once, so wait (bounded) for the writer rather than for a timer.
+    deadline = time.monotonic() + 60
+    while True:
+        history = b"".join(path.read_bytes() for path in runs[0].glob("run-*.wandb"))
+        if all(name in history for name in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for name in names:
+        assert name in history, (name, len(history))
 
 
 def _perturbed(init, seed, scale=0.05):
