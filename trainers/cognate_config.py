@@ -66,7 +66,9 @@ class CognateConfig(ForgeTrainingArguments):
     )
     curriculum: list | str | None = field(
         default=None,
-        metadata={"help": "Stages [{name, end, seq_len, mixture, difficulty}]; default: 3 stages 64/128/256."},
+        metadata={
+            "help": "Stages [{name, end, seq_len, mixture, difficulty, prompt_loss}]; default: 3 stages 64/128/256."
+        },
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of the shared initialisation all three start from."})
     eval_tokens: int = field(default=20_000, metadata={"help": "Validation tokens per perplexity evaluation."})

@@ -61,7 +61,11 @@ def _contiguous_blocks(
 
 
 def pack_examples(
-    texts: Iterable[str | tuple[str, str]], tokenizer: PreTrainedTokenizerBase, block_size: int
+    texts: Iterable[str | tuple[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    prompt_loss: bool = True,
 ) -> list[tuple[list[int], list[int]]]:
     """Pack whole examples into blocks without splitting any: fill a block greedily, pad the rest (labels -100).
 
@@ -69,33 +73,39 @@ def pack_examples(
     a block is dropped with a count in the log. Returns (input_ids, labels) pairs. A `(prompt, target)` pair is
     tokenized as the prompt alone followed by the target's tokens, so training sees the token boundary generation
     sees (a code prompt ends with a lone newline token, which BPE merges with the body's indentation in prompt +
-    target: trained on the merged form, a model answers the lone newline with EOS).
+    target: trained on the merged form, a model answers the lone newline with EOS). `prompt_loss=False` labels only
+    a pair's target and EOS (the prompt's labels are -100, as TRL's `completion_only_loss`): the loss then goes to the
+    answers, not to the random keys and filler of a prompt.
     """
     _check_packing(tokenizer, block_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     blocks: list[tuple[list[int], list[int]]] = []
     ids: list[int] = []
+    labels: list[int] = []
     dropped = 0
 
     def flush() -> None:
         if ids:
             padding = block_size - len(ids)
-            blocks.append((ids + [pad_id] * padding, list(ids) + [IGNORE_INDEX] * padding))
+            blocks.append((ids + [pad_id] * padding, labels + [IGNORE_INDEX] * padding))
 
     for text in texts:
         if isinstance(text, tuple):
             prompt, target = text
             ids_prompt = tokenizer(prompt, add_special_tokens=True)["input_ids"]
             example = ids_prompt + tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            n_unlabelled = 0 if prompt_loss else len(ids_prompt)
         else:
             example = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+            n_unlabelled = 0
         if len(example) > block_size:
             dropped += 1
             continue
         if len(ids) + len(example) > block_size:
             flush()
-            ids = []
+            ids, labels = [], []
         ids = ids + example
+        labels = labels + [IGNORE_INDEX] * n_unlabelled + example[n_unlabelled:]
     flush()
     if dropped:
         logger.info("pack_examples: %d examples longer than %d tokens were dropped", dropped, block_size)
@@ -111,19 +121,24 @@ class CurriculumStage:
     seq_len: int
     mixture: dict[str, float]
     difficulty: tuple[int, int] = (1, 3)
+    prompt_loss: bool = True  # False: task examples train on their answers only (see `pack_examples`)
 
     @classmethod
     def from_dict(cls, values: dict) -> "CurriculumStage":
-        unknown = set(values) - {"name", "end", "seq_len", "mixture", "difficulty"}
+        unknown = set(values) - {"name", "end", "seq_len", "mixture", "difficulty", "prompt_loss"}
         if unknown:
             raise ValueError(f"Curriculum stage has unknown keys {sorted(unknown)}. Fix: use name, end, seq_len, "
-                             "mixture, difficulty.")  # fmt: skip
+                             "mixture, difficulty, prompt_loss.")  # fmt: skip
         for key in ("name", "end", "seq_len", "mixture"):
             if key not in values:
                 raise ValueError(f"Curriculum stage {values.get('name', '?')!r} is missing {key!r}.")
+        prompt_loss = values.get("prompt_loss", True)
+        if not isinstance(prompt_loss, bool):
+            raise ValueError(f"Curriculum stage {values['name']!r} has prompt_loss={prompt_loss!r}. Fix: use true "
+                             "(train on task prompts too) or false (on the answers only).")  # fmt: skip
         difficulty = tuple(values.get("difficulty", (1, 3)))
         return cls(str(values["name"]), float(values["end"]), int(values["seq_len"]), dict(values["mixture"]),
-                   (int(difficulty[0]), int(difficulty[-1])))  # fmt: skip
+                   (int(difficulty[0]), int(difficulty[-1])), prompt_loss)  # fmt: skip
 
 
 def validate_curriculum(stages: Sequence[CurriculumStage]) -> None:
@@ -196,13 +211,15 @@ def source_blocks(
     split: str,
     seed: int,
     difficulty: tuple[int, int],
+    prompt_loss: bool = True,
 ) -> list[tuple[list[int], list[int]]]:
-    """`n_blocks` blocks of `block_size` tokens from one source (repeating the source's data if it runs out)."""
+    """`n_blocks` blocks of `block_size` tokens from one source (repeating the source's data if it runs out);
+    `prompt_loss=False` labels only the answers of a task source's examples (text sources are always labelled)."""
     if n_blocks <= 0:
         return []
     rng = random.Random(f"{source}:{split}:{seed}:{block_size}")
     if source in TASK_SOURCES:
-        blocks = _task_blocks(source, tokenizer, block_size, n_blocks, split, seed, difficulty)
+        blocks = _task_blocks(source, tokenizer, block_size, n_blocks, split, seed, difficulty, prompt_loss)
     else:
         texts = _source_texts(source, split)
         raw = _contiguous_blocks(texts, tokenizer, block_size)
@@ -245,6 +262,7 @@ def _task_blocks(
     split: str,
     seed: int,
     difficulty: tuple[int, int],
+    prompt_loss: bool = True,
 ) -> list[tuple[list[int], list[int]]]:
     from evaluation.tasks import get_task_family
 
@@ -262,7 +280,7 @@ def _task_blocks(
                 wanted //= 2
         texts.extend((example.prompt, example.target) for example in examples)  # tokenized as at generation
     random.Random(seed).shuffle(texts)
-    return pack_examples(texts, tokenizer, block_size)
+    return pack_examples(texts, tokenizer, block_size, prompt_loss=prompt_loss)
 
 
 def mix_weights(mixture: dict[str, float], scale: dict[str, float] | None = None) -> dict[str, float]:
@@ -319,6 +337,7 @@ def build_curriculum(
                 split=split,
                 seed=seed + 7919 * index,
                 difficulty=stage.difficulty,
+                prompt_loss=stage.prompt_loss,
             )
             stage_blocks.extend((ids, labs, source) for ids, labs in blocks)
         random.Random(seed + index).shuffle(stage_blocks)
@@ -329,7 +348,7 @@ def build_curriculum(
             sources.append(source)
         schedule.append({"stage": index, "name": stage.name, "start_step": start, "end_step": end,
                          "seq_len": stage.seq_len, "mixture": weights, "blocks": counts,
-                         "difficulty": list(stage.difficulty)})  # fmt: skip
+                         "difficulty": list(stage.difficulty), "prompt_loss": stage.prompt_loss})  # fmt: skip
         start = end
     dataset = Dataset.from_dict({"input_ids": input_ids, "labels": labels, "stage": stage_ids, "source": sources})
     return CurriculumData(dataset=dataset, schedule=schedule)

@@ -380,6 +380,8 @@ class FitnessSettings:
     task_families: tuple[str, ...] = ("arithmetic", "kv_recall")
     task_examples: int = 32
     task_difficulty: int = 1
+    task_accuracy_metric: str = "greedy_target"  # or "exact_match": greedy generation, scored like the evaluation
+    task_max_new_tokens: int = 48
     speed_metric: str = "flops"
     speed_batch_size: int = 4
     speed_seq_len: int = 128
@@ -392,10 +394,12 @@ class MergeFitness:
     """Measures candidates on one data split and scores them relative to the best parent per metric.
 
     Raw metrics per model: `perplexity` (corpus text, `evaluation.perplexity`), `task_accuracy` (share of task
-    answers the model would produce greedily, i.e. lm-eval's `is_greedy`) and `task_likelihood` (mean per-token
-    probability of the reference answer), both from `evaluation.harness.loglikelihoods` on the task families'
-    examples, `flops_per_token` of an eval-mode forward over a fixed batch of the split's text (counted by
-    `torch.utils.flop_counter.FlopCounterMode`, so ACT early exit and the layer count both show), `parameter_bytes`,
+    answers the model would produce greedily, i.e. lm-eval's `is_greedy` of the whole target; or with
+    `task_accuracy_metric="exact_match"` the share of greedy generations whose extracted answer is right, as the
+    evaluation scores them) and `task_likelihood` (mean per-token probability of the reference answer), from
+    `evaluation.harness` on the task families' examples, `flops_per_token` of an eval-mode forward over a fixed
+    batch of the split's text (counted by `torch.utils.flop_counter.FlopCounterMode`, so ACT early exit and the
+    layer count both show), `parameter_bytes`,
     and when timed `tokens_per_s` (fastest of `speed_repeats` forwards) and `relative_speed` (timed in alternation
     with the fastest parent).
 
@@ -424,11 +428,17 @@ class MergeFitness:
         self.split = split
         # ~4 characters per token in this corpus; take enough text for eval_tokens, then `perplexity` cuts.
         self.texts = corpus_texts(split, max_chars=8 * settings.eval_tokens)
+        if settings.task_accuracy_metric not in ("greedy_target", "exact_match"):
+            raise ValueError(
+                f"task_accuracy_metric {settings.task_accuracy_metric!r} is not greedy_target/exact_match"
+            )
         self.requests: dict[str, list[tuple[str, str]]] = {}
         self.target_tokens: dict[str, list[int]] = {}
+        self.tasks: dict[str, tuple[Any, list]] = {}  # family -> (EvalTask, docs), for exact_match
         for family in settings.task_families:
             task = get_eval_task(family).with_options(split=split, difficulty=settings.task_difficulty)
             docs = task.docs(limit=settings.task_examples, seed=settings.seed)
+            self.tasks[family] = (task, docs)
             pairs = [(doc.prompt, doc.meta["example"].target) for doc in docs]
             self.requests[family] = pairs
             self.target_tokens[family] = [max(len(encode_pair(tokenizer, c, t)[1]), 1) for c, t in pairs]
@@ -450,7 +460,7 @@ class MergeFitness:
         """The raw metrics of one model."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        from evaluation.harness import loglikelihoods
+        from evaluation.harness import generate_completions, loglikelihoods, score_completions
         from evaluation.perplexity import perplexity
 
         model.eval()
@@ -466,7 +476,15 @@ class MergeFitness:
         accuracies, likelihoods = [], []
         for family, pairs in self.requests.items():
             results = loglikelihoods(model, self.tokenizer, pairs, batch_size=16)
-            accuracies.append(sum(greedy for _, greedy in results) / len(results))
+            if s.task_accuracy_metric == "exact_match":
+                task, docs = self.tasks[family]
+                completions = generate_completions(
+                    model, self.tokenizer, [doc.prompt for doc in docs], max_new_tokens=s.task_max_new_tokens,
+                    batch_size=16, stop_sequences=task.stop_sequences, seed=s.seed,
+                )  # fmt: skip
+                accuracies.append(score_completions(task, docs, completions)[0][task.primary_metric])
+            else:
+                accuracies.append(sum(greedy for _, greedy in results) / len(results))
             per_token = [math.exp(lp / n) for (lp, _), n in zip(results, self.target_tokens[family], strict=True)]
             likelihoods.append(sum(per_token) / len(per_token))
         with FlopCounterMode(display=False) as counter:
@@ -855,6 +873,8 @@ def fitness_settings(config: EvoMergeConfig, *, final: bool = False) -> FitnessS
         task_families=tuple(config.task_families),
         task_examples=config.final_task_examples if final else config.task_examples,
         task_difficulty=config.task_difficulty,
+        task_accuracy_metric=config.task_accuracy_metric,
+        task_max_new_tokens=config.task_max_new_tokens,
         speed_metric=config.speed_metric,
         speed_batch_size=config.speed_batch_size,
         speed_seq_len=config.speed_seq_len,

@@ -82,6 +82,17 @@ class EvoMergeConfig:
     )
     task_examples: int = field(default=32, metadata={"help": "Validation examples per task family."})
     task_difficulty: int = field(default=1, metadata={"help": "Difficulty of the task examples (1-10)."})
+    task_accuracy_metric: str = field(
+        default="greedy_target",
+        metadata={
+            "help": "task_accuracy part: 'greedy_target' (teacher-forced: every target token is the greedy choice; "
+            "cheap, but an arithmetic target's worked text must match word for word) or 'exact_match' (greedy "
+            "generation scored as the evaluation scores it: the extracted answer equals the reference)."
+        },
+    )
+    task_max_new_tokens: int = field(
+        default=48, metadata={"help": "Generation budget per task example under task_accuracy_metric=exact_match."}
+    )
     speed_metric: str = field(
         default="flops",
         metadata={
@@ -153,6 +164,7 @@ class EvoMergeConfig:
             "speed_repeats",
             "final_eval_tokens",
             "final_task_examples",
+            "task_max_new_tokens",
         ):
             positive(name)  # fmt: skip
         if not 0 <= self.elites < self.population_size:
@@ -173,6 +185,9 @@ class EvoMergeConfig:
             raise ValueError("EvoMergeConfig.max_path_length must be >= 1 or unset (twice the layer count).")
         if self.speed_metric not in ("flops", "measured"):
             raise ValueError(f"EvoMergeConfig.speed_metric is {self.speed_metric!r}. Fix: use 'flops' or 'measured'.")
+        if self.task_accuracy_metric not in ("greedy_target", "exact_match"):
+            raise ValueError(f"EvoMergeConfig.task_accuracy_metric is {self.task_accuracy_metric!r}. Fix: use "
+                             "'greedy_target' or 'exact_match'.")  # fmt: skip
         if not 1 <= self.task_difficulty <= 10:
             raise ValueError(f"EvoMergeConfig.task_difficulty must lie in [1, 10], got {self.task_difficulty}.")
         if self.parents is not None and len(self.parents) < 2:

@@ -305,6 +305,38 @@ def test_fitness_is_deterministic_and_sees_a_longer_layer_path(family, tiny_toke
     assert result["parts"]["memory"] < 1.0  # one more layer of parameters
 
 
+def test_exact_match_task_accuracy_scores_greedy_generations_as_the_evaluation_does(
+    family, tiny_tokenizer, monkeypatch
+):
+    import evaluation.harness as harness
+    from trainers.evomerge import FitnessSettings, MergeFitness
+    from trainers.merging import build_model, load_checkpoint
+
+    model = build_model(load_checkpoint(family["memory"]))
+    weights = dict(EvoMergeConfig().fitness_weights)
+    settings = FitnessSettings(weights=weights, eval_tokens=256, eval_seq_len=128, task_families=("kv_recall",),
+                               task_examples=4, task_accuracy_metric="exact_match")  # fmt: skip
+    fitness = MergeFitness(tiny_tokenizer, settings)
+    task, docs = fitness.tasks["kv_recall"]
+    answers = {doc.prompt: doc.answer for doc in docs}
+    right = {docs[0].prompt, docs[2].prompt, docs[3].prompt}
+    calls = []
+
+    def scripted(model, tokenizer, prompts, **kwargs):  # three of four generations carry the right number
+        calls.append(kwargs)
+        return [[f" {answers[p]}\nQuestion" if p in right else " 7"] for p in prompts]
+
+    monkeypatch.setattr(harness, "generate_completions", scripted)
+    assert fitness.measure(model)["task_accuracy"] == 0.75
+    assert calls[0]["max_new_tokens"] == 48 and calls[0]["stop_sequences"] == task.stop_sequences
+    # The default metric never generates: it is the teacher-forced greedy match of the whole target.
+    calls.clear()
+    greedy = MergeFitness(tiny_tokenizer, dataclasses.replace(settings, task_accuracy_metric="greedy_target"))
+    assert greedy.measure(model)["task_accuracy"] < 0.75 and not calls
+    with pytest.raises(ValueError, match="task_accuracy_metric"):
+        EvoMergeConfig(task_accuracy_metric="f1")
+
+
 def test_phase2_config_validation_names_the_field():
     with pytest.raises(ValueError, match=r"EvoMergeConfig\.fitness_weights has unknown parts \['sped'\]"):
         EvoMergeConfig(fitness_weights={"sped": 1.0})
