@@ -2,7 +2,7 @@
 overrides, then score them on VALIDATION items (the demo's report uses test items; no choice is tuned on those).
 
     OMP_NUM_THREADS=1 nice python benchmarks/demo_levers.py --specs memory                          # the YAML as is
-    python benchmarks/demo_levers.py --specs memory --set model_overrides='{"mag_normed_output": false}'
+    python benchmarks/demo_levers.py --specs memory --set 'model_overrides={"mag_mix": "raw"}'
     python benchmarks/demo_levers.py --specs memory --prompt_loss true --set learning_rate=3e-3
 
 Each run writes `<output_dir>/<name>/phase1/<spec>` and prints one line: exact match per task on `--limit` validation
