@@ -117,6 +117,14 @@ class CurriculumConfig(ForgeTrainingArguments):
             "0: off."
         },
     )
+    experience_buffer: int = field(
+        default=0,
+        metadata={
+            "help": "Each round with new verified pairs also trains on up to this many pairs drawn from the level's "
+            "earlier rounds (successes, hinted successes, variants; never a hint in context), so what a round "
+            "learned is not overwritten by the next few dozen instances. 0: only the round's own pairs."
+        },
+    )
     task_sampling: str = field(
         default="lilo",
         metadata={
@@ -268,6 +276,8 @@ class CurriculumConfig(ForgeTrainingArguments):
              f"is {self.hint_solution_format!r}", f"use one of {SOLUTION_FORMATS}"),
             (isinstance(self.success_variants, int) and self.success_variants >= 0, "success_variants",
              f"is {self.success_variants!r}", "use a count >= 0, e.g. 8, or 0 for none"),
+            (isinstance(self.experience_buffer, int) and self.experience_buffer >= 0, "experience_buffer",
+             f"is {self.experience_buffer!r}", "use a count >= 0, e.g. 400, or 0 for none"),
             (self.task_sampling in TASK_SAMPLING, "task_sampling", f"is {self.task_sampling!r}",
              f"use one of {TASK_SAMPLING}"),
             (self.teacher in TEACHERS, "teacher", f"is {self.teacher!r}", f"use one of {sorted(TEACHERS)}"),

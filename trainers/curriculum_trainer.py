@@ -452,6 +452,7 @@ def run_level(
     family = pool.family
     rounds = []
     solutions = SolutionCache(teacher, family)
+    history: list[TrainingPair] = []  # the level's verified pairs of earlier rounds (`experience_buffer`)
     for index in range(config.max_rounds):
         if pool.mastered(config.mastery_fraction):
             break
@@ -517,6 +518,10 @@ def run_level(
         pairs += variants
         if learned is not None:
             learned.extend(pairs)
+        n_buffer = min(len(history), config.experience_buffer) if pairs else 0
+        earlier = rng.sample(history, n_buffer) if n_buffer else []
+        history.extend(pairs)
+        pairs += earlier
         n_replay = 0
         if pairs and replay and config.replay_share > 0:
             n_replay = min(len(replay), round(len(pairs) * config.replay_share / (1 - config.replay_share)))
@@ -534,6 +539,7 @@ def run_level(
             "rungs": rungs,
             "variant_candidates": tried,
             "variant_pairs": len(variants),
+            "buffered": n_buffer,
             "replayed": n_replay,
             "programs": programs,
             "generate_and_run_s": sandbox_s,

@@ -1,5 +1,6 @@
-"""Phase 5 `success_variants`: each verified success also trains on variants of its task whose program is the success
-with the constants rewritten, kept only when the rewritten program passes the variant's tests in the sandbox."""
+"""Phase 5's training-step options: `success_variants` (each verified success also trains on variants of its task whose
+program is the success with the constants rewritten, kept only when it passes the variant's tests in the sandbox) and
+`experience_buffer` (each round also trains on the level's earlier verified pairs)."""
 
 import pytest
 
@@ -132,7 +133,35 @@ def test_hinted_successes_bring_variants_trained_without_the_hint(tmp_path):
     assert sum(p.kind == "variant" for p in trained[0]) == 4
 
 
+@needs_bwrap
+def test_experience_buffer_adds_earlier_rounds_verified_pairs(tmp_path):
+    family = _Recording(get_task_family("code", require_isolation=True))
+    examples = family.generate("train", 3, seed=13, difficulty=1)
+    trained: list = []
+
+    def reference(prompt):  # pool tasks and the variants that replace them after each success
+        rendered = {e.prompt: e for e in examples} | family.rendered
+        return rendered[prompt].target
+
+    for buffer in (0, 4):
+        trained.clear()
+        config = _config(tmp_path, max_rounds=3, experience_buffer=buffer)
+        rounds = run_level(TaskPool(examples, family, successes_to_remove=99), ScriptedPolicy(reference),
+                           get_teacher("procedural"), lambda pairs: trained.append(pairs) or {}, level=1,
+                           config=config)  # fmt: skip
+        assert [r["successes"] for r in rounds] == [3, 3, 3]
+        assert [r["buffered"] for r in rounds] == ([0, 0, 0] if buffer == 0 else [0, 3, 4])  # capped at the size
+        assert [len(batch) for batch in trained] == [3 + r["buffered"] for r in rounds]
+        for index, batch in enumerate(trained):
+            new, earlier = batch[:3], batch[3:]
+            before = {p.prompt for b in trained[:index] for p in b[:3]}
+            assert not {p.prompt for p in new} & before  # each round's own pairs are fresh variants
+            assert {p.prompt for p in earlier} <= before and len({p.prompt for p in earlier}) == len(earlier)
+
+
+@pytest.mark.parametrize("name", ["success_variants", "experience_buffer"])
 @pytest.mark.parametrize("value", [-1, 1.5, "many"])
-def test_success_variants_must_be_a_count(tmp_path, value):
-    with pytest.raises(ValueError, match=r"CurriculumConfig\.success_variants .*Fix:"):
-        _config(tmp_path, success_variants=value)
+def test_the_counts_must_be_non_negative_integers(tmp_path, name, value):
+    with pytest.raises(ValueError, match=rf"CurriculumConfig\.{name} .*Fix:"):
+        _config(tmp_path, **{name: value})
+    assert getattr(_config(tmp_path, **{name: 3}), name) == 3
