@@ -16,7 +16,9 @@ weights, trained with MuGrokfast in STE mode and packed again at the end), then:
    model to continue or as comment lines. The round trains on the successes and on the hinted successes **without the
    hint or the shown solution** in context (STaR's rationalization, Zelikman et al. 2022; with a prefix rung the
    trained body is the program that passed: the shown part plus the model's continuation), plus a replay share of
-   earlier levels. The level ends when the
+   earlier levels; with `success_variants` also verified variants of each success (its constants rewritten to a
+   variant's, kept only if the variant's tests pass in the sandbox), with `experience_buffer` also the level's
+   earlier verified pairs. The level ends when the
    pool has shrunk to `mastery_fraction` of its size or the round budget is spent.
 3. **After each level:** half-bakes of the eudaimonia, OODA and identity prompts (`bake_prompt` machinery, LoRA on
    the ternary layers via `trainers.bitnet_lora`); self-modeling in temperature bands (the model predicts masked
