@@ -63,12 +63,14 @@ levels 3-4 trained; input held-out L3 0.417 / 0.375, L4 0; a shared 2-core CPU, 
                                                                        +0.083/+0.083
     --epochs 1 --lr 1e-3 --optimizer adamw --success-variants 8 --experience-buffer 400
                                                                        +0.250/+0.333 (seed 0), +0.125/+0.083 (seed 1)
+    the same with --success-variants 0 (the buffer alone)              -0.125/0, -0.208/+0.042
 Training on a round's few dozen instances lowers held-out success (their constants are learned, not the copying);
 8 verified constant-rewritten variants per success (1,400-1,500 per run, >= 98% of rewrites pass) remove that loss,
-and replaying the level's earlier verified pairs each round lifts both levels: +0.20 is met on both levels for seed 0,
-not for seed 1. Pools still barely shrink (16 -> 15): unaided successes at temperature 0.8 stay rare. On levels 1-2
-(`--levels 1 6`, input >= 0.71, little headroom) at `--epochs 4 --lr 5e-4`: L1/L2 -0.042/-0.125 and -0.208/-0.042
-without variants, -0.125/+0.083 and +0.000/+0.042 with 8. 400-700 s per run with variants, 120-210 s without.
+and replaying the level's earlier verified pairs each round on top of them (not alone) lifts both levels: +0.20 is
+met on both levels for seed 0, not for seed 1. Pools still barely shrink (16 -> 15): unaided successes at
+temperature 0.8 stay rare. On levels 1-2 (`--levels 1 6`, input >= 0.71, little headroom) at `--epochs 4 --lr 5e-4`:
+L1/L2 -0.042/-0.125 and -0.208/-0.042 without variants, -0.125/+0.083 and +0.000/+0.042 with 8. 400-700 s per run
+with variants, 100-210 s without.
 
 The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
 measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
