@@ -46,6 +46,9 @@ def main(config: CurriculumConfig) -> dict:
     if totals["hinted_attempts_per_rung"]:
         print(f"  hint ladder {totals['hint_solution_fractions']}: hinted successes per rung "
               f"{totals['hinted_successes_per_rung']} of {totals['hinted_attempts_per_rung']}")  # fmt: skip
+    if totals.get("success_variants"):
+        print(f"  constant variants: {totals['variant_pairs_trained']} of {totals['variant_candidates']} rewritten "
+              "programs passed their variant's tests and were trained")  # fmt: skip
     print(f"  sandbox: {totals['programs_run']} programs; loop {totals['loop_programs_per_s'] or 0:.2f} programs/s")
     return summary
 

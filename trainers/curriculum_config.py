@@ -107,6 +107,24 @@ class CurriculumConfig(ForgeTrainingArguments):
             "removal), so the same instance is not trained on every round; useful with solution rungs."
         },
     )
+    success_variants: int = field(
+        default=0,
+        metadata={
+            "help": "Per verified success (unaided or hinted), up to this many variants of the task (same template, "
+            "new constants) whose program is the success with its constants rewritten to the variant's and that "
+            "pass the variant's tests in the sandbox are trained too (a program that does not copy its constants "
+            "gives none): the round then teaches copying constants from the docstring, not one instance's values. "
+            "0: off."
+        },
+    )
+    experience_buffer: int = field(
+        default=0,
+        metadata={
+            "help": "Each round with new verified pairs also trains on up to this many pairs drawn from the level's "
+            "earlier rounds (successes, hinted successes, variants; never a hint in context), so what a round "
+            "learned is not overwritten by the next few dozen instances. 0: only the round's own pairs."
+        },
+    )
     task_sampling: str = field(
         default="lilo",
         metadata={
@@ -256,6 +274,10 @@ class CurriculumConfig(ForgeTrainingArguments):
              "give one fraction per retry, or leave hint_retries unset (it then follows the fractions)"),
             (self.hint_solution_format in SOLUTION_FORMATS, "hint_solution_format",
              f"is {self.hint_solution_format!r}", f"use one of {SOLUTION_FORMATS}"),
+            (isinstance(self.success_variants, int) and self.success_variants >= 0, "success_variants",
+             f"is {self.success_variants!r}", "use a count >= 0, e.g. 8, or 0 for none"),
+            (isinstance(self.experience_buffer, int) and self.experience_buffer >= 0, "experience_buffer",
+             f"is {self.experience_buffer!r}", "use a count >= 0, e.g. 400, or 0 for none"),
             (self.task_sampling in TASK_SAMPLING, "task_sampling", f"is {self.task_sampling!r}",
              f"use one of {TASK_SAMPLING}"),
             (self.teacher in TEACHERS, "teacher", f"is {self.teacher!r}", f"use one of {sorted(TEACHERS)}"),

@@ -16,7 +16,9 @@ weights, trained with MuGrokfast in STE mode and packed again at the end), then:
    model to continue or as comment lines. The round trains on the successes and on the hinted successes **without the
    hint or the shown solution** in context (STaR's rationalization, Zelikman et al. 2022; with a prefix rung the
    trained body is the program that passed: the shown part plus the model's continuation), plus a replay share of
-   earlier levels. The level ends when the
+   earlier levels; with `success_variants` also verified variants of each success (its constants rewritten to a
+   variant's, kept only if the variant's tests pass in the sandbox), with `experience_buffer` also the level's
+   earlier verified pairs. The level ends when the
    pool has shrunk to `mastery_fraction` of its size or the round budget is spent.
 3. **After each level:** half-bakes of the eudaimonia, OODA and identity prompts (`bake_prompt` machinery, LoRA on
    the ternary layers via `trainers.bitnet_lora`); self-modeling in temperature bands (the model predicts masked
@@ -38,6 +40,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -341,7 +344,7 @@ class TrainingPair:
 
     prompt: str
     completion: str
-    kind: str  # "success", "hinted" or "replay"
+    kind: str  # "success", "hinted", "variant" (`constant_variants`) or "replay"
     level: int
 
 
@@ -351,6 +354,85 @@ def training_completion(completion: str) -> str:
     cut = truncate_completion(completion)
     code = truncate_completion(strip_thoughts(completion))
     return cut if truncate_completion(strip_thoughts(cut)) == code else code
+
+
+_INT_EDGE = r"(?<![\w.]){}(?![\w.])"  # an integer literal not inside a name or another number
+
+
+def rewrite_constants(completion: str, old: dict, new: dict) -> str | None:
+    """`completion` with the task's constants (`meta['params']`) changed from the `old` to the `new` values wherever
+    they appear as literals, all at once: integers by magnitude (`x - 5` becomes `x - 7` for -5 -> -7, so the sign
+    the code writes stays right; a sign change is refused), strings as quoted literals ('a' or "a"). None when a
+    changed constant is not a literal of the completion (the code does not copy it, so rewriting cannot carry it),
+    two constants share a literal but change differently, or a value is neither int nor str. The result is only a
+    candidate: it trains only after it passes the variant's tests in the sandbox."""
+    replacements: dict[str, str] = {}
+    patterns: list[str] = []
+    for name, before in old.items():
+        after = new.get(name)
+        if after == before:
+            continue
+        if isinstance(before, bool) or isinstance(after, bool) or type(before) is not type(after):
+            return None
+        if isinstance(before, int):
+            if (before < 0) != (after < 0):
+                return None
+            forms = [(str(abs(before)), str(abs(after)), _INT_EDGE.format(abs(before)))]
+        elif isinstance(before, str):
+            forms = [(repr(before), repr(after), None), (json.dumps(before), json.dumps(after), None)]
+        else:
+            return None
+        found = False
+        for literal, replacement, pattern in forms:
+            if replacements.get(literal, replacement) != replacement:
+                return None
+            pattern = pattern or re.escape(literal)
+            if re.search(pattern, completion):
+                found = True
+                replacements[literal] = replacement
+                patterns.append(pattern)
+        if not found:
+            return None
+    if not patterns:
+        return None
+    combined = re.compile("|".join(sorted(set(patterns), key=len, reverse=True)))
+    return combined.sub(lambda match: replacements[match.group(0)], completion)
+
+
+def constant_variants(
+    solved: Sequence[tuple[Example, str]], family: CodeFamily, k: int, seed: int, level: int
+) -> tuple[list[TrainingPair], int]:
+    """Up to `k` verified variants per solved task: `make_variant` gives the same template with new constants, the
+    solved completion gets the same constants rewritten (`rewrite_constants`), and the rewritten program trains only
+    if it passes the variant's own tests in the sandbox (a completion that does not copy its constants yields none).
+    Each success then teaches copying the constants from the docstring across many values, not one instance's
+    constants. Returns (pairs, programs run)."""
+    if k <= 0 or not solved:
+        return [], 0
+    candidates: list[tuple[Example, str]] = []
+    for example, completion in solved:
+        made, seen = 0, {example.key}
+        for attempt in range(4 * k):
+            if made >= k:
+                break
+            try:
+                variant = family.make_variant(example, seed=seed + 7 * attempt + 1)
+            except ValueError:  # a template with no other constants in this split
+                break
+            if variant.key in seen:
+                continue
+            seen.add(variant.key)
+            rewritten = rewrite_constants(completion, example.meta["params"], variant.meta["params"])
+            if rewritten is not None:
+                candidates.append((variant, rewritten))
+                made += 1
+    if not candidates:
+        return [], 0
+    results = family.run([c[0] for c in candidates], [strip_thoughts(c[1]) for c in candidates])
+    pairs = [TrainingPair(variant.prompt, completion, "variant", level)
+             for (variant, completion), result in zip(candidates, results, strict=True)
+             if result is not None and result.passed]  # fmt: skip
+    return pairs, len(candidates)
 
 
 def run_level(
@@ -372,6 +454,7 @@ def run_level(
     family = pool.family
     rounds = []
     solutions = SolutionCache(teacher, family)
+    history: list[TrainingPair] = []  # the level's verified pairs of earlier rounds (`experience_buffer`)
     for index in range(config.max_rounds):
         if pool.mastered(config.mastery_fraction):
             break
@@ -383,10 +466,12 @@ def run_level(
         results = family.run(examples, [strip_thoughts(a) for a in attempts])
         programs = len(examples)
         pairs: list[TrainingPair] = []
+        solved: list[tuple[Example, str]] = []  # (task instance, verified completion): the variants' sources
         failed = []
         for task, example, attempt, result in zip(tasks, examples, attempts, results, strict=True):
             if result is not None and result.passed:
                 pairs.append(TrainingPair(example.prompt, training_completion(attempt), "success", level))
+                solved.append((example, pairs[-1].completion))
                 pool.record_success(task)
             else:
                 pool.record_failure(task)
@@ -424,13 +509,21 @@ def run_level(
                     hinted_successes += 1
                     rung["successes"] += 1
                     pairs.append(TrainingPair(example.prompt, training_completion(attempt), "hinted", level))
+                    solved.append((example, pairs[-1].completion))
                 else:
                     still.append((task, example, attempt, result))
             rungs.append(rung)
             failed = still
         programs += solutions.programs - verified_before  # the teacher's solutions checked in the sandbox
+        variants, tried = constant_variants(solved, family, config.success_variants, seed + 1000 * index, level)
+        programs += tried
+        pairs += variants
         if learned is not None:
             learned.extend(pairs)
+        n_buffer = min(len(history), config.experience_buffer) if pairs else 0
+        earlier = rng.sample(history, n_buffer) if n_buffer else []
+        history.extend(pairs)
+        pairs += earlier
         n_replay = 0
         if pairs and replay and config.replay_share > 0:
             n_replay = min(len(replay), round(len(pairs) * config.replay_share / (1 - config.replay_share)))
@@ -446,6 +539,9 @@ def run_level(
             "hinted_attempts": hinted_attempts,
             "hinted_successes": hinted_successes,
             "rungs": rungs,
+            "variant_candidates": tried,
+            "variant_pairs": len(variants),
+            "buffered": n_buffer,
             "replayed": n_replay,
             "programs": programs,
             "generate_and_run_s": sandbox_s,
@@ -869,6 +965,9 @@ def _report(config: CurriculumConfig, placement: dict, levels: list[int], before
             "unaided_successes": sum(r["successes"] for r in rounds),
             "hints_used": sum(r["hinted_attempts"] for r in rounds),
             "hinted_successes": sum(r["hinted_successes"] for r in rounds),
+            "success_variants": config.success_variants,
+            "variant_pairs_trained": sum(r.get("variant_pairs", 0) for r in rounds),
+            "variant_candidates": sum(r.get("variant_candidates", 0) for r in rounds),
             "hint_solution_fractions": list(config.hint_solution_fractions),
             "hint_solution_format": config.hint_solution_format,
             "hinted_successes_per_rung": _sum_lists([[x["successes"] for x in r.get("rungs", [])] for r in rounds]),
@@ -957,6 +1056,7 @@ __all__ = [
     "backward_transfer",
     "band_temperatures",
     "choose_start_level",
+    "constant_variants",
     "evaluate_levels",
     "generation_context",
     "ladder_completion",
@@ -966,6 +1066,7 @@ __all__ = [
     "pass_at_k",
     "place",
     "reference_completion",
+    "rewrite_constants",
     "run_level",
     "run_phase5",
     "split_context",
