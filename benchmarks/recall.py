@@ -259,24 +259,6 @@ def memory_timing(repeats: int, compile_chunks: tuple[int, ...] = (16, 32)) -> N
         out, state = torch_chunk_gated_delta_rule(*(x.transpose(1, 2) for x in tensors), chunk_size=64)
         return out.transpose(1, 2), state
 
-    def loss_of_form(form):
-        return lambda: (form(q, k, v, g, b)[0] * weights).sum()
-
-    forms = {  # name -> (callable, chunk for the FLOP count, or 0 for the recurrence)
-        "chunked C=64": (functools.partial(gated_delta_rule_chunked, chunk_size=64), 64),
-        "chunked C=32": (functools.partial(gated_delta_rule_chunked, chunk_size=32), 32),
-        "transformers torch_chunk_gated_delta_rule C=64": (transformers_form, 64),
-        "per-token recurrence": (gated_delta_rule_recurrent, 0),
-    }
-    compile_seconds, max_gaps = {}, {}
-    for chunk in compile_chunks:  # compiled first, once; the first call (forward+backward) is the compile
-        name = f"chunked C={chunk}, torch.compile"
-        compiled = torch.compile(functools.partial(gated_delta_rule_chunked, chunk_size=chunk), dynamic=False)
-        started = time.perf_counter()
-        (compiled(q, k, v, g, b)[0] * weights).sum().backward()
-        compile_seconds[name] = time.perf_counter() - started
-        forms[name] = (compiled, chunk)
-
     def run(form):
         def step():
             for x in (q, k, v, g, b):
@@ -285,11 +267,27 @@ def memory_timing(repeats: int, compile_chunks: tuple[int, ...] = (16, 32)) -> N
 
         return step
 
+    forms = {  # name -> (callable, chunk for the FLOP count, or 0 for the recurrence)
+        "chunked C=64": (functools.partial(gated_delta_rule_chunked, chunk_size=64), 64),
+        "chunked C=32": (functools.partial(gated_delta_rule_chunked, chunk_size=32), 32),
+        "transformers torch_chunk_gated_delta_rule C=64": (transformers_form, 64),
+        "per-token recurrence": (gated_delta_rule_recurrent, 0),
+    }
     with torch.no_grad():
         reference = gated_delta_rule_recurrent(q, k, v, g, b)[0]
-        for name, (form, _) in forms.items():
-            if name.startswith("chunked"):
-                max_gaps[name] = (form(q, k, v, g, b)[0] - reference).abs().max().item()
+        max_gaps = {name: (form(q, k, v, g, b)[0] - reference).abs().max().item()
+                    for name, (form, _) in forms.items() if name.startswith("chunked")}  # fmt: skip
+    compile_seconds = {}
+    for chunk in compile_chunks:  # the first call (forward+backward) compiles; its output is checked too (a call
+        # under no_grad would compile a second graph)
+        name = f"chunked C={chunk}, torch.compile"
+        compiled = torch.compile(functools.partial(gated_delta_rule_chunked, chunk_size=chunk), dynamic=False)
+        started = time.perf_counter()
+        out = compiled(q, k, v, g, b)[0]
+        (out * weights).sum().backward()
+        compile_seconds[name] = time.perf_counter() - started
+        max_gaps[name] = (out.detach() - reference).abs().max().item()
+        forms[name] = (compiled, chunk)
     times = {name: [] for name in forms}
     for _ in range(repeats):  # interleaved, so load on a shared machine hits every form alike
         for name, (form, _) in forms.items():
