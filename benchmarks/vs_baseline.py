@@ -86,7 +86,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="NAME=JSON",
-        help='extra Forge rows, e.g. \'mix={"mag_mix": "memory_normed"}\' (on top of --forge-overrides)',
+        help='extra Forge rows, e.g. \'raw={"mag_mix": "raw"}\' (on top of --forge-overrides)',
     )
     args = parser.parse_args()
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=1024)
