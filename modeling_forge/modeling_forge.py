@@ -714,14 +714,15 @@ def short_causal_conv(
     else:
         full = torch.cat([tail.to(inputs.dtype), inputs], -1)[..., -(taps - 1 + length) :]
         full = F.pad(full, (taps - 1 + length - full.shape[-1], 0))
-    if segments is not None:
-        seg_full = F.pad(segments, (taps - 1, 0))  # the tail belongs to document 0
+    if segments is None:  # one depthwise convolution (about 1.7x faster fwd+bwd on CPU than the shifted sum below)
+        dtype = torch.promote_types(full.dtype, weight.dtype)
+        return F.conv1d(full.to(dtype), weight[:, None, :].to(dtype), groups=weight.shape[0])
+    seg_full = F.pad(segments, (taps - 1, 0))  # the tail belongs to document 0
     out = weight[:, taps - 1, None] * inputs
     for lag in range(1, taps):
         piece = full[..., taps - 1 - lag : taps - 1 - lag + length]
-        if segments is not None:
-            same_doc = seg_full[:, taps - 1 - lag : taps - 1 - lag + length] == segments  # (B, T)
-            piece = piece * same_doc[:, None].to(piece.dtype)
+        same_doc = seg_full[:, taps - 1 - lag : taps - 1 - lag + length] == segments  # (B, T)
+        piece = piece * same_doc[:, None].to(piece.dtype)
         out = out + weight[:, taps - 1 - lag, None] * piece
     return out
 
@@ -1498,6 +1499,12 @@ class ForgeModel(ForgePreTrainedModel):
         return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
 
 
+def _is_top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1.0 where the target's logit is the largest, (..., V) -> (...,): `amax` is several times faster than `argmax`
+    over a 32k vocabulary on CPU; an exact tie with the maximum counts as correct."""
+    return (logits.gather(-1, targets[..., None]).squeeze(-1) >= logits.amax(-1)).float()
+
+
 class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
     """`ForgeModel` with a tied LM head and the training objective:
     `loss = CE (deep-supervised over steps) + act_loss_weight * ACT_BCE - gate_entropy_weight * gate_entropy`."""
@@ -1658,29 +1665,50 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
 
         halt_steps = outputs.halt_steps.reshape(-1)  # (B*T,)
         halting_logits = outputs.halting_logits.reshape(-1, n_steps)  # (B*T, K)
-        step_losses, train_terms, step_correct, act_terms, sampled_ce = [], [], [], [], []
+        vocab = final_logits.shape[-1]
         scale = n_valid / max(sampled.numel(), 1)  # rescales a subset to the full label count
+        # Intermediate steps: one LM-head pass over every earlier step's sampled rows together (one weight-gradient
+        # matmul instead of one per step).
+        inter = n_steps - 1
+        if inter and step_logits is not None:
+            inter_logits = torch.stack([step_logits[t].reshape(-1, vocab)[sampled] for t in range(inter)])
+        elif inter:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and config.deep_supervision):
+                rows_states = torch.stack([states[t].reshape(-1, states[t].shape[-1])[sampled] for t in range(inter)])
+                inter_logits = self.lm_head(rows_states.reshape(inter * sampled.numel(), -1)).view(
+                    inter, sampled.numel(), vocab
+                )
+        if inter:
+            inter_targets = flat_labels[sampled]
+            inter_ce = F.cross_entropy(
+                inter_logits.reshape(-1, vocab).float(), inter_targets.repeat(inter), reduction="none"
+            ).view(inter, sampled.numel())  # (K-1, S)
+            inter_correct = _is_top1(inter_logits.detach(), inter_targets.expand(inter, -1))  # (K-1, S)
+        # Final step on every label position, straight from the full logits: gathering the label rows first would copy
+        # (and, in backward, scatter into a zeroed) B*T x V tensor. Its accuracy (a metric and, with
+        # `act_target="correct"`, the last step's ACT target) is taken on the sampled rows, an unbiased estimate that
+        # skips a full-vocabulary argmax over every position.
+        final_ce = F.cross_entropy(
+            final_logits.reshape(-1, vocab).float(), flat_labels, ignore_index=-100, reduction="none"
+        )[valid]  # (N,)
+        final_correct = _is_top1(final_logits.detach().reshape(-1, vocab)[sampled], flat_labels[sampled])
+
+        step_losses, train_terms, step_correct, act_terms, sampled_ce = [], [], [], [], []
         for step in range(n_steps):
             final = step == n_steps - 1
             rows = valid if final else sampled
-            if final:
-                logits = final_logits.reshape(-1, final_logits.shape[-1])[rows]
-            elif step_logits is not None:
-                logits = step_logits[step].reshape(-1, step_logits[step].shape[-1])[rows]
-            else:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and config.deep_supervision):
-                    logits = self.lm_head(states[step].reshape(-1, states[step].shape[-1])[rows])
+            ce = final_ce if final else inter_ce[step]  # (rows,)
+            correct = final_correct if final else inter_correct[step]  # (sampled rows,)
             row_scale = n_valid / max(rows.numel(), 1)
-            targets = flat_labels[rows]
-            ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (rows,)
             refining = (halt_steps[rows] >= step).float()  # still refining at this step (not halted before it)
             step_losses.append(ce.detach().sum() * row_scale / denominator)
             train_terms.append((ce.sum() if final else (ce * refining).sum()) * row_scale / denominator)
-            correct = (logits.detach().argmax(-1) == targets).float()
-            step_correct.append(correct.mean() if rows.numel() else correct.sum())
+            step_correct.append(correct.mean() if sampled.numel() else correct.sum())
             if config.act_target == "correct":
-                bce = F.binary_cross_entropy_with_logits(halting_logits[rows, step].float(), correct, reduction="none")
-                act_terms.append((bce * refining).sum() * row_scale / n_steps)
+                on_sampled = (halt_steps[sampled] >= step).float()
+                bce = F.binary_cross_entropy_with_logits(halting_logits[sampled, step].float(), correct,
+                                                         reduction="none")  # fmt: skip
+                act_terms.append((bce * on_sampled).sum() * scale / n_steps)
             else:
                 sampled_ce.append(ce.detach()[sample_index] if final and sample_index is not None else ce.detach())
         if config.act_target == "saturated" and n_steps > 1:

@@ -165,3 +165,23 @@ def test_deep_supervision_fraction_is_an_unbiased_estimate(tiny_config):
     sampled.eval()  # evaluation always scores every position
     with torch.no_grad():
         torch.testing.assert_close(sampled(x, labels=x).step_losses, exact.eval()(x, labels=x).step_losses)
+
+
+def test_step_accuracies_match_argmax_over_real_tokens(tiny_config):
+    """The top-1 shortcut (`amax`, not `argmax`) reports each step's accuracy over label positions only."""
+    torch.manual_seed(0)
+    model = _model(tiny_config()).eval()
+    with torch.no_grad():  # a sharper head, so some predictions are right
+        model.lm_head.weight.mul_(20.0)
+    x = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(2))
+    labels = x.clone()
+    labels[0, :10] = -100  # prompt positions: not scored
+    with torch.no_grad():
+        out = model(x, labels=labels, output_step_logits=True)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    expected = [((logits[:, :-1].argmax(-1) == targets) & mask).sum() / mask.sum() for logits in out.step_logits]
+    torch.testing.assert_close(out.step_accuracies, torch.stack(expected).float())
+    assert out.step_accuracies.max() > 0  # the check compares real hits, not all-zero vectors
+    wrong = [(logits[:, :-1].argmax(-1) == targets).float().mean() for logits in out.step_logits]
+    assert not torch.allclose(torch.stack(wrong), out.step_accuracies)  # padding would change the figure
