@@ -65,6 +65,8 @@ def main() -> None:
         "forge, no recursion (trm_max_steps=0)": {"trm_max_steps": 0},
         "forge, ema memory instead of neural": {"memory_type": "ema"},
         "forge, no memory (attention only)": {"memory_type": "none"},
+        "forge, memory in every other layer": {"memory_layers": list(range(1, base.num_hidden_layers, 2))},
+        "forge, memory in every layer": {"memory_layers": None},
     }
     batch = torch.randint(0, base.vocab_size, (args.batch, args.length))
     tokens = batch.numel()

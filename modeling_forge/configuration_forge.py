@@ -63,6 +63,11 @@ class ForgeConfig(PreTrainedConfig):
             delta rule, read as `S_t q_t`), `"ema"` (a causal exponential moving average of a down-projection of the
             layer input, read out through an up-projection; the ablation without content addressing) or `"none"`
             (attention only, no gate; the ablation).
+        memory_layers (`list[int]`, *optional*):
+            0-based indices of the decoder layers that carry the memory branch and its MAG gate; the others are
+            sliding-window attention only. `None` (the default): every layer. A hybrid stack like titans-pytorch's
+            training script (`NEURAL_MEM_LAYERS = (2, 4, 6)` of 8) or Qwen3-Next's linear/full-attention mix; the
+            cognate-25m preset puts the memory in every other layer to halve its cost (README, "Step time").
         memory_size (`int`, *optional*, defaults to 160):
             Width `d_mem` of the memory: the EMA state, or the total query/key/value width of the neural memory
             (`memory_num_heads` heads of `memory_size // memory_num_heads` channels).
@@ -224,6 +229,7 @@ class ForgeConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     hidden_act: str = "silu"
     memory_type: str = "ema"
+    memory_layers: list[int] | None = None
     memory_size: int = 160
     memory_num_heads: int | None = None
     memory_conv_size: int = 4
@@ -286,19 +292,27 @@ class ForgeConfig(PreTrainedConfig):
             else:
                 steps = self.trm_max_steps
                 self.trm_step_weights = [round(0.33 + (1.0 - 0.33) * t / max(steps, 1), 4) for t in range(steps + 1)]
-        layer_type = "hybrid_sliding" if self.memory_type != "none" else "sliding_attention"
-        derived = [layer_type] * self.num_hidden_layers
+        derived = [
+            "hybrid_sliding" if self.layer_has_memory(index) else "sliding_attention"
+            for index in range(self.num_hidden_layers)
+        ]
         # A value this method derived earlier follows the fields it came from (e.g. memory_type changed after
         # loading); a value the user set must already be the derived one: it only names the cache layout.
         user_set = self.layer_types is not None and self.layer_types != getattr(self, "_derived_layer_types", None)
         if user_set and list(self.layer_types) != derived:
             raise ValueError(
                 f"ForgeConfig.layer_types is {self.layer_types}, but memory_type={self.memory_type!r} with "
-                f"num_hidden_layers={self.num_hidden_layers} needs {derived} (every Forge layer has the same cache "
-                "layout). Fix: leave layer_types unset; it is derived from memory_type and num_hidden_layers."
+                f"memory_layers={self.memory_layers} and num_hidden_layers={self.num_hidden_layers} needs {derived}. "
+                "Fix: leave layer_types unset; it is derived from memory_type, memory_layers and num_hidden_layers."
             )
         self.layer_types = derived
         self._derived_layer_types = list(derived)
+
+    def layer_has_memory(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` has the memory branch and MAG gate (`memory_type`, `memory_layers`)."""
+        if self.memory_type == "none":
+            return False
+        return self.memory_layers is None or layer_idx in self.memory_layers
 
     @property
     def detach_between_steps(self) -> bool:
@@ -345,6 +359,17 @@ class ForgeConfig(PreTrainedConfig):
             fail("max_position_embeddings", "must be >= 1", "set the training sequence length, e.g. 2048")
         if self.memory_type not in MEMORY_TYPES:
             fail("memory_type", f"is {self.memory_type!r}", f"use one of {MEMORY_TYPES}")
+        if self.memory_layers is not None:
+            layers = list(self.memory_layers)
+            if self.memory_type == "none":
+                fail("memory_layers", f"is {layers} but memory_type is 'none'", "set memory_layers=None")
+            in_range = all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in layers)
+            if not layers or not in_range or layers != sorted(set(layers)):
+                fail(
+                    "memory_layers",
+                    f"must be distinct increasing layer indices in [0, {self.num_hidden_layers}), got {layers}",
+                    "list the 0-based layers that get the memory, e.g. [1, 3, 5, 7], or None for every layer",
+                )
         for flag in ("memory_momentum", "memory_deep"):  # types: checked by the strict dataclass
             if getattr(self, flag) and self.memory_type != "neural":
                 fail(flag, f"needs memory_type='neural', got {self.memory_type!r}", f"set {flag}=False")

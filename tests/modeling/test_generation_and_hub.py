@@ -17,11 +17,16 @@ def _model(config, seed=0):
     return ForgeForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("memory_type", ["neural", "ema", "none"])
+def _memory(kind: str) -> dict:
+    """Config overrides of a memory setting; "hybrid": the neural memory in the second layer only."""
+    return {"memory_type": "neural", "memory_layers": [1]} if kind == "hybrid" else {"memory_type": kind}
+
+
+@pytest.mark.parametrize("memory_type", ["neural", "ema", "none", "hybrid"])
 def test_cached_generation_equals_uncached_with_left_padding(tiny_config, memory_type):
     """Greedy, 64 new tokens, window 8 (so the cache slides), two prompts of different lengths, left-padded."""
     # A wide init so an untrained model's greedy stream depends on its context (std 0.02 repeats one token).
-    model = _model(tiny_config(memory_type=memory_type, pad_token_id=0, eos_token_id=None, initializer_range=0.3))
+    model = _model(tiny_config(**_memory(memory_type), pad_token_id=0, eos_token_id=None, initializer_range=0.3))
     gen = torch.Generator().manual_seed(7)
     short, long = torch.randint(1, 97, (5,), generator=gen), torch.randint(1, 97, (11,), generator=gen)
     input_ids = torch.zeros(2, 11, dtype=torch.long)
@@ -171,11 +176,11 @@ def test_unknown_preset_and_wrong_model_type(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).model_type == "llama"  # Auto classes still route it correctly
 
 
-@pytest.mark.parametrize("memory_type", ["neural", "ema", "none"])
+@pytest.mark.parametrize("memory_type", ["neural", "ema", "none", "hybrid"])
 def test_multi_token_continuation_from_the_cache_equals_one_forward(tiny_config, memory_type):
     """Chunked prefill: feeding the sequence in pieces of 1-12 tokens through the cache (window 8, so the window
     slides inside and across pieces) gives the logits of one uncached forward, exactly in float64."""
-    model = _model(tiny_config(memory_type=memory_type, initializer_range=0.3)).double()
+    model = _model(tiny_config(**_memory(memory_type), initializer_range=0.3)).double()
     x = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         full = model(x).logits

@@ -209,6 +209,12 @@ def check_compatible(checkpoints: Sequence[Checkpoint], *, same_depth: bool = Tr
                 f"Cannot merge {pair} tensor by tensor: num_hidden_layers differs ({first.num_layers} vs "
                 f"{other.num_layers}). Fix: use a layer-stacking method (franken, dfs, passthrough) instead."
             )
+        if same_depth and first.config.get("memory_layers") != other.config.get("memory_layers"):
+            raise ValueError(
+                f"Cannot merge {pair} tensor by tensor: memory_layers differs ({first.config.get('memory_layers')} vs "
+                f"{other.config.get('memory_layers')}), so their layers hold different tensors. Fix: merge models "
+                "built with the same memory_layers, or use a layer-stacking method (franken, dfs)."
+            )
         a, b = _shape_template(first), _shape_template(other)
         for name in sorted(set(a) | set(b)):
             if a.get(name) != b.get(name):

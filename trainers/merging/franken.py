@@ -45,12 +45,24 @@ def stack_layers(
                 state[rename_layer(tensor_name, new_index)] = tensor
         previous = source.config.get("layer_input_scales") or [1.0] * source.num_layers
         scales.append(float(scale) * float(previous[layer]))
+    # A source layer keeps its memory branch (or its lack of one): the new stack's memory layers follow the path.
+    memory = [k for k, (source, layer, _) in enumerate(path) if _layer_has_memory(source.config, layer)]
     config = {
         **body.config,
         "num_hidden_layers": len(path),
         "layer_input_scales": None if all(s == 1.0 for s in scales) else scales,
+        "memory_layers": None if len(memory) == len(path) else memory,
     }
+    if not memory:
+        config["memory_type"], config["memory_layers"] = "none", None
     return body.derived(name, state, config, inputs)
+
+
+def _layer_has_memory(config: Mapping[str, Any], layer: int) -> bool:
+    """Whether `layer` of a checkpoint with this config dict has the memory branch (`ForgeConfig.memory_layers`)."""
+    if config.get("memory_type", "ema") == "none":
+        return False
+    return config.get("memory_layers") is None or layer in config["memory_layers"]
 
 
 class FrankenMerge(MergeMethod):
