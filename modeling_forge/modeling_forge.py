@@ -1640,8 +1640,9 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
           `deep_supervision_fraction < 1` the earlier steps are scored on a random subset of the label positions and
           rescaled, an unbiased estimate that skips most of the extra full-vocabulary LM-head passes.
         - ACT (TRM's Q-head): BCE of `q_t` against "step t's prediction is already right" on the positions still
-          refining at `t`, averaged over steps (every step, the last included, on the sampled positions); or, with `act_target="saturated"`, against "no later step lowers this
-          token's loss by more than `act_saturation_margin`" on the positions that ran step t+1, over steps 0..T-1.
+          refining at `t`, averaged over steps (every step, the last included, on the sampled positions); or, with
+          `act_target="saturated"`, against "no later step lowers this token's loss by more than
+          `act_saturation_margin`" on the positions that ran step t+1, over steps 0..T-1.
 
         `step_losses[t]` is the loss of stopping at step t (states of halted positions frozen), the per-step
         diagnostic; `lm_loss` is the weighted training objective.
