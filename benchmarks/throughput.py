@@ -6,7 +6,8 @@
 
 Prints tokens/s and each variant's step-time ratio to Llama (goal <= 1.5 for the full model: recursion, ACT, deep
 supervision and memory on), plus ablations measured in the same run: every intermediate step supervised on every
-position, the position-wise refiner, one micro-step, no recursion, no memory.
+position, the position-wise refiner, one micro-step, no recursion, the ema or no memory, memory in every other layer,
+and a refiner SwiGLU half as wide (alone and with one micro-step).
 """
 
 import argparse
@@ -66,7 +67,11 @@ def main() -> None:
         "forge, ema memory instead of neural": {"memory_type": "ema"},
         "forge, no memory (attention only)": {"memory_type": "none"},
         "forge, memory in every other layer": {"memory_layers": list(range(1, base.num_hidden_layers, 2))},
-        "forge, memory in every layer": {"memory_layers": None},
+        "forge, refiner SwiGLU half as wide": {"trm_intermediate_size": base.trm_intermediate_size // 2},
+        "forge, refiner SwiGLU half as wide, one micro-step": {
+            "trm_intermediate_size": base.trm_intermediate_size // 2,
+            "trm_micro_steps": 1,
+        },
     }
     batch = torch.randint(0, base.vocab_size, (args.batch, args.length))
     tokens = batch.numel()

@@ -1069,9 +1069,9 @@ class ForgeRefiner(nn.Module):
         slot: int,
     ) -> torch.Tensor:
         """The change `Block(stream) - stream` of one latent update, `stream = z + h + y` (B, T, D)."""
-        delta = torch.zeros_like(stream)
-        if self.attn is not None:
-            delta = self.attn(self.attn_norm(stream), position_embeddings, attention_mask, past_key_values, slot)
+        if self.attn is None:
+            return self.block(self.mlp_norm(stream))
+        delta = self.attn(self.attn_norm(stream), position_embeddings, attention_mask, past_key_values, slot)
         return delta + self.block(self.mlp_norm(stream + delta))
 
     def answer_update(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
