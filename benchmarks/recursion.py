@@ -20,6 +20,7 @@ so it is compute-matched, not parameter-matched. Reported on held-out examples:
 import argparse
 import itertools
 import json
+import re
 import time
 
 import torch
@@ -63,9 +64,12 @@ def matched_llama(config: ForgeConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(llama)
 
 
-def answer_examples(tokenizer, family_name: str, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def answer_examples(
+    tokenizer, family_name: str, n: int, seed: int, results: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, mask of the final-answer tokens) for held-out examples; the answer is the last occurrence of
-    `example.answer` in the prompt + worked target."""
+    `example.answer` in the prompt + worked target. With `results`, the mask holds instead every number the worked
+    solution computes (after each `= `): the arithmetic's own tokens, where the final answer only copies the last."""
     family = get_task_family(family_name)
     low, high = SOURCES[family_name]
     out = []
@@ -76,7 +80,8 @@ def answer_examples(tokenizer, family_name: str, n: int, seed: int) -> list[tupl
             if start < 0:
                 continue
             enc = tokenizer(text, return_offsets_mapping=True)
-            mask = torch.tensor([s >= start and e > s for s, e in enc["offset_mapping"]])
+            spans = [m.span(1) for m in re.finditer(r"= (-?\d+)", text)] if results else [(start, len(text))]
+            mask = torch.tensor([e > s and any(a <= s and e <= b for a, b in spans) for s, e in enc["offset_mapping"]])
             if mask.any():
                 out.append((torch.tensor(enc["input_ids"]), mask))
     return out
@@ -169,6 +174,7 @@ def main() -> None:
         for source, difficulty in SOURCES.items()
     }
     answers = {name: answer_examples(tokenizer, name, args.eval_examples, seed=1) for name in ("arithmetic", "code")}
+    answers["arithmetic_results"] = answer_examples(tokenizer, "arithmetic", args.eval_examples, seed=1, results=True)
 
     def forge(**overrides):
         config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -247,7 +253,7 @@ def main() -> None:
     print("per step (ACT off), the issue's goals: monotone (every extra step lowers the loss) and final step - step 0")
     per_step = list(row["per_inference_steps"].values())
     for label, values in [(f"{s} (whole examples)", [v["loss"][s] for v in per_step]) for s in SOURCES] + [
-        (f"{f} answer tokens", [v[f"{f}_answer"][0] for v in per_step]) for f in ("arithmetic", "code")
+        (f"{f} answer tokens", [v[f"{f}_answer"][0] for v in per_step]) for f in answers
     ]:
         monotone = all(b < a for a, b in itertools.pairwise(values))
         print(f"  {label:>28}: {' / '.join(f'{v:.4f}' for v in values)}  monotone {'yes' if monotone else 'no '}  "
