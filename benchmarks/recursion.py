@@ -242,6 +242,9 @@ def main() -> None:
         print(f"{name:>26} {row['params'] / 1e6:7.2f}M {row['train_seconds']:6.0f}s {loss['arithmetic']:7.4f} "
               f"{loss['code']:7.4f} {loss['corpus']:7.4f} {row['arithmetic_answer'][0]:7.4f} "
               f"{row['arithmetic_answer'][1]:7.3f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
     row = results.get("forge (recursion + ACT)")
     if row is None:
         return
@@ -281,9 +284,6 @@ def main() -> None:
     for family, stats in row["act_answers"].items():
         print(f"  {family:>10}: answers {stats['answer_mean_steps']:.2f} {stats['answer_share_per_step']}, "
               f"rest {stats['other_mean_steps']:.2f} {stats['other_share_per_step']}")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":
