@@ -3,6 +3,7 @@ steps, optimizer and batches; then what ACT saves (issue 14's evidence).
 
     OMP_NUM_THREADS=1 nice python benchmarks/recursion.py                # tiny preset, 600 steps x 16 x 128 tokens
     python benchmarks/recursion.py --steps 300 --models 0                 # quicker: the recursive Forge only
+    python benchmarks/recursion.py --steps 300 --models 0 --seed 1        # another initialisation and batch order
     python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"saturated"'   # a config ablation
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
@@ -11,7 +12,9 @@ feed-forward width and as many layers as match Forge's per-token matmul work (ba
 so it is compute-matched, not parameter-matched. Reported on held-out examples:
 - loss per source, and on the final-answer tokens of held-out arithmetic / code examples (teacher-forced: the worked
   solution is in context) with answer exact-match (every answer token predicted);
-- the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many);
+- the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many), on whole
+  examples, on the final-answer tokens and on the numbers arithmetic's worked solution computes (after each `= `;
+  the final answer only copies the last of them), with whether every extra step helped and final step - step 0;
 - ACT on: mean steps over real tokens and the share halting at each step, per source, and the loss cost of halting
   vs running every step; the same under other thresholds (0.3 / 0.7 / 0.9, as the specialisations set them); and the
   steps run at the final-answer tokens of held-out arithmetic / code (hard) vs the rest of those examples (template).
