@@ -281,8 +281,9 @@ def main() -> None:
         mean_steps = sum(item["mean_steps"] for item in stats) / len(by_source)
         cost = sum(item["loss_act"] for item in stats) / sum(item["loss_every_step"] for item in stats) - 1
         per_source = " / ".join(f"{item['mean_steps']:.2f}" for item in stats)
+        costs = " / ".join(f"{100 * (item['loss_act'] / item['loss_every_step'] - 1):+.1f}%" for item in stats)
         print(f"  act_threshold {value}: mean steps {per_source} (all {100 * mean_steps / steps:.0f}%), summed loss "
-              f"{100 * cost:+.2f}% vs every step")  # fmt: skip
+              f"{100 * cost:+.2f}% vs every step (per source {costs}: corpus's loss dominates the sum)")  # fmt: skip
     print("ACT at the final-answer tokens (hard) vs the rest of the same held-out examples (template text):")
     for family, stats in row["act_answers"].items():
         print(f"  {family:>10}: answers {stats['answer_mean_steps']:.2f} {stats['answer_share_per_step']}, "
