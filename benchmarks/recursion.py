@@ -259,7 +259,8 @@ def main() -> None:
     print("per step (ACT off), the issue's goals: monotone (every extra step lowers the loss) and final step - step 0")
     per_step = list(row["per_inference_steps"].values())
     for label, values in [(f"{s} (whole examples)", [v["loss"][s] for v in per_step]) for s in SOURCES] + [
-        (f"{f} answer tokens", [v[f"{f}_answer"][0] for v in per_step]) for f in answers
+        (f"{f} answer tokens".replace("_results answer", " computed"), [v[f"{f}_answer"][0] for v in per_step])
+        for f in answers
     ]:
         monotone = all(b < a for a, b in itertools.pairwise(values))
         print(f"  {label:>28}: {' / '.join(f'{v:.4f}' for v in values)}  monotone {'yes' if monotone else 'no '}  "
