@@ -3,6 +3,7 @@ steps, optimizer and batches; then what ACT saves (issue 14's evidence).
 
     OMP_NUM_THREADS=1 nice python benchmarks/recursion.py                # tiny preset, 600 steps x 16 x 128 tokens
     python benchmarks/recursion.py --steps 300 --models 0                 # quicker: the recursive Forge only
+    python benchmarks/recursion.py --steps 300 --models 0 --seed 1        # another initialisation and batch order
     python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"saturated"'   # a config ablation
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
@@ -11,14 +12,18 @@ feed-forward width and as many layers as match Forge's per-token matmul work (ba
 so it is compute-matched, not parameter-matched. Reported on held-out examples:
 - loss per source, and on the final-answer tokens of held-out arithmetic / code examples (teacher-forced: the worked
   solution is in context) with answer exact-match (every answer token predicted);
-- the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many);
+- the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many), on whole
+  examples, on the final-answer tokens and on the numbers arithmetic's worked solution computes (after each `= `;
+  the final answer only copies the last of them), with whether every extra step helped and final step - step 0;
 - ACT on: mean steps over real tokens and the share halting at each step, per source, and the loss cost of halting
   vs running every step; the same under other thresholds (0.3 / 0.7 / 0.9, as the specialisations set them); and the
   steps run at the final-answer tokens of held-out arithmetic / code (hard) vs the rest of those examples (template).
 """
 
 import argparse
+import itertools
 import json
+import re
 import time
 
 import torch
@@ -62,9 +67,12 @@ def matched_llama(config: ForgeConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(llama)
 
 
-def answer_examples(tokenizer, family_name: str, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def answer_examples(
+    tokenizer, family_name: str, n: int, seed: int, results: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, mask of the final-answer tokens) for held-out examples; the answer is the last occurrence of
-    `example.answer` in the prompt + worked target."""
+    `example.answer` in the prompt + worked target. With `results`, the mask holds instead every number the worked
+    solution computes (after each `= `): the arithmetic's own tokens, where the final answer only copies the last."""
     family = get_task_family(family_name)
     low, high = SOURCES[family_name]
     out = []
@@ -75,7 +83,8 @@ def answer_examples(tokenizer, family_name: str, n: int, seed: int) -> list[tupl
             if start < 0:
                 continue
             enc = tokenizer(text, return_offsets_mapping=True)
-            mask = torch.tensor([s >= start and e > s for s, e in enc["offset_mapping"]])
+            spans = [m.span(1) for m in re.finditer(r"= (-?\d+)", text)] if results else [(start, len(text))]
+            mask = torch.tensor([e > s and any(a <= s and e <= b for a, b in spans) for s, e in enc["offset_mapping"]])
             if mask.any():
                 out.append((torch.tensor(enc["input_ids"]), mask))
     return out
@@ -143,6 +152,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-examples", type=int, default=60)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the models' initialisation and the batch order "
+                        "(held-out data and tokenizer do not change); 0 reproduces the README rows")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ForgeConfig overrides (JSON) of the recursive Forge, e.g. trm_cycles=2")  # fmt: skip
     parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
@@ -155,7 +166,7 @@ def main() -> None:
     for source, difficulty in SOURCES.items():
         train += source_blocks(source, tokenizer, block_size=args.length, n_blocks=n_blocks // len(SOURCES),
                                split="train", seed=0, difficulty=difficulty)  # fmt: skip
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     train = [train[i] for i in order]
     held_out = {
         source: tensors(
@@ -166,6 +177,7 @@ def main() -> None:
         for source, difficulty in SOURCES.items()
     }
     answers = {name: answer_examples(tokenizer, name, args.eval_examples, seed=1) for name in ("arithmetic", "code")}
+    answers["arithmetic_results"] = answer_examples(tokenizer, "arithmetic", args.eval_examples, seed=1, results=True)
 
     def forge(**overrides):
         config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -173,7 +185,7 @@ def main() -> None:
                                          max_position_embeddings=args.length, **overrides)  # fmt: skip
         return ForgeForCausalLM(config)
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     recursive = forge(**{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
     models = {
         "forge (recursion + ACT)": recursive,
@@ -184,7 +196,7 @@ def main() -> None:
         models = {name: model for i, (name, model) in enumerate(models.items()) if i in args.models}
     results = {}
     for name, model in models.items():
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
@@ -211,8 +223,9 @@ def main() -> None:
                 kwargs = {"act_halting": False, "recursion_steps": k}
                 per_step[k] = {
                     "loss": {s: round(block_loss(model, b, **kwargs), 4) for s, b in held_out.items()},
-                    "arithmetic_answer": [round(v, 4) for v in answer_scores(model, answers["arithmetic"], **kwargs)],
-                }
+                    **{f"{family}_answer": [round(v, 4) for v in answer_scores(model, examples, **kwargs)]
+                       for family, examples in answers.items()},
+                }  # fmt: skip
             row["per_inference_steps"] = per_step
             row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
             row["act_answers"] = {family: answer_halting(model, answers[family], steps) for family in answers}
@@ -232,6 +245,9 @@ def main() -> None:
         print(f"{name:>26} {row['params'] / 1e6:7.2f}M {row['train_seconds']:6.0f}s {loss['arithmetic']:7.4f} "
               f"{loss['code']:7.4f} {loss['corpus']:7.4f} {row['arithmetic_answer'][0]:7.4f} "
               f"{row['arithmetic_answer'][1]:7.3f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
     row = results.get("forge (recursion + ACT)")
     if row is None:
         return
@@ -240,6 +256,15 @@ def main() -> None:
         loss = values["loss"]
         print(f"  k={k}: {loss['arithmetic']:.4f} / {loss['code']:.4f} / {loss['corpus']:.4f}   "
               f"{values['arithmetic_answer'][0]:.4f} / {values['arithmetic_answer'][1]:.3f}")  # fmt: skip
+    print("per step (ACT off), the issue's goals: monotone (every extra step lowers the loss) and final step - step 0")
+    per_step = list(row["per_inference_steps"].values())
+    for label, values in [(f"{s} (whole examples)", [v["loss"][s] for v in per_step]) for s in SOURCES] + [
+        (f"{f} answer tokens".replace("_results answer", " computed"), [v[f"{f}_answer"][0] for v in per_step])
+        for f in answers
+    ]:
+        monotone = all(b < a for a, b in itertools.pairwise(values))
+        print(f"  {label:>28}: {' / '.join(f'{v:.4f}' for v in values)}  monotone {'yes' if monotone else 'no '}  "
+              f"final - step 0 {values[-1] - values[0]:+.4f} nats")  # fmt: skip
     print("\nACT (real tokens): mean steps, share halting at step 0..T, loss with ACT vs every step")
     for source, stats in row["act"].items():
         cost = stats["loss_act"] / stats["loss_every_step"] - 1
@@ -257,15 +282,13 @@ def main() -> None:
         mean_steps = sum(item["mean_steps"] for item in stats) / len(by_source)
         cost = sum(item["loss_act"] for item in stats) / sum(item["loss_every_step"] for item in stats) - 1
         per_source = " / ".join(f"{item['mean_steps']:.2f}" for item in stats)
+        costs = " / ".join(f"{100 * (item['loss_act'] / item['loss_every_step'] - 1):+.1f}%" for item in stats)
         print(f"  act_threshold {value}: mean steps {per_source} (all {100 * mean_steps / steps:.0f}%), summed loss "
-              f"{100 * cost:+.2f}% vs every step")  # fmt: skip
+              f"{100 * cost:+.2f}% vs every step (per source {costs}: corpus's loss dominates the sum)")  # fmt: skip
     print("ACT at the final-answer tokens (hard) vs the rest of the same held-out examples (template text):")
     for family, stats in row["act_answers"].items():
         print(f"  {family:>10}: answers {stats['answer_mean_steps']:.2f} {stats['answer_share_per_step']}, "
               f"rest {stats['other_mean_steps']:.2f} {stats['other_share_per_step']}")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":
