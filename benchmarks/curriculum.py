@@ -145,10 +145,10 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
                                            "hint_solution_format": args.hint_format,
                                            "variant_after_hinted_success": args.hinted_variants}  # fmt: skip
     config = CurriculumConfig(**ladder, success_variants=variants, replay_share=args.replay_share,
-        optimizer_type=args.optimizer, experience_buffer=args.experience_buffer,
+        optimizer_type=args.optimizer, experience_buffer=args.experience_buffer, pool_sampling=args.pool_sampling,
         model_name_or_path=str(base), output_dir=str(output), overwrite=True, levels=args.levels, num_levels=2,
         placement_problems=8, placement_k=2, pool_size=args.pool, attempts_per_round=args.pool,
-        max_rounds=args.rounds, eval_problems=args.eval_problems, max_new_tokens=24, temperature=0.8,
+        max_rounds=args.rounds, eval_problems=args.eval_problems, max_new_tokens=24, temperature=args.temperature,
         train_epochs=args.epochs, bake={"steps": 0}, self_model_samples=1, self_model_bands=[4, 4], dreams=dreams,
         dream_samples=16, learning_rate=args.lr, per_device_train_batch_size=8, seed=seed, use_cpu=True,
         report_to="none", disable_tqdm=True, thinking="off", placement_target=0.5,
@@ -158,6 +158,7 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
     report = summary["report"]
     return {"seed": seed, "dreams": dreams, "wall_s": time.time() - started, "success": report["success"],
             "pools": {r["level"]: [x["pool_active"] for x in r["rounds"]] for r in report["records"]},
+            "pool_templates": {r["level"]: r["pool"]["templates"] for r in report["records"]},
             "bwt": report["backward_transfer"]["bwt"], "totals": report["totals"],
             "placement": {lv: v["pass@1"] for lv, v in report["placement"]["per_level"].items()},
             "first_level": report["levels"][0], "ladder": fractions, "variants": variants,
@@ -203,7 +204,7 @@ def probe_ladder(base: Path, args) -> None:
 
 def _print_run(result: dict) -> None:
     success = ", ".join(f"L{lv} {v['before']:.3f} -> {v['after']:.3f}" for lv, v in result["success"].items())
-    pools = "; ".join(f"L{lv} {p}" for lv, p in result["pools"].items())
+    pools = "; ".join(f"L{lv} {p} ({result['pool_templates'][lv]} templates)" for lv, p in result["pools"].items())
     totals = result["totals"]
     placed = ", ".join(f"L{lv} {p:.2f}" for lv, p in result["placement"].items())
     ladder = "prose hint x1" if result["ladder"] is None else f"ladder {result['ladder']}"
@@ -252,6 +253,9 @@ def main() -> None:
                         help="Phase 5 optimizer_type (mugrokfast: P5 preset; adamw: AdamW at --lr)")  # fmt: skip
     parser.add_argument("--experience-buffer", type=int, default=0, help="Phase 5 experience_buffer")
     parser.add_argument("--replay-share", type=float, default=0.25, help="Phase 5 replay_share")
+    parser.add_argument("--pool-sampling", choices=("stratified", "random"), default="random",
+                        help="Phase 5 pool_sampling (stratified: all the level templates)")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=0.8, help="Phase 5 temperature of the loop's attempts")
     parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
     parser.add_argument("--probe", action="store_true",
                         help="only measure, without training, how often one retry per ladder rung and format solves "
@@ -285,6 +289,8 @@ def main() -> None:
                     tag = "" if fractions is None else "-ladder" + "_".join(f"{f:g}" for f in fractions) + \
                         args.hint_format + ("-hv" if args.hinted_variants else "")  # fmt: skip
                     tag += f"-sv{variants}" if variants else ""
+                    tag += f"-t{args.temperature:g}" if args.temperature != 0.8 else ""
+                    tag += "-strat" if args.pool_sampling == "stratified" else ""
                     result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams,
                                  args, fractions, variants)  # fmt: skip
                     results.append(result)
