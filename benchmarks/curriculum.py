@@ -253,7 +253,7 @@ def main() -> None:
                         help="Phase 5 optimizer_type (mugrokfast: P5 preset; adamw: AdamW at --lr)")  # fmt: skip
     parser.add_argument("--experience-buffer", type=int, default=0, help="Phase 5 experience_buffer")
     parser.add_argument("--replay-share", type=float, default=0.25, help="Phase 5 replay_share")
-    parser.add_argument("--pool-sampling", choices=("stratified", "random"), default="random",
+    parser.add_argument("--pool-sampling", choices=("stratified", "random"), default="stratified",
                         help="Phase 5 pool_sampling (stratified: all the level templates)")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.8, help="Phase 5 temperature of the loop's attempts")
     parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
@@ -290,7 +290,7 @@ def main() -> None:
                         args.hint_format + ("-hv" if args.hinted_variants else "")  # fmt: skip
                     tag += f"-sv{variants}" if variants else ""
                     tag += f"-t{args.temperature:g}" if args.temperature != 0.8 else ""
-                    tag += "-strat" if args.pool_sampling == "stratified" else ""
+                    tag += f"-r{args.rounds}" + ("-random" if args.pool_sampling == "random" else "")
                     result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams,
                                  args, fractions, variants)  # fmt: skip
                     results.append(result)

@@ -65,7 +65,7 @@ class CurriculumConfig(ForgeTrainingArguments):
     # -- the per-level loop -----------------------------------------------------------------------------------------
     pool_size: int = field(default=64, metadata={"help": "Training-split tasks in each level's pool."})
     pool_sampling: str = field(
-        default="random",
+        default="stratified",
         metadata={
             "help": "How a level's pool is drawn from the training split: 'random' (the level's task draw as is; a "
             "small pool can miss some of the level's templates, which it then never trains) or 'stratified' "
