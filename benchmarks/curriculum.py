@@ -88,6 +88,7 @@ placement L3 in every run, levels 3-4 trained). Held-out pass@1 gain L3/L4 for s
     --dreams off                                                +0.250/+0.417, +0.458/+0.208, +0.333/+0.125
     --dreams off --rounds 8                                                                   +0.333/+0.083
     --dreams off --success-variants 16                          +0.292/+0.542, +0.375/+0.292, +0.208/+0.250
+    --dreams on --success-variants 16                           +0.208/+0.167, +0.250/+0.333, +0.333/+0.125
 A random pool of 16 holds 6-8 of the level's 8 templates: seed 2's misses `clamp`, which 7 of its 24 held-out L3
 problems use; the stratified pool holds all 8 (seed 2: +0.083/+0.042 -> +0.250/+0.167; seeds 0 and 1 move within
 noise). The dream epoch (16 replays at temperature 1.5 and 16 reference solutions, 4 steps) raised the validation
@@ -96,10 +97,13 @@ held-out success: with dreams off, +0.20 is met on both levels for seeds 0 and 1
 8 rounds: +0.083); with dreams off and 16 variants per success it is met on both levels for all 3 seeds (the tiny YAML
 now uses 16; pools L3 16 -> 11-12, L4 16 -> 12-15; 290-300 s per run, 35-39 programs/s). BWT on L3 (its success at the
 end minus right after L3; L4's pool holds L3 templates, so it rises), dreams on / off: +0.083 / +0.125, +0.375 /
-+0.292, +0.083 / +0.083: on minus off -0.042, +0.083, +0.000, within noise. Pools shrink a little: L3 16 -> 12-14, L4
-16 -> 15-16 (temperature 0.5: 10-11 and 14-15; 8 rounds, seed 2: L3 16 -> 9). Two runs at once on a 2-core CPU shared
-with other jobs (load ~5): 435-583 s per run, 14-19 programs/s through generation and sandbox; alone on an idle machine
-(the 8-round run): 208 s, 36 programs/s.
++0.292, +0.083 / +0.083: on minus off -0.042, +0.083, +0.000; with 16 variants +0.125 / +0.208, -0.042 / +0.000, +0.083
+/ -0.042: on minus off -0.083, -0.042, +0.125. Dreams as built do not change BWT beyond noise and lower held-out
+success: over the 6 paired runs, L3 -0.069 and L4 -0.111 on average (lower in 5 and 4 of 6); filtering the dreams
+through the sandbox is the next thing to measure. Pools shrink a little: L3 16 -> 12-14, L4 16 -> 15-16 (temperature
+0.5: 10-11 and 14-15; 8 rounds, seed 2: L3 16 -> 9). Two runs at once on a 2-core CPU shared with other jobs (load ~5):
+435-583 s per run, 14-19 programs/s through generation and sandbox; alone on an idle machine (the 8-round run): 208 s,
+36 programs/s.
 
 The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
 measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
