@@ -9,6 +9,7 @@ from .config_fields import json_field
 from .teachers import TEACHERS
 
 TASK_SAMPLING = ("lilo", "uniform")
+POOL_SAMPLING = ("stratified", "random")
 SOLUTION_FORMATS = ("prefix", "comment")
 THINKING = ("auto", "on", "off")
 
@@ -63,6 +64,14 @@ class CurriculumConfig(ForgeTrainingArguments):
     )
     # -- the per-level loop -----------------------------------------------------------------------------------------
     pool_size: int = field(default=64, metadata={"help": "Training-split tasks in each level's pool."})
+    pool_sampling: str = field(
+        default="stratified",
+        metadata={
+            "help": "How a level's pool is drawn from the training split: 'random' (the level's task draw as is; a "
+            "small pool can miss some of the level's templates, which it then never trains) or 'stratified' "
+            "(round-robin over the level's templates, so each gets an equal share, within one task)."
+        },
+    )
     attempts_per_round: int = field(
         default=32, metadata={"help": "Pool tasks attempted per round (sampled by `task_sampling`)."}
     )
@@ -261,6 +270,8 @@ class CurriculumConfig(ForgeTrainingArguments):
              "use a success rate in (0, 1), e.g. 0.5"),
             (self.num_levels >= 1, "num_levels", "must be >= 1", "use e.g. 3"),
             (self.pool_size >= 1, "pool_size", "must be >= 1", "use e.g. 64"),
+            (self.pool_sampling in POOL_SAMPLING, "pool_sampling", f"is {self.pool_sampling!r}",
+             f"use one of {POOL_SAMPLING}"),
             (self.attempts_per_round >= 1, "attempts_per_round", "must be >= 1", "use e.g. 32"),
             (self.max_rounds >= 1, "max_rounds", "must be >= 1", "use e.g. 20"),
             (0.0 <= self.mastery_fraction < 1.0, "mastery_fraction", f"is {self.mastery_fraction}",
@@ -334,4 +345,12 @@ class CurriculumConfig(ForgeTrainingArguments):
         return round(first + (last - first) * (level - 1) / 9)
 
 
-__all__ = ["DEFAULT_BAKE", "DEFAULT_BAKE_PROMPTS", "SOLUTION_FORMATS", "TASK_SAMPLING", "THINKING", "CurriculumConfig"]
+__all__ = [
+    "DEFAULT_BAKE",
+    "DEFAULT_BAKE_PROMPTS",
+    "POOL_SAMPLING",
+    "SOLUTION_FORMATS",
+    "TASK_SAMPLING",
+    "THINKING",
+    "CurriculumConfig",
+]

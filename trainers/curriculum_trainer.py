@@ -235,6 +235,28 @@ class PoolTask:
         return (self.successes + 1) / (self.attempts + 2)
 
 
+def pool_examples(family: CodeFamily, level: int, size: int, seed: int, sampling: str = "random") -> list[Example]:
+    """A level's pool of `size` training-split tasks. 'random': the family's draw for the level. 'stratified':
+    round-robin over the level's templates (in a seeded order) from a draw 8 times larger, so every template the
+    level draws from is in the pool when `size` allows: a random pool of 16 can miss a template, which the level
+    then never trains while held-out problems still test it."""
+    if sampling == "random":
+        return family.generate("train", size, seed=seed, difficulty=level)
+    if sampling != "stratified":
+        raise ValueError(f"pool sampling {sampling!r}. Fix: use 'stratified' or 'random'.")
+    by_template: dict[str, list[Example]] = {}
+    for example in family.generate("train", 8 * size, seed=seed, difficulty=level):
+        by_template.setdefault(example.meta["template"], []).append(example)
+    order = sorted(by_template)
+    random.Random(seed).shuffle(order)
+    chosen: list[Example] = []
+    while len(chosen) < size and any(by_template.values()):
+        for template in order:
+            if by_template[template] and len(chosen) < size:
+                chosen.append(by_template[template].pop(0))
+    return chosen
+
+
 class TaskPool:
     """A level's pool. Success: a variant replaces the task (`make_variant`); `successes_to_remove` consecutive
     successes remove it. Failure resets the streak and attaches the hint. The pool shrinking is the mastery signal."""
@@ -295,6 +317,7 @@ class TaskPool:
             "initial": self.initial_size,
             "active": len(self.active),
             "removed": self.initial_size - len(self.active),
+            "templates": len({task.example.meta.get("template") for task in self.tasks}),
             "variants": sum(t.variants for t in self.tasks),
             "hints": sum(len(t.hints) for t in self.tasks),
             "hinted_successes": sum(t.hinted_successes for t in self.tasks),
@@ -881,13 +904,13 @@ def run_phase5(config: CurriculumConfig) -> dict:
     todo = levels[len(records) :]
     for level in tqdm(todo, desc="Phase 5 levels", disable=config.disable_tqdm or not state.is_main_process):
         level_started = time.time()
-        pool_examples = family.generate("train", config.pool_size, seed=config.seed, difficulty=level)
-        pool = TaskPool(pool_examples, family, config.successes_to_remove)
+        examples = pool_examples(family, level, config.pool_size, config.seed, config.pool_sampling)
+        pool = TaskPool(examples, family, config.successes_to_remove)
         learned: list[TrainingPair] = []
         rounds = run_level(pool, policy, teacher, train_round, level=level, config=config, replay=replay,
                            seed=config.seed + 7919 * level, learned=learned)  # fmt: skip
         replay += [dataclasses.replace(p, kind="replay") for p in learned]
-        prompts = [e.prompt for e in pool_examples]
+        prompts = [e.prompt for e in examples]
         model, bakes = bake_level(model, tokenizer, config, prompts[:8], config.seed + level)
         policy.model = model
         selfmodel = self_model(model, tokenizer, policy, prompts, level, config, work_dir, config.seed + level)
@@ -1065,6 +1088,7 @@ __all__ = [
     "partial_solution",
     "pass_at_k",
     "place",
+    "pool_examples",
     "reference_completion",
     "rewrite_constants",
     "run_level",
