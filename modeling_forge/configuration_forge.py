@@ -67,7 +67,7 @@ class ForgeConfig(PreTrainedConfig):
             0-based indices of the decoder layers that carry the memory branch and its MAG gate; the others are
             sliding-window attention only. `None` (the default, and the specification's layout): every layer. A
             hybrid stack like titans-pytorch's training script (`NEURAL_MEM_LAYERS = (2, 4, 6)` of 8): memory in
-            every other layer of cognate-25m trains 1.44x a Llama step instead of 1.61x, but on the tiny preset the
+            every other layer of cognate-25m trains 1.47x a Llama step instead of 1.61x, but on the tiny preset the
             memory in one of two layers cost most of the perplexity gain (README, "Measured").
         memory_size (`int`, *optional*, defaults to 160):
             Width `d_mem` of the memory: the EMA state, or the total query/key/value width of the neural memory
