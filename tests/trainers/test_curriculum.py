@@ -476,9 +476,17 @@ def _run_recipe(checkpoint: Path, output: Path, *extra: str) -> dict:
 
 
 @needs_bwrap
-def test_phase5_recipe_writes_a_loadable_packed_folder(phase4_checkpoint, tmp_path):
+def test_phase5_recipe_writes_a_loadable_packed_folder(phase4_checkpoint, tmp_path, monkeypatch):
     output = tmp_path / "phase5"
+    seen, real_pool = [], curriculum_trainer.pool_examples
+
+    def spy(family, level, size, seed, sampling="random"):
+        seen.append(sampling)
+        return real_pool(family, level, size, seed, sampling)
+
+    monkeypatch.setattr(curriculum_trainer, "pool_examples", spy)
     summary = _run_recipe(phase4_checkpoint, output)
+    assert seen == ["stratified"]  # the YAML's pool_sampling reaches the level's pool
     report = json.loads((output / "curriculum_report.json").read_text())
     assert report == json.loads(json.dumps(summary["report"]))
     assert report["ternary"] and report["levels"] == [report["placement"]["start_level"]]

@@ -53,3 +53,16 @@ def test_pool_sampling_must_be_a_known_rule(tmp_path):
         CurriculumConfig(**values, pool_sampling="templates")
     with pytest.raises(ValueError, match="pool sampling 'templates'"):
         pool_examples(get_task_family("code"), 3, 4, seed=0, sampling="templates")
+
+
+def test_the_recipe_parser_sets_pool_sampling_both_ways(tmp_path):
+    """`--pool_sampling` overrides the YAML's `stratified` (the recipe test checks the value reaches the pool)."""
+    from pathlib import Path
+
+    from recipes.phase5 import make_parser
+
+    yaml = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "phase5_tiny.yaml"
+    base = ["--config", str(yaml), "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    (default,) = make_parser().parse_args_and_config(args=base)
+    (override,) = make_parser().parse_args_and_config(args=[*base, "--pool_sampling", "random"])
+    assert (default.pool_sampling, override.pool_sampling) == ("stratified", "random")
