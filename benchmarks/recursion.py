@@ -258,9 +258,10 @@ def main() -> None:
               f"{values['arithmetic_answer'][0]:.4f} / {values['arithmetic_answer'][1]:.3f}")  # fmt: skip
     print("per step (ACT off), the issue's goals: monotone (every extra step lowers the loss) and final step - step 0")
     per_step = list(row["per_inference_steps"].values())
+    token_sets = {"arithmetic": "arithmetic answer tokens", "code": "code answer tokens",
+                  "arithmetic_results": "arithmetic computed tokens"}  # fmt: skip
     for label, values in [(f"{s} (whole examples)", [v["loss"][s] for v in per_step]) for s in SOURCES] + [
-        (f"{f} answer tokens".replace("_results answer", " computed"), [v[f"{f}_answer"][0] for v in per_step])
-        for f in answers
+        (token_sets[f], [v[f"{f}_answer"][0] for v in per_step]) for f in answers
     ]:
         monotone = all(b < a for a, b in itertools.pairwise(values))
         print(f"  {label:>28}: {' / '.join(f'{v:.4f}' for v in values)}  monotone {'yes' if monotone else 'no '}  "
