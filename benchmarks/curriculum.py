@@ -185,7 +185,7 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
         placement_problems=8, placement_k=2, pool_size=args.pool, attempts_per_round=args.pool,
         max_rounds=args.rounds, eval_problems=args.eval_problems, max_new_tokens=24, temperature=args.temperature,
         train_epochs=args.epochs, bake={"steps": 0}, self_model_samples=1, self_model_bands=[4, 4], dreams=dreams,
-        dream_samples=16, dream_temperature=args.dream_temperature, learning_rate=args.lr,
+        dream_samples=args.dream_samples, **_dream_overrides(args), learning_rate=args.lr,
         per_device_train_batch_size=8, seed=seed, use_cpu=True,
         report_to="none", disable_tqdm=True, thinking="off", placement_target=0.5,
     )  # fmt: skip
@@ -196,12 +196,29 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
             "pools": {r["level"]: [x["pool_active"] for x in r["rounds"]] for r in report["records"]},
             "pool_templates": {r["level"]: r["pool"]["templates"] for r in report["records"]},
             "bwt": report["backward_transfer"]["bwt"], "totals": report["totals"],
+            "dreams_per_level": {r["level"]: {k: r["dreams"].get(k) for k in ("generated", "passed", "kept", "real")}
+                                 for r in report["records"] if r["dreams"]},
             "placement": {lv: v["pass@1"] for lv, v in report["placement"]["per_level"].items()},
             "first_level": report["levels"][0], "ladder": fractions, "variants": variants,
             "variant_pairs": report["totals"]["variant_pairs_trained"],
             "variant_candidates": report["totals"]["variant_candidates"],
             "rung_successes": report["totals"]["hinted_successes_per_rung"],
             "rung_attempts": report["totals"]["hinted_attempts_per_rung"]}  # fmt: skip
+
+
+def _dream_overrides(args) -> dict:
+    """The dream settings given on the command line (the others keep `CurriculumConfig`'s defaults)."""
+    given = {"dream_temperature": args.dream_temperature, "dream_filter": args.dream_filter,
+             "dream_samples_per_task": args.dream_samples_per_task}  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _dream_tag(args) -> str:
+    """The run folder's suffix for non-default dream settings."""
+    tag = f"-dt{args.dream_temperature:g}" if args.dream_temperature is not None else ""
+    tag += f"-df{args.dream_filter}" if args.dream_filter is not None else ""
+    tag += f"-dk{args.dream_samples_per_task}" if args.dream_samples_per_task is not None else ""
+    return tag + (f"-ds{args.dream_samples}" if args.dream_samples != 16 else "")
 
 
 def probe_ladder(base: Path, args) -> None:
@@ -249,9 +266,16 @@ def _print_run(result: dict) -> None:
     print(f"seed {result['seed']} dreams {'on ' if result['dreams'] else 'off'} {ladder}: placement pass@1 {placed} "
           f"-> start L{result['first_level']}; held-out pass@1 {success}; pool per round {pools}; hinted successes "
           f"per rung (of attempts) {rungs or 'none'}; verified variants trained {result['variant_pairs']} of "
-          f"{result['variant_candidates']} rewritten; BWT(first level) {_signed(result['bwt'])}; "
+          f"{result['variant_candidates']} rewritten; dreams kept/passed/generated (+ real) per level "
+          f"{_dream_counts(result)}; BWT(first level) {_signed(result['bwt'])}; "
           f"{result['wall_s']:.0f} s; {totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} "
           "programs/s (generation included)", flush=True)  # fmt: skip
+
+
+def _dream_counts(result: dict) -> str:
+    cells = [f"L{lv} {d['kept']}/{'-' if d['passed'] is None else d['passed']}/{d['generated']} (+{d['real']})"
+             for lv, d in result["dreams_per_level"].items()]  # fmt: skip
+    return ", ".join(cells) or "none"
 
 
 def _signed(value: float | None) -> str:
@@ -293,7 +317,13 @@ def main() -> None:
                         help="Phase 5 pool_sampling (stratified: all the level templates)")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.8, help="Phase 5 temperature of the loop's attempts")
     parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
-    parser.add_argument("--dream-temperature", type=float, default=1.5, help="Phase 5 dream_temperature")
+    parser.add_argument("--dream-temperature", type=float, default=None,
+                        help="Phase 5 dream_temperature (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-filter", choices=("verified", "none"), default=None,
+                        help="Phase 5 dream_filter (default: CurriculumConfig's, 'verified')")  # fmt: skip
+    parser.add_argument("--dream-samples-per-task", type=int, default=None,
+                        help="Phase 5 dream_samples_per_task (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-samples", type=int, default=16, help="Phase 5 dream_samples (tasks dreamed about)")
     parser.add_argument("--probe", action="store_true",
                         help="only measure, without training, how often one retry per ladder rung and format solves "
                         "the tasks the base fails (which format a tiny model uses)")  # fmt: skip
@@ -328,7 +358,7 @@ def main() -> None:
                     tag += f"-sv{variants}" if variants else ""
                     tag += f"-t{args.temperature:g}" if args.temperature != 0.8 else ""
                     tag += f"-r{args.rounds}" + ("-random" if args.pool_sampling == "random" else "")
-                    tag += f"-dt{args.dream_temperature:g}" if dreams and args.dream_temperature != 1.5 else ""
+                    tag += _dream_tag(args) if dreams else ""
                     result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams,
                                  args, fractions, variants)  # fmt: skip
                     results.append(result)
