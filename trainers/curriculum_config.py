@@ -13,6 +13,7 @@ POOL_SAMPLING = ("stratified", "random")
 SOLUTION_FORMATS = ("prefix", "comment")
 THINKING = ("auto", "on", "off")
 DREAM_FILTERS = ("verified", "none")
+DREAM_LEVELS = ("all", "earlier")
 
 # The texts baked after each level (overridable in the YAML). Written for this project.
 DEFAULT_BAKE_PROMPTS = {
@@ -239,6 +240,14 @@ class CurriculumConfig(ForgeTrainingArguments):
             "held-out success)."
         },
     )
+    dream_levels: str = field(
+        default="all",
+        metadata={
+            "help": "Whose tasks the dreams after a level replay: 'all' (the levels trained so far, this one "
+            "included) or 'earlier' (only the levels before it, the consolidation of what came before; no dream "
+            "after the first level)."
+        },
+    )
     dream_real_share: float = field(
         default=0.5,
         metadata={
@@ -347,6 +356,8 @@ class CurriculumConfig(ForgeTrainingArguments):
             (self.dream_temperature > 0, "dream_temperature", "must be > 0", "use e.g. 1.0"),
             (self.dream_filter in DREAM_FILTERS, "dream_filter", f"is {self.dream_filter!r}",
              f"use one of {DREAM_FILTERS} ('verified' trains only dreams that pass their tests in the sandbox)"),
+            (self.dream_levels in DREAM_LEVELS, "dream_levels", f"is {self.dream_levels!r}",
+             f"use one of {DREAM_LEVELS}"),
             (0.0 < self.dream_real_share < 1.0, "dream_real_share", f"is {self.dream_real_share}",
              "use a share in (0, 1), e.g. 0.5: dreams without real data collapse"),
             (self.ste_mode or self.optimizer_type == "adamw", "ste_mode", "is off",
@@ -380,6 +391,7 @@ __all__ = [
     "DEFAULT_BAKE",
     "DEFAULT_BAKE_PROMPTS",
     "DREAM_FILTERS",
+    "DREAM_LEVELS",
     "POOL_SAMPLING",
     "SOLUTION_FORMATS",
     "TASK_SAMPLING",

@@ -835,6 +835,14 @@ def dream_pairs(policy: Policy, family: CodeFamily, levels: Sequence[int], confi
     return pairs, stats
 
 
+def levels_to_dream(done_levels: Sequence[int], mode: str) -> list[int]:
+    """The levels whose tasks the dream after the last of `done_levels` replays: all of them ('all') or the ones
+    before it ('earlier'; none after the first level)."""
+    if mode not in ("all", "earlier"):
+        raise ValueError(f"dream_levels {mode!r}. Fix: use 'all' or 'earlier'.")
+    return list(done_levels) if mode == "all" else list(done_levels[:-1])
+
+
 def dream(model, tokenizer, policy: ModelPolicy, family: CodeFamily, levels: Sequence[int], config: CurriculumConfig,
           work_dir: Path, seed: int) -> dict:  # fmt: skip
     """Dream consolidation: one epoch on the kept dreams of the levels so far (`dream_pairs`; by default only
@@ -971,8 +979,9 @@ def run_phase5(config: CurriculumConfig) -> dict:
         policy.model = model
         selfmodel = self_model(model, tokenizer, policy, prompts, level, config, work_dir, config.seed + level)
         done_levels = levels[: levels.index(level) + 1]
-        dreams = dream(model, tokenizer, policy, family, done_levels, config, work_dir, config.seed + level) \
-            if config.dreams else {}  # fmt: skip
+        dream_levels = levels_to_dream(done_levels, config.dream_levels)
+        dreams = dream(model, tokenizer, policy, family, dream_levels, config, work_dir, config.seed + level) \
+            if config.dreams and dream_levels else {}  # fmt: skip
         after = evaluate_levels(policy, family, done_levels, config)
         records.append({"level": level, "rounds": rounds, "pool": pool.stats(), "bakes": bakes,
                         "self_model": selfmodel, "dreams": dreams, "success_after": after,
@@ -1143,6 +1152,7 @@ __all__ = [
     "constant_variants",
     "dream",
     "dream_pairs",
+    "levels_to_dream",
     "evaluate_levels",
     "generation_context",
     "ladder_completion",

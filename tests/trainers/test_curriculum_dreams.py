@@ -9,7 +9,7 @@ from evaluation import sandbox
 from evaluation.tasks import get_task_family
 from modeling_forge import ForgeConfig, ForgeForCausalLM
 from trainers.curriculum_config import CurriculumConfig
-from trainers.curriculum_trainer import dream, dream_pairs, training_completion
+from trainers.curriculum_trainer import dream, dream_pairs, levels_to_dream, training_completion
 
 needs_bwrap = pytest.mark.skipif(not sandbox.isolation_available(), reason="bubblewrap is not usable here")
 
@@ -127,6 +127,7 @@ def test_the_dream_epoch_trains_on_kept_dreams_and_real_solutions_and_is_skipped
         ({"dream_samples_per_task": 0}, "dream_samples_per_task"),
         ({"dream_samples_per_task": 2.5}, "dream_samples_per_task"),
         ({"dream_temperature": 0.0}, "dream_temperature"),
+        ({"dream_levels": "previous"}, "dream_levels"),
     ],
 )
 def test_dream_settings_are_validated_naming_the_field_and_the_fix(tmp_path, overrides, name):
@@ -139,3 +140,10 @@ def test_verified_dreams_are_the_default_and_the_unfiltered_ones_stay_reachable(
     assert (default.dream_filter, default.dream_temperature) == ("verified", 1.0)
     old = _config(tmp_path, dream_filter="none", dream_temperature=1.5, dream_samples_per_task=1)
     assert (old.dream_filter, old.dream_temperature, old.dream_samples_per_task) == ("none", 1.5, 1)
+
+
+def test_dreams_replay_all_levels_so_far_or_only_the_earlier_ones():
+    assert levels_to_dream([3], "all") == [3] and levels_to_dream([3, 4], "all") == [3, 4]
+    assert levels_to_dream([3], "earlier") == [] and levels_to_dream([3, 4, 5], "earlier") == [3, 4]
+    with pytest.raises(ValueError, match="dream_levels .*Fix"):
+        levels_to_dream([3], "current")
