@@ -1065,6 +1065,7 @@ def _report(config: CurriculumConfig, placement: dict, levels: list[int], before
             "dreams_passed": sum(d.get("passed") or 0 for d in dreams),
             "dreams_kept": sum(d.get("kept", d.get("dreams", 0)) for d in dreams),
             "dream_filter": config.dream_filter if dreams else None,
+            "dream_levels": config.dream_levels if dreams else None,
             "programs_run": programs,
             "loop_generate_and_run_s": run_s,
             "loop_programs_per_s": sum(r["programs"] for r in rounds) / run_s if run_s > 0 else None,
