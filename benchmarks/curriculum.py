@@ -209,7 +209,8 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
 def _dream_overrides(args) -> dict:
     """The dream settings given on the command line (the others keep `CurriculumConfig`'s defaults)."""
     given = {"dream_temperature": args.dream_temperature, "dream_filter": args.dream_filter,
-             "dream_samples_per_task": args.dream_samples_per_task, "dream_levels": args.dream_levels}  # fmt: skip
+             "dream_samples_per_task": args.dream_samples_per_task, "dream_levels": args.dream_levels,
+             "dream_lr_scale": args.dream_lr_scale}  # fmt: skip
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -219,6 +220,7 @@ def _dream_tag(args) -> str:
     tag += f"-df{args.dream_filter}" if args.dream_filter is not None else ""
     tag += f"-dk{args.dream_samples_per_task}" if args.dream_samples_per_task is not None else ""
     tag += f"-dl{args.dream_levels}" if args.dream_levels is not None else ""
+    tag += f"-dlr{args.dream_lr_scale:g}" if args.dream_lr_scale is not None else ""
     return tag + (f"-ds{args.dream_samples}" if args.dream_samples != 16 else "")
 
 
@@ -326,6 +328,8 @@ def main() -> None:
                         help="Phase 5 dream_samples_per_task (default: CurriculumConfig's)")  # fmt: skip
     parser.add_argument("--dream-levels", choices=("all", "earlier"), default=None,
                         help="Phase 5 dream_levels (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-lr-scale", type=float, default=None,
+                        help="Phase 5 dream_lr_scale (default: CurriculumConfig's)")  # fmt: skip
     parser.add_argument("--dream-samples", type=int, default=16, help="Phase 5 dream_samples (tasks dreamed about)")
     parser.add_argument("--probe", action="store_true",
                         help="only measure, without training, how often one retry per ladder rung and format solves "

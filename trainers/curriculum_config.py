@@ -248,6 +248,14 @@ class CurriculumConfig(ForgeTrainingArguments):
             "after the first level)."
         },
     )
+    dream_lr_scale: float = field(
+        default=0.3,
+        metadata={
+            "help": "The dream epoch's learning rate as a share of `learning_rate`. The epoch is a few steps with a "
+            "fresh optimizer state, whose first steps move every weight by about the learning rate whatever its "
+            "gradient: at the loop's rate (1.0) it raised held-out NLL; measured in benchmarks/curriculum.py."
+        },
+    )
     dream_real_share: float = field(
         default=0.5,
         metadata={
@@ -358,6 +366,8 @@ class CurriculumConfig(ForgeTrainingArguments):
              f"use one of {DREAM_FILTERS} ('verified' trains only dreams that pass their tests in the sandbox)"),
             (self.dream_levels in DREAM_LEVELS, "dream_levels", f"is {self.dream_levels!r}",
              f"use one of {DREAM_LEVELS}"),
+            (isinstance(self.dream_lr_scale, int | float) and 0.0 < self.dream_lr_scale <= 1.0, "dream_lr_scale",
+             f"is {self.dream_lr_scale!r}", "use a share of learning_rate in (0, 1], e.g. 0.3"),
             (0.0 < self.dream_real_share < 1.0, "dream_real_share", f"is {self.dream_real_share}",
              "use a share in (0, 1), e.g. 0.5: dreams without real data collapse"),
             (self.ste_mode or self.optimizer_type == "adamw", "ste_mode", "is off",

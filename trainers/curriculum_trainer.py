@@ -674,8 +674,9 @@ def completion_item(tokenizer, prompt: str, completion: str, max_length: int) ->
 
 
 def train_items(model, items: Sequence[dict], config: CurriculumConfig, pad_id: int, work_dir: Path,
-                epochs: float) -> dict:  # fmt: skip
-    """One short `ForgeTrainer` run (MuGrokfast, STE mode on ternary layers) over `items`; returns its losses."""
+                epochs: float, lr_scale: float = 1.0) -> dict:  # fmt: skip
+    """One short `ForgeTrainer` run (MuGrokfast, STE mode on ternary layers) over `items` at `lr_scale` times the
+    configured learning rate; returns its losses."""
     if not items:
         return {}
     world = PartialState().num_processes
@@ -683,7 +684,8 @@ def train_items(model, items: Sequence[dict], config: CurriculumConfig, pad_id: 
     steps = max(1, math.ceil(len(items) * epochs / per_step))
     args = dataclasses.replace(config, output_dir=str(work_dir / "trainer"), max_steps=steps, push_to_hub=False,
                                hub_model_id=None, resume_from_checkpoint=None, disable_tqdm=True,
-                               logging_steps=max(1, min(steps, int(config.logging_steps))))  # fmt: skip
+                               logging_steps=max(1, min(steps, int(config.logging_steps))),
+                               learning_rate=config.learning_rate * lr_scale)  # fmt: skip
     trainer = ForgeTrainer(
         model=model, args=args, train_dataset=ThoughtDataset(items), data_collator=pad_collator(pad_id)
     )
@@ -845,10 +847,11 @@ def levels_to_dream(done_levels: Sequence[int], mode: str) -> list[int]:
 
 def dream(model, tokenizer, policy: ModelPolicy, family: CodeFamily, levels: Sequence[int], config: CurriculumConfig,
           work_dir: Path, seed: int) -> dict:  # fmt: skip
-    """Dream consolidation: one epoch on the kept dreams of the levels so far (`dream_pairs`; by default only
-    programs that passed their tests in the sandbox), mixed with real reference solutions (`dream_real_share` of the
-    epoch); held-out reference NLL of those levels before and after. When no dream is kept the epoch is skipped:
-    training on the real solutions alone would be replay, not consolidation of the model's own programs."""
+    """Dream consolidation: one epoch on the kept dreams of `levels` (`dream_pairs`; by default only programs that
+    passed their tests in the sandbox), mixed with real reference solutions (`dream_real_share` of the epoch), at
+    `dream_lr_scale` times the learning rate; held-out reference NLL of those levels before and after. When no dream
+    is kept the epoch is skipped: training on the real solutions alone would be replay, not consolidation of the
+    model's own programs."""
     rng = random.Random(seed)
     pairs, stats = dream_pairs(policy, family, levels, config, seed)
     probe = [e for lv in levels for e in family.generate("validation", 4, seed=seed, difficulty=lv)]
@@ -864,7 +867,8 @@ def dream(model, tokenizer, policy: ModelPolicy, family: CodeFamily, levels: Seq
     real = rng.sample(real, min(n_real, len(real)))
     items += [completion_item(tokenizer, e.prompt, reference_completion(e), config.max_length) for e in real]
     rng.shuffle(items)
-    trained = train_items(model, items, config, tokenizer.pad_token_id, work_dir, 1.0)
+    trained = train_items(model, items, config, tokenizer.pad_token_id, work_dir, 1.0, config.dream_lr_scale)
+    trained["learning_rate"] = config.learning_rate * config.dream_lr_scale
     after = reference_nll(model, tokenizer, probe, config.max_length)
     logger.info("Phase 5 dreams on levels %s: %d generated, %s passed, %d kept + %d real; held-out NLL %.3f -> %.3f",
                 list(levels), stats["generated"], stats["passed"], len(pairs), len(real), before, after)  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 from evaluation import sandbox
 from evaluation.tasks import get_task_family
 from modeling_forge import ForgeConfig, ForgeForCausalLM
+from trainers import curriculum_trainer
 from trainers.curriculum_config import CurriculumConfig
 from trainers.curriculum_trainer import dream, dream_pairs, levels_to_dream, training_completion
 
@@ -96,11 +97,19 @@ def _tiny_model(tokenizer) -> ForgeForCausalLM:
 
 @needs_bwrap
 def test_the_dream_epoch_trains_on_kept_dreams_and_real_solutions_and_is_skipped_when_none_pass(
-    tmp_path, tiny_tokenizer
+    tmp_path, tiny_tokenizer, monkeypatch
 ):
     family = get_task_family("code")
     config = _config(tmp_path, optimizer_type="adamw", learning_rate=1e-3, per_device_train_batch_size=4,
-                     max_length=128, logging_steps=1)  # fmt: skip
+                     max_length=128, logging_steps=1, dream_lr_scale=0.25)  # fmt: skip
+    rates = []
+
+    class Recording(curriculum_trainer.ForgeTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rates.append(self.args.learning_rate)
+
+    monkeypatch.setattr(curriculum_trainer, "ForgeTrainer", Recording)
     references = _references(family, [1], config, seed=3)
     model = _tiny_model(tiny_tokenizer)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -108,6 +117,7 @@ def test_the_dream_epoch_trains_on_kept_dreams_and_real_solutions_and_is_skipped
                    seed=3)  # fmt: skip
     assert (result["generated"], result["passed"], result["kept"], result["real"]) == (16, 8, 4, 4)
     assert result["train"]["examples"] == 8 and result["train"]["steps"] == 2 and not result["skipped"]
+    assert rates == [pytest.approx(2.5e-4)]  # dream_lr_scale x learning_rate
     assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
     assert result["heldout_nll_after"] != result["heldout_nll_before"]
 
@@ -117,7 +127,7 @@ def test_the_dream_epoch_trains_on_kept_dreams_and_real_solutions_and_is_skipped
     result = dream(model, tiny_tokenizer, failing, family, [1], config, tmp_path, seed=3)
     assert (result["generated"], result["passed"], result["kept"], result["real"]) == (16, 0, 0, 0)
     assert result["skipped"] and result["heldout_nll_after"] == result["heldout_nll_before"]
-    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items()) and len(rates) == 1
 
 
 @pytest.mark.parametrize(
@@ -128,6 +138,8 @@ def test_the_dream_epoch_trains_on_kept_dreams_and_real_solutions_and_is_skipped
         ({"dream_samples_per_task": 2.5}, "dream_samples_per_task"),
         ({"dream_temperature": 0.0}, "dream_temperature"),
         ({"dream_levels": "previous"}, "dream_levels"),
+        ({"dream_lr_scale": 0.0}, "dream_lr_scale"),
+        ({"dream_lr_scale": 1.5}, "dream_lr_scale"),
     ],
 )
 def test_dream_settings_are_validated_naming_the_field_and_the_fix(tmp_path, overrides, name):
