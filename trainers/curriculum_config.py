@@ -241,11 +241,11 @@ class CurriculumConfig(ForgeTrainingArguments):
         },
     )
     dream_levels: str = field(
-        default="all",
+        default="earlier",
         metadata={
-            "help": "Whose tasks the dreams after a level replay: 'all' (the levels trained so far, this one "
-            "included) or 'earlier' (only the levels before it, the consolidation of what came before; no dream "
-            "after the first level)."
+            "help": "Whose tasks the dreams after a level replay: 'earlier' (only the levels before it: the "
+            "consolidation of what came before, against forgetting; no dream after the first level) or 'all' (the "
+            "levels trained so far, this one included)."
         },
     )
     dream_lr_scale: float = field(

@@ -149,9 +149,20 @@ def test_dream_settings_are_validated_naming_the_field_and_the_fix(tmp_path, ove
 
 def test_verified_dreams_are_the_default_and_the_unfiltered_ones_stay_reachable(tmp_path):
     default = _config(tmp_path)
-    assert (default.dream_filter, default.dream_temperature) == ("verified", 1.0)
-    old = _config(tmp_path, dream_filter="none", dream_temperature=1.5, dream_samples_per_task=1)
-    assert (old.dream_filter, old.dream_temperature, old.dream_samples_per_task) == ("none", 1.5, 1)
+    assert (default.dream_filter, default.dream_temperature, default.dream_levels, default.dream_lr_scale) == (
+        "verified",
+        1.0,
+        "earlier",
+        0.3,
+    )
+    old = _config(tmp_path, dream_filter="none", dream_temperature=1.5, dream_samples_per_task=1, dream_levels="all",
+                  dream_lr_scale=1.0)  # fmt: skip
+    assert (old.dream_filter, old.dream_temperature, old.dream_samples_per_task, old.dream_levels) == (
+        "none",
+        1.5,
+        1,
+        "all",
+    )
 
 
 def test_dreams_replay_all_levels_so_far_or_only_the_earlier_ones():
