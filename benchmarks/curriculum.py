@@ -196,7 +196,8 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
             "pools": {r["level"]: [x["pool_active"] for x in r["rounds"]] for r in report["records"]},
             "pool_templates": {r["level"]: r["pool"]["templates"] for r in report["records"]},
             "bwt": report["backward_transfer"]["bwt"], "totals": report["totals"],
-            "dreams_per_level": {r["level"]: {k: r["dreams"].get(k) for k in ("generated", "passed", "kept", "real")}
+            "dreams_per_level": {r["level"]: {k: r["dreams"].get(k) for k in ("generated", "passed", "kept", "real",
+                                                                             "variants")}
                                  for r in report["records"] if r["dreams"]},
             "placement": {lv: v["pass@1"] for lv, v in report["placement"]["per_level"].items()},
             "first_level": report["levels"][0], "ladder": fractions, "variants": variants,
@@ -210,7 +211,7 @@ def _dream_overrides(args) -> dict:
     """The dream settings given on the command line (the others keep `CurriculumConfig`'s defaults)."""
     given = {"dream_temperature": args.dream_temperature, "dream_filter": args.dream_filter,
              "dream_samples_per_task": args.dream_samples_per_task, "dream_levels": args.dream_levels,
-             "dream_lr_scale": args.dream_lr_scale}  # fmt: skip
+             "dream_lr_scale": args.dream_lr_scale, "dream_variants": args.dream_variants}  # fmt: skip
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -221,6 +222,7 @@ def _dream_tag(args) -> str:
     tag += f"-dk{args.dream_samples_per_task}" if args.dream_samples_per_task is not None else ""
     tag += f"-dl{args.dream_levels}" if args.dream_levels is not None else ""
     tag += f"-dlr{args.dream_lr_scale:g}" if args.dream_lr_scale is not None else ""
+    tag += f"-dv{args.dream_variants}" if args.dream_variants is not None else ""
     return tag + (f"-ds{args.dream_samples}" if args.dream_samples != 16 else "")
 
 
@@ -276,7 +278,8 @@ def _print_run(result: dict) -> None:
 
 
 def _dream_counts(result: dict) -> str:
-    cells = [f"L{lv} {d['kept']}/{'-' if d['passed'] is None else d['passed']}/{d['generated']} (+{d['real']})"
+    cells = [f"L{lv} {d['kept']}/{'-' if d['passed'] is None else d['passed']}/{d['generated']} (+{d['real']}"
+             + (f", +{d['variants']} variants)" if d.get("variants") else ")")
              for lv, d in result["dreams_per_level"].items()]  # fmt: skip
     return ", ".join(cells) or "none"
 
@@ -330,6 +333,8 @@ def main() -> None:
                         help="Phase 5 dream_levels (default: CurriculumConfig's)")  # fmt: skip
     parser.add_argument("--dream-lr-scale", type=float, default=None,
                         help="Phase 5 dream_lr_scale (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-variants", type=int, default=None,
+                        help="Phase 5 dream_variants (default: CurriculumConfig's)")  # fmt: skip
     parser.add_argument("--dream-samples", type=int, default=16, help="Phase 5 dream_samples (tasks dreamed about)")
     parser.add_argument("--probe", action="store_true",
                         help="only measure, without training, how often one retry per ladder rung and format solves "

@@ -248,6 +248,14 @@ class CurriculumConfig(ForgeTrainingArguments):
             "levels trained so far, this one included)."
         },
     )
+    dream_variants: int = field(
+        default=0,
+        metadata={
+            "help": "With verified dreams, each kept dream also trains on up to this many variants of its task "
+            "(constants rewritten, kept only if the variant's tests pass in the sandbox), as `success_variants` "
+            "does in the loop. 0: off."
+        },
+    )
     dream_lr_scale: float = field(
         default=0.3,
         metadata={
@@ -366,6 +374,8 @@ class CurriculumConfig(ForgeTrainingArguments):
              f"use one of {DREAM_FILTERS} ('verified' trains only dreams that pass their tests in the sandbox)"),
             (self.dream_levels in DREAM_LEVELS, "dream_levels", f"is {self.dream_levels!r}",
              f"use one of {DREAM_LEVELS}"),
+            (isinstance(self.dream_variants, int) and self.dream_variants >= 0, "dream_variants",
+             f"is {self.dream_variants!r}", "use a count >= 0, e.g. 8, or 0 for none"),
             (isinstance(self.dream_lr_scale, int | float) and 0.0 < self.dream_lr_scale <= 1.0, "dream_lr_scale",
              f"is {self.dream_lr_scale!r}", "use a share of learning_rate in (0, 1], e.g. 0.3"),
             (0.0 < self.dream_real_share < 1.0, "dream_real_share", f"is {self.dream_real_share}",

@@ -801,8 +801,9 @@ def dream_pairs(policy: Policy, family: CodeFamily, levels: Sequence[int], confi
     sampled `dream_samples_per_task` times at `dream_temperature`. 'verified' (`dream_filter`): the programs (thought
     spans stripped) run against their task's tests in the sandbox and only distinct passing ones are kept (the
     model's own verified programs for earlier levels: DreamCoder's replay, STaR's filter); 'none': every non-empty
-    dream is kept, unchecked. Returns the pairs (trained as the loop's successes are: `training_completion`) and
-    counts per level (generated, passed, kept) and in all."""
+    dream is kept, unchecked. With `dream_variants` (verified only) each kept dream also brings its verified
+    constant variants (`constant_variants`, as `success_variants` in the loop). Returns the pairs (trained as the
+    loop's successes are: `training_completion`) and counts per level (generated, passed, kept) and in all."""
     per_level = max(1, config.dream_samples // len(levels))
     tasks = [(lv, e) for lv in levels for e in family.generate("train", per_level, seed=seed, difficulty=lv)]
     outs = policy.complete([e.prompt for _, e in tasks], temperature=config.dream_temperature,
@@ -817,6 +818,7 @@ def dream_pairs(policy: Policy, family: CodeFamily, levels: Sequence[int], confi
     else:
         passing = candidates
     pairs, seen = [], set()
+    solved: dict[int, list[tuple[Example, str]]] = {}  # the kept dreams: sources of `dream_variants`
     per_level_counts = {lv: {"generated": 0, "passed": 0, "kept": 0} for lv in levels}
     for lv, _ in tasks:
         per_level_counts[lv]["generated"] += config.dream_samples_per_task
@@ -828,13 +830,21 @@ def dream_pairs(policy: Policy, family: CodeFamily, levels: Sequence[int], confi
         seen.add(key)
         per_level_counts[lv]["kept"] += 1
         pairs.append(TrainingPair(example.prompt, training_completion(completion), "dream", lv))
+        solved.setdefault(lv, []).append((example, pairs[-1].completion))
+    variant_pairs, tried = [], 0
+    if verified and config.dream_variants:
+        for lv, kept in solved.items():
+            made, ran = constant_variants(kept, family, config.dream_variants, seed, lv)
+            variant_pairs += made
+            tried += ran
     if not verified:
         for counts in per_level_counts.values():
             counts["passed"] = None  # not checked
     stats = {"filter": config.dream_filter, "temperature": config.dream_temperature, "generated": generated,
              "passed": len(passing) if verified else None, "kept": len(pairs),
-             "programs": len(candidates) if verified else 0, "per_level": per_level_counts}  # fmt: skip
-    return pairs, stats
+             "programs": (len(candidates) if verified else 0) + tried, "per_level": per_level_counts,
+             "variant_candidates": tried, "variants": len(variant_pairs)}  # fmt: skip
+    return pairs + variant_pairs, stats
 
 
 def levels_to_dream(done_levels: Sequence[int], mode: str) -> list[int]:
@@ -856,7 +866,7 @@ def dream(model, tokenizer, policy: ModelPolicy, family: CodeFamily, levels: Seq
     pairs, stats = dream_pairs(policy, family, levels, config, seed)
     probe = [e for lv in levels for e in family.generate("validation", 4, seed=seed, difficulty=lv)]
     before = reference_nll(model, tokenizer, probe, config.max_length)
-    summary = {**stats, "dreams": len(pairs), "levels": list(levels), "heldout_nll_before": before}
+    summary = {**stats, "dreams": stats["kept"], "levels": list(levels), "heldout_nll_before": before}
     if not pairs:
         logger.info("Phase 5 dreams on levels %s: none of %d kept (%s filter); the dream epoch is skipped.",
                     list(levels), stats["generated"], config.dream_filter)  # fmt: skip

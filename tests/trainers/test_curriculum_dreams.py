@@ -72,9 +72,21 @@ def test_verified_dreams_keep_only_distinct_programs_that_pass_and_never_run_out
     assert all(r is not None and r.passed for r in results)
 
 
+@needs_bwrap
+def test_kept_dreams_can_bring_their_verified_constant_variants(tmp_path):
+    family = get_task_family("code")
+    config = _config(tmp_path, dream_variants=2)
+    references = _references(family, [1, 2], config, seed=5)
+    pairs, stats = dream_pairs(_dreamer(references, tmp_path / "escaped"), family, [1, 2], config, seed=5)
+    variants = [p for p in pairs if p.kind == "variant"]
+    assert stats["kept"] == 4 and 0 < stats["variants"] == len(variants) == len(pairs) - 4 <= 2 * 4
+    assert stats["programs"] == 16 + stats["variant_candidates"]  # the variants ran in the sandbox too
+    assert all(p.prompt not in references for p in variants) and {p.level for p in variants} <= {1, 2}
+
+
 def test_unfiltered_dreams_keep_every_sample_and_run_nothing(tmp_path, monkeypatch):
     family = get_task_family("code")
-    config = _config(tmp_path, dream_filter="none")
+    config = _config(tmp_path, dream_filter="none", dream_variants=2)  # variants need verified dreams: none
     references = _references(family, [1, 2], config, seed=5)
     marker = tmp_path / "escaped"
 
@@ -139,6 +151,7 @@ def test_the_dream_epoch_trains_on_kept_dreams_and_real_solutions_and_is_skipped
         ({"dream_temperature": 0.0}, "dream_temperature"),
         ({"dream_levels": "previous"}, "dream_levels"),
         ({"dream_lr_scale": 0.0}, "dream_lr_scale"),
+        ({"dream_variants": -1}, "dream_variants"),
         ({"dream_lr_scale": 1.5}, "dream_lr_scale"),
     ],
 )
