@@ -211,7 +211,7 @@ class CurriculumConfig(ForgeTrainingArguments):
     self_model_epochs: float = field(default=1.0, metadata={"help": "Passes over the self-modeling examples."})
     dreams: bool = field(default=True, metadata={"help": "Dream consolidation after each level."})
     dream_samples: int = field(
-        default=16,
+        default=64,
         metadata={
             "help": "Training-split tasks of the levels so far (split evenly over them) the model dreams about after "
             "each level; each gets `dream_samples_per_task` samples."

@@ -161,7 +161,8 @@ def test_dream_settings_are_validated_naming_the_field_and_the_fix(tmp_path, ove
 
 
 def test_verified_dreams_are_the_default_and_the_unfiltered_ones_stay_reachable(tmp_path):
-    default = _config(tmp_path)
+    default = CurriculumConfig(output_dir=str(tmp_path / "phase5"), model_name_or_path="unused", use_cpu=True)
+    assert (default.dream_samples, default.dream_samples_per_task) == (64, 4)
     assert (default.dream_filter, default.dream_temperature, default.dream_levels, default.dream_lr_scale) == (
         "verified",
         1.0,
