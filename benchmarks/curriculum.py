@@ -126,7 +126,9 @@ Dreams off: gain L3 / L4 +0.292 / +0.458, +0.250 / +0.333, +0.333 / +0.208, +0.2
         0.000, -0.041 (mean +0.031); L4 0 in all 4; BWT +0.125, +0.042, 0.000, -0.042 (mean +0.031)
     the same with --dream-variants 4                                                  L3 +0.042, +0.041, +0.084,
         -0.041 (mean +0.032); L4 -0.041, 0, 0, +0.042; BWT +0.042, +0.042, +0.083, -0.042 (mean +0.031)
-    --dream-levels all --dream-lr-scale 0.3 --dream-samples 64                        ONA_RESULTS
+    --dream-levels all --dream-lr-scale 0.3 --dream-samples 64                        L3 +0.083, +0.041, 0.000,
+        -0.041 (mean +0.021); L4 -0.041, -0.041, +0.042, +0.125 (mean +0.021); BWT +0.084, -0.042, -0.042, 0.000
+        (mean 0.000)
 A dream epoch is a few steps with a fresh AdamW state, whose first steps move every weight by about the learning rate
 whatever its gradient: at the loop's rate (1e-3) even verified dreams raised the held-out reference NLL (seed 0: L3
 0.089 -> 0.099, L3+L4 0.208 -> 0.219) and lowered success; at 0.3x they lowered it in every run (L3 after L4, seeds
