@@ -115,32 +115,35 @@ Before the verified dreams, `--dreams on` ran what is now `--dream-filter none -
 --dream-samples-per-task 1 --dream-levels all --dream-lr-scale 1 --dream-samples 16`: every "dreams on" figure above
 is of that setting.
 
-Measured, verified dreams (the base rebuilt once more: held-out L3 0.458 / 0.417 / 0.250 / 0.417 for seeds 0-3, L4 0;
-the common flags of the 16-variant runs above with `--success-variants 16 --seeds S`, and the dream flags named;
-placement L3, levels 3-4 trained; one run at a time under `nice` on a 2-core CPU shared with other jobs, load 2-5).
-Dreams off: gain L3 / L4 +0.292 / +0.458, +0.250 / +0.333, +0.333 / +0.208, +0.291 / +0.458; BWT on L3 +0.083, +0.125,
-+0.042, +0.167. Dreams on, minus off (L3 gain, L4 gain, BWT; one problem = 0.042):
+Measured, verified dreams (the base rebuilt once more: held-out L3 0.458 / 0.417 / 0.250 / 0.417 / 0.292 / 0.333 for
+seeds 0-5, L4 0; the common flags of the 16-variant runs above with `--success-variants 16 --seeds S`, and the dream
+flags named; placement L3, levels 3-4 trained; one run at a time under `nice` on a 2-core CPU shared with other jobs,
+load 2-5).
+Dreams off: gain L3 / L4 +0.292 / +0.458, +0.250 / +0.333, +0.333 / +0.208, +0.291 / +0.458, +0.500 / +0.250, +0.292 /
++0.500; BWT on L3 +0.083, +0.125, +0.042, +0.167, +0.083, 0.000. Dreams on, minus off (L3 gain, L4 gain, BWT; one
+problem = 0.042):
     --dream-levels all --dream-lr-scale 1 --dream-samples 16 (verified, seed 0)      -0.292, -0.083, -0.208
     --dream-levels earlier --dream-lr-scale 1 --dream-samples 16 (seed 0)             -0.083,  0.000, -0.083
-    --dream-levels earlier --dream-lr-scale 0.3 --dream-samples 64 (the defaults)     seeds 0-3: L3 +0.125, +0.041,
-        0.000, -0.041 (mean +0.031); L4 0 in all 4; BWT +0.125, +0.042, 0.000, -0.042 (mean +0.031)
-    the same with --dream-variants 4                                                  L3 +0.042, +0.041, +0.084,
+    --dream-levels earlier --dream-lr-scale 0.3 --dream-samples 64 (the defaults)     seeds 0-5: L3 +0.125, +0.041,
+        0.000, -0.041, 0.000, +0.083 (mean +0.035); L4 0, 0, 0, 0, 0, +0.083; BWT +0.125, +0.042, 0.000, -0.042,
+        0.000, +0.083 (mean +0.035)
+    the same with --dream-variants 4 (seeds 0-3)                                      L3 +0.042, +0.041, +0.084,
         -0.041 (mean +0.032); L4 -0.041, 0, 0, +0.042; BWT +0.042, +0.042, +0.083, -0.042 (mean +0.031)
-    --dream-levels all --dream-lr-scale 0.3 --dream-samples 64                        L3 +0.083, +0.041, 0.000,
+    --dream-levels all --dream-lr-scale 0.3 --dream-samples 64 (seeds 0-3)            L3 +0.083, +0.041, 0.000,
         -0.041 (mean +0.021); L4 -0.041, -0.041, +0.042, +0.125 (mean +0.021); BWT +0.084, -0.042, -0.042, 0.000
         (mean 0.000)
 A dream epoch is a few steps with a fresh AdamW state, whose first steps move every weight by about the learning rate
 whatever its gradient: at the loop's rate (1e-3) even verified dreams raised the held-out reference NLL (seed 0: L3
-0.089 -> 0.099, L3+L4 0.208 -> 0.219) and lowered success; at 0.3x they lowered it in every run (L3 after L4, seeds
-0-3: 0.016 -> 0.015, 0.056 -> 0.038, 0.021 -> 0.009, 0.068 -> 0.066; `all`, seed 0: 0.089 -> 0.038 and 0.162 ->
-0.145), with variants in 3 of 4 (0.016 -> 0.010, 0.056 -> 0.043, 0.021 -> 0.007; seed 3 0.068 -> 0.076). Of 256
-dreams per epoch (64 L3 tasks x 4 samples at temperature 1.0) 135-157 passed their tests and 41-51 distinct programs
-were kept. With `dream_levels: earlier` the two runs are identical until the dream after L4, so on minus off is that
-dream's own effect: held-out success with dreams on is at least that with dreams off on average (L3 +0.031, L4 0, where
-the old dreams lost 0.071 and 0.107), and BWT is higher by +0.031 on average, 2 of 4 seeds higher, one lower: less
-than one held-out problem, within noise. Re-applying the seed-0 dream to the saved dreams-off model in a separate
-process gave L3 0.750 (no change) where the run gave 0.875, so a single seed's difference of a few problems is noise
-too. 190-280 s per run, 33-64 programs/s (generation included).
+0.089 -> 0.099, L3+L4 0.208 -> 0.219) and lowered success; at 0.3x they lowered it in 5 of 6 runs (L3 after L4, seeds
+0-5: 0.016 -> 0.015, 0.056 -> 0.038, 0.021 -> 0.009, 0.068 -> 0.066, 0.113 -> 0.086, 0.122 -> 0.123; `all`, seed 0:
+0.089 -> 0.038 and 0.162 -> 0.145), with variants in 3 of 4 (0.016 -> 0.010, 0.056 -> 0.043, 0.021 -> 0.007; seed 3
+0.068 -> 0.076). Of 256 dreams per epoch (64 L3 tasks x 4 samples at temperature 1.0) 135-167 passed their tests and
+41-51 distinct programs were kept. With `dream_levels: earlier` the two runs are identical until the dream after L4, so
+on minus off is that dream's own effect: held-out success with dreams on is at least that with dreams off on average
+(L3 +0.035, L4 +0.014, where the old dreams lost 0.071 and 0.107), and BWT is higher by +0.035 on average, 3 of 6 seeds
+higher, 2 equal, one lower: less than one held-out problem, within noise. Re-applying the seed-0 dream to the saved
+dreams-off model in a separate process gave L3 0.750 (no change) where the run gave 0.875, so a single seed's
+difference of a few problems is noise too. 175-280 s per run, 33-67 programs/s (generation included).
 
 The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
 measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
