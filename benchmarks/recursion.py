@@ -4,7 +4,8 @@ steps, optimizer and batches; then what ACT saves (issue 14's evidence).
     OMP_NUM_THREADS=1 nice python benchmarks/recursion.py                # tiny preset, 600 steps x 16 x 128 tokens
     python benchmarks/recursion.py --steps 300 --models 0                 # quicker: the recursive Forge only
     python benchmarks/recursion.py --steps 300 --models 0 --seed 1        # another initialisation and batch order
-    python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"saturated"'   # a config ablation
+    python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"correct"'     # a config ablation
+    python benchmarks/recursion.py --steps 300 --models 0 --thresholds 0.5 0.6 0.7 0.8    # ACT under other thresholds
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
 packed into 128-token blocks. Every model sees the same batches in the same order. The Llama has Forge's width and
@@ -16,8 +17,9 @@ so it is compute-matched, not parameter-matched. Reported on held-out examples:
   examples, on the final-answer tokens and on the numbers arithmetic's worked solution computes (after each `= `;
   the final answer only copies the last of them), with whether every extra step helped and final step - step 0;
 - ACT on: mean steps over real tokens and the share halting at each step, per source, and the loss cost of halting
-  vs running every step; the same under other thresholds (0.3 / 0.7 / 0.9, as the specialisations set them); and the
-  steps run at the final-answer tokens of held-out arithmetic / code (hard) vs the rest of those examples (template).
+  vs running every step; the same under other thresholds (`--thresholds`, by default 0.3 / 0.7 / 0.9, as the
+  specialisations set them); and the steps run at the final-answer tokens of held-out arithmetic / code (hard) vs the
+  rest of those examples (template).
 """
 
 import argparse
@@ -156,6 +158,13 @@ def main() -> None:
                         "(held-out data and tokenizer do not change); 0 reproduces the README rows")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ForgeConfig overrides (JSON) of the recursive Forge, e.g. trm_cycles=2")  # fmt: skip
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[0.3, 0.7, 0.9],
+        help="other act_threshold values to evaluate the same trained model under",
+    )
     parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
                         "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
     args = parser.parse_args()
@@ -230,7 +239,7 @@ def main() -> None:
             row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
             row["act_answers"] = {family: answer_halting(model, answers[family], steps) for family in answers}
             threshold, row["act_thresholds"] = model.config.act_threshold, {}
-            for value in (0.3, 0.7, 0.9):  # the same trained model under other specialisation thresholds
+            for value in args.thresholds:  # the same trained model under other specialisation thresholds
                 model.config.act_threshold = value
                 row["act_thresholds"][value] = {s: act_statistics(model, b, steps) for s, b in held_out.items()}
             model.config.act_threshold = threshold

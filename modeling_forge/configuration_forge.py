@@ -169,12 +169,17 @@ class ForgeConfig(PreTrainedConfig):
             corpus loss (2-seed mean) and makes ACT's early halts cost loss (README, "Measured").
         act_loss_weight (`float`, *optional*, defaults to 0.01):
             Weight of the ACT BCE loss.
-        act_target (`str`, *optional*, defaults to `"correct"`):
-            Target of the Q-head `q_t`: `"correct"` (TRM/HRM: "step t already predicts the label") or `"saturated"`
-            ("no later step lowers this token's loss by more than `act_saturation_margin`", in the spirit of
-            PonderNet/CALM: halt where more recursion does not help, continue where it does).
-        act_saturation_margin (`float`, *optional*, defaults to 0.01):
+        act_target (`str`, *optional*, defaults to `"saturated"`):
+            Target of the Q-head `q_t`: `"saturated"` ("no later step lowers this token's loss by more than
+            `act_saturation_margin`", in the spirit of PonderNet/CALM: halt where more recursion does not help,
+            continue where it does) or `"correct"` (TRM/HRM: "step t already predicts the label"). Measured on
+            `benchmarks/recursion.py` (tiny, 300 steps, seeds 0 / 1, halting off in training): with `"saturated"` and
+            margin 0.003, ACT at threshold 0.6 runs 43% / 39% of the steps for at most +0.43% / +0.38% loss on each of
+            arithmetic, code and corpus vs running every step (0.7: 59% / 53%, at most +0.15% / +0.23%); `"correct"`
+            halts arithmetic at 12% of the steps for +7.8% loss, since a token can be right at step 0 and still gain.
+        act_saturation_margin (`float`, *optional*, defaults to 0.003):
             Loss improvement (nats per token) below which later steps count as not helping (`act_target="saturated"`).
+            0.01 halted more and cost more (threshold 0.8, seed 0: 59% of the steps, +1.3% arithmetic loss).
         gate_entropy_weight (`float`, *optional*, defaults to 0.001):
             Weight of the gate-entropy regulariser; the loss subtracts `weight * entropy` to keep gates from
             saturating.
@@ -263,8 +268,8 @@ class ForgeConfig(PreTrainedConfig):
     act_exploration: float = 0.1
     act_halting_in_training: bool = False
     act_loss_weight: float = 0.01
-    act_target: str = "correct"
-    act_saturation_margin: float = 0.01
+    act_target: str = "saturated"
+    act_saturation_margin: float = 0.003
     gate_entropy_weight: float = 0.001
     layer_types: list[str] | None = None
     layer_input_scales: list[float] | None = None
@@ -444,7 +449,7 @@ class ForgeConfig(PreTrainedConfig):
         if self.act_target not in ("correct", "saturated"):
             fail("act_target", f"must be 'correct' or 'saturated', got {self.act_target!r}", "use 'saturated'")
         if self.act_saturation_margin < 0:
-            fail("act_saturation_margin", f"must be >= 0, got {self.act_saturation_margin}", "use e.g. 0.01 (nats)")
+            fail("act_saturation_margin", f"must be >= 0, got {self.act_saturation_margin}", "use e.g. 0.003 (nats)")
         if not 0.0 < self.act_threshold < 1.0:
             fail("act_threshold", f"must lie strictly between 0 and 1, got {self.act_threshold}", "use e.g. 0.5")
         for name in ("act_loss_weight", "gate_entropy_weight", "attention_dropout"):

@@ -189,7 +189,7 @@ def test_shift_labels_are_used_as_the_targets(tiny_config):
 
 
 def test_act_target_is_step_correctness_and_halted_positions_are_not_supervised_again(tiny_config):
-    model = _model(tiny_config(act_loss_weight=1.0, act_exploration=0.0, deep_supervision=True))
+    model = _model(tiny_config(act_loss_weight=1.0, act_exploration=0.0, deep_supervision=True, act_target="correct"))
     x = _x(2, 16)
     with torch.no_grad():
         out = model(x, labels=x, output_step_logits=True)
