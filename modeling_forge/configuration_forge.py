@@ -149,9 +149,10 @@ class ForgeConfig(PreTrainedConfig):
         trm_step_weights (`list[float]`, *optional*):
             Loss weights of `y_0 .. y_T`; length `trm_max_steps + 1`. Defaults to `[0.33, 0.5, 0.75, 1.0]` for three
             steps and to a linear ramp from 0.33 to 1.0 otherwise.
-        act_threshold (`float`, *optional*, defaults to 0.5):
+        act_threshold (`float`, *optional*, defaults to 0.7):
             A position stops refining once its halting probability `q_t` exceeds this (per specialisation: lower
-            halts earlier).
+            halts earlier). 0.7 is the lowest threshold that kept ACT within 1% of running every step on each source
+            in every seed measured (see `act_target`).
         act_halting (`bool`, *optional*, defaults to `True`):
             ACT halting, by masking, in training and inference alike (halted positions keep their state and later
             steps still read it). Off: every position runs every step.
@@ -173,10 +174,11 @@ class ForgeConfig(PreTrainedConfig):
             Target of the Q-head `q_t`: `"saturated"` ("no later step lowers this token's loss by more than
             `act_saturation_margin`", in the spirit of PonderNet/CALM: halt where more recursion does not help,
             continue where it does) or `"correct"` (TRM/HRM: "step t already predicts the label"). Measured on
-            `benchmarks/recursion.py` (tiny, 300 steps, seeds 0 / 1, halting off in training): with `"saturated"` and
-            margin 0.003, ACT at threshold 0.6 runs 43% / 39% of the steps for at most +0.43% / +0.38% loss on each of
-            arithmetic, code and corpus vs running every step (0.7: 59% / 53%, at most +0.15% / +0.23%); `"correct"`
-            halts arithmetic at 12% of the steps for +7.8% loss, since a token can be right at step 0 and still gain.
+            `benchmarks/recursion.py` (tiny, 300 steps, seeds 0 / 1 / 2, halting off in training): with `"saturated"`
+            and margin 0.003, ACT at threshold 0.7 runs 59% / 53% / 55% of the steps for at most +0.15% / +0.23% /
+            +0.80% loss on each of arithmetic, code and corpus vs running every step (0.6: 43% / 39% / 39%, but +2.3%
+            on seed 2's arithmetic); `"correct"` halts arithmetic at 12% of the steps for +7.8% loss, since a token
+            can be right at step 0 and still gain.
         act_saturation_margin (`float`, *optional*, defaults to 0.003):
             Loss improvement (nats per token) below which later steps count as not helping (`act_target="saturated"`).
             0.01 halted more and cost more (threshold 0.8, seed 0: 59% of the steps, +1.3% arithmetic loss).
@@ -263,7 +265,7 @@ class ForgeConfig(PreTrainedConfig):
     deep_supervision_fraction: float = 1.0
     trm_detach_between_steps: bool | None = None
     trm_step_weights: list[float] | None = None
-    act_threshold: float = 0.5
+    act_threshold: float = 0.7
     act_halting: bool = True
     act_exploration: float = 0.1
     act_halting_in_training: bool = False
