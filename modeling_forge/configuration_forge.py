@@ -453,7 +453,7 @@ class ForgeConfig(PreTrainedConfig):
         if self.act_saturation_margin < 0:
             fail("act_saturation_margin", f"must be >= 0, got {self.act_saturation_margin}", "use e.g. 0.003 (nats)")
         if not 0.0 < self.act_threshold < 1.0:
-            fail("act_threshold", f"must lie strictly between 0 and 1, got {self.act_threshold}", "use e.g. 0.5")
+            fail("act_threshold", f"must lie strictly between 0 and 1, got {self.act_threshold}", "use e.g. 0.7")
         for name in ("act_loss_weight", "gate_entropy_weight", "attention_dropout"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0", f"set {name} to 0 to disable it")
