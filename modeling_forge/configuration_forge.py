@@ -151,8 +151,9 @@ class ForgeConfig(PreTrainedConfig):
             steps and to a linear ramp from 0.33 to 1.0 otherwise.
         act_threshold (`float`, *optional*, defaults to 0.7):
             A position stops refining once its halting probability `q_t` exceeds this (per specialisation: lower
-            halts earlier). 0.7 is the lowest threshold that kept ACT within 1% of running every step on each source
-            in every seed measured (see `act_target`).
+            halts earlier). At 0.7 ACT stayed within 1% of running every step on each source in every seed measured,
+            though one seed ran 66% of the steps (see `act_target`); `ForgeForCausalLM.calibrate_act_threshold` picks
+            a trained model's own lowest threshold within a loss budget on held-out data.
         act_halting (`bool`, *optional*, defaults to `True`):
             ACT halting, by masking, in training and inference alike (halted positions keep their state and later
             steps still read it). Off: every position runs every step.
@@ -174,11 +175,11 @@ class ForgeConfig(PreTrainedConfig):
             Target of the Q-head `q_t`: `"saturated"` ("no later step lowers this token's loss by more than
             `act_saturation_margin`", in the spirit of PonderNet/CALM: halt where more recursion does not help,
             continue where it does) or `"correct"` (TRM/HRM: "step t already predicts the label"). Measured on
-            `benchmarks/recursion.py` (tiny, 300 steps, seeds 0 / 1 / 2, halting off in training): with `"saturated"`
-            and margin 0.003, ACT at threshold 0.7 runs 59% / 53% / 55% of the steps for at most +0.15% / +0.23% /
-            +0.80% loss on each of arithmetic, code and corpus vs running every step (0.6: 43% / 39% / 39%, but +2.3%
-            on seed 2's arithmetic); `"correct"` halts arithmetic at 12% of the steps for +7.8% loss, since a token
-            can be right at step 0 and still gain.
+            `benchmarks/recursion.py` (tiny, 300 steps, seeds 0-3, halting off in training): with `"saturated"` and
+            margin 0.003, ACT at threshold 0.7 runs 60% / 55% / 55% / 66% of the steps for at most +0.28% / +0.11% /
+            +0.80% / +0.27% loss on each of arithmetic, code and corpus vs running every step (0.6: 44% / 39% / 39% /
+            50%, but +2.3% on seed 2's arithmetic); `"correct"` halts arithmetic at 12% of the steps for +7.8% loss,
+            since a token can be right at step 0 and still gain.
         act_saturation_margin (`float`, *optional*, defaults to 0.003):
             Loss improvement (nats per token) below which later steps count as not helping (`act_target="saturated"`).
             0.01 halted more and cost more (threshold 0.8, seed 0: 59% of the steps, +1.3% arithmetic loss).
