@@ -197,7 +197,7 @@ def main() -> None:
                 seed=2,
                 difficulty=difficulty,
             )
-        )  # fmt: skip
+        )
         for source, difficulty in SOURCES.items()
     }
     answers = {name: answer_examples(tokenizer, name, args.eval_examples, seed=1) for name in ("arithmetic", "code")}
