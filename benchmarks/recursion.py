@@ -4,7 +4,8 @@ steps, optimizer and batches; then what ACT saves (issue 14's evidence).
     OMP_NUM_THREADS=1 nice python benchmarks/recursion.py                # tiny preset, 600 steps x 16 x 128 tokens
     python benchmarks/recursion.py --steps 300 --models 0                 # quicker: the recursive Forge only
     python benchmarks/recursion.py --steps 300 --models 0 --seed 1        # another initialisation and batch order
-    python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"saturated"'   # a config ablation
+    python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"correct"'     # a config ablation
+    python benchmarks/recursion.py --steps 300 --models 0 --thresholds 0.5 0.6 0.7 0.8    # ACT under other thresholds
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
 packed into 128-token blocks. Every model sees the same batches in the same order. The Llama has Forge's width and
@@ -16,8 +17,10 @@ so it is compute-matched, not parameter-matched. Reported on held-out examples:
   examples, on the final-answer tokens and on the numbers arithmetic's worked solution computes (after each `= `;
   the final answer only copies the last of them), with whether every extra step helped and final step - step 0;
 - ACT on: mean steps over real tokens and the share halting at each step, per source, and the loss cost of halting
-  vs running every step; the same under other thresholds (0.3 / 0.7 / 0.9, as the specialisations set them); and the
-  steps run at the final-answer tokens of held-out arithmetic / code (hard) vs the rest of those examples (template).
+  vs running every step; the same under other thresholds (`--thresholds`, by default 0.3 / 0.7 / 0.9, as the
+  specialisations set them); the threshold `calibrate_act_threshold` picks on validation blocks (the lowest within 1%
+  of every step per source) and its cost on the test blocks; and the steps run at the final-answer tokens of held-out
+  arithmetic / code (hard) vs the rest of those examples (template).
 """
 
 import argparse
@@ -156,6 +159,13 @@ def main() -> None:
                         "(held-out data and tokenizer do not change); 0 reproduces the README rows")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ForgeConfig overrides (JSON) of the recursive Forge, e.g. trm_cycles=2")  # fmt: skip
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[0.3, 0.7, 0.9],
+        help="other act_threshold values to evaluate the same trained model under",
+    )
     parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
                         "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
     args = parser.parse_args()
@@ -174,6 +184,20 @@ def main() -> None:
                 source, tokenizer, block_size=args.length, n_blocks=32, split="test", seed=1, difficulty=difficulty
             )
         )  # fmt: skip
+        for source, difficulty in SOURCES.items()
+    }
+    calibration = {  # validation split: the data `calibrate_act_threshold` picks a threshold on
+        source: tensors(
+            source_blocks(
+                source,
+                tokenizer,
+                block_size=args.length,
+                n_blocks=32,
+                split="validation",
+                seed=2,
+                difficulty=difficulty,
+            )
+        )
         for source, difficulty in SOURCES.items()
     }
     answers = {name: answer_examples(tokenizer, name, args.eval_examples, seed=1) for name in ("arithmetic", "code")}
@@ -230,9 +254,14 @@ def main() -> None:
             row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
             row["act_answers"] = {family: answer_halting(model, answers[family], steps) for family in answers}
             threshold, row["act_thresholds"] = model.config.act_threshold, {}
-            for value in (0.3, 0.7, 0.9):  # the same trained model under other specialisation thresholds
+            for value in args.thresholds:  # the same trained model under other specialisation thresholds
                 model.config.act_threshold = value
                 row["act_thresholds"][value] = {s: act_statistics(model, b, steps) for s, b in held_out.items()}
+            model.config.act_threshold = threshold
+            calibrated = model.calibrate_act_threshold(calibration, max_loss_increase=0.01)  # on validation blocks
+            row["act_calibrated"] = {"threshold": calibrated["threshold"]}
+            if calibrated["threshold"] is not None:  # its cost on the test blocks, which it has not seen
+                row["act_calibrated"]["test"] = {s: act_statistics(model, b, steps) for s, b in held_out.items()}
             model.config.act_threshold = threshold
         results[name] = row
         print(name, json.dumps(row), flush=True)
@@ -286,6 +315,18 @@ def main() -> None:
         costs = " / ".join(f"{100 * (item['loss_act'] / item['loss_every_step'] - 1):+.1f}%" for item in stats)
         print(f"  act_threshold {value}: mean steps {per_source} (all {100 * mean_steps / steps:.0f}%), summed loss "
               f"{100 * cost:+.2f}% vs every step (per source {costs}: corpus's loss dominates the sum)")  # fmt: skip
+    calibrated = row["act_calibrated"]
+    if calibrated["threshold"] is None:
+        print("  calibrated on validation blocks (1% per source): no candidate threshold within budget")
+    else:
+        stats = calibrated["test"].values()
+        mean_steps = sum(item["mean_steps"] for item in stats) / len(stats)
+        costs = " / ".join(f"{100 * (item['loss_act'] / item['loss_every_step'] - 1):+.2f}%" for item in stats)
+        per_source = " / ".join(f"{item['mean_steps']:.2f}" for item in stats)
+        print(
+            f"  calibrated on validation blocks (1% per source): act_threshold {calibrated['threshold']}; test "
+            f"blocks: mean steps {per_source} (all {100 * mean_steps / steps:.0f}%), loss vs every step {costs}"
+        )
     print("ACT at the final-answer tokens (hard) vs the rest of the same held-out examples (template text):")
     for family, stats in row["act_answers"].items():
         print(f"  {family:>10}: answers {stats['answer_mean_steps']:.2f} {stats['answer_share_per_step']}, "

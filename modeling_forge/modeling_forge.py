@@ -23,7 +23,7 @@ Shape legend:
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,11 +67,15 @@ class ForgeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.normed_and_mean_square(hidden_states)[0]
+
+    def normed_and_mean_square(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normed states and the fp32 mean square (..., 1) they were divided by (for callers that need both)."""
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return self.weight * hidden_states.to(input_dtype), variance
 
 
 class ForgeRotaryEmbedding(nn.Module):
@@ -700,30 +704,36 @@ def short_causal_conv(
 ) -> torch.Tensor:
     """Depthwise causal convolution `out_t = sum_j weight[:, K-1-j] * x_{t-j}` (nn.Conv1d's tap order).
 
+    Computed as K shifted multiply-adds in the (B, T, C) layout the projections produce and the heads read: no
+    transposes, and its SiLU and L2-norm neighbours stay contiguous (about 15% faster forward and backward on CPU than
+    a `conv1d` on the transposed input).
+
     Args:
-        inputs: (B, C, T) new inputs; weight: (C, K); tail: (B, C, K-1) inputs before these (cache) or None (zeros).
+        inputs: (B, T, C) new inputs; weight: (C, K); tail: (B, C, K-1) inputs before these (the cache's conv-state
+            layout) or None (zeros).
         segments: (B, T) document index per position, or None; taps never reach into an earlier document.
 
     Returns:
-        (B, C, T).
+        (B, T, C), in the promoted dtype of inputs and weight.
     """
     taps = weight.shape[-1]
-    length = inputs.shape[-1]
+    length = inputs.shape[1]
+    dtype = torch.promote_types(inputs.dtype, weight.dtype)
+    inputs = inputs.to(dtype)
     if tail is None:
-        full = F.pad(inputs, (taps - 1, 0))
+        full = F.pad(inputs, (0, 0, taps - 1, 0))
     else:
-        full = torch.cat([tail.to(inputs.dtype), inputs], -1)[..., -(taps - 1 + length) :]
-        full = F.pad(full, (taps - 1 + length - full.shape[-1], 0))
-    if segments is None:  # one depthwise convolution (about 1.7x faster fwd+bwd on CPU than the shifted sum below)
-        dtype = torch.promote_types(full.dtype, weight.dtype)
-        return F.conv1d(full.to(dtype), weight[:, None, :].to(dtype), groups=weight.shape[0])
-    seg_full = F.pad(segments, (taps - 1, 0))  # the tail belongs to document 0
-    out = weight[:, taps - 1, None] * inputs
+        full = torch.cat([tail.transpose(1, 2).to(dtype), inputs], 1)[:, -(taps - 1 + length) :]
+        full = F.pad(full, (0, 0, taps - 1 + length - full.shape[1], 0))
+    taps_weight = weight.t().to(dtype)  # (K, C)
+    seg_full = F.pad(segments, (taps - 1, 0)) if segments is not None else None  # the tail belongs to document 0
+    out = inputs * taps_weight[taps - 1]
     for lag in range(1, taps):
-        piece = full[..., taps - 1 - lag : taps - 1 - lag + length]
-        same_doc = seg_full[:, taps - 1 - lag : taps - 1 - lag + length] == segments  # (B, T)
-        piece = piece * same_doc[:, None].to(piece.dtype)
-        out = out + weight[:, taps - 1 - lag, None] * piece
+        piece = full[:, taps - 1 - lag : taps - 1 - lag + length]
+        if seg_full is not None:
+            same_doc = seg_full[:, taps - 1 - lag : taps - 1 - lag + length] == segments  # (B, T)
+            piece = piece * same_doc[..., None].to(dtype)
+        out = torch.addcmul(out, piece, taps_weight[taps - 1 - lag])
     return out
 
 
@@ -818,7 +828,7 @@ class ForgeNeuralMemory(nn.Module):
             tail = past_key_values.get_conv_state(self.layer_idx)
             tail = tail.clone() if tail is not None else None  # the update below overwrites the cached tensor
             past_key_values.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_size - 1)
-        qkv = F.silu(short_causal_conv(qkv.transpose(1, 2), self.conv_weight, tail, segments)).transpose(1, 2)
+        qkv = F.silu(short_causal_conv(qkv, self.conv_weight, tail, segments))  # (B, T, 3W)
         heads = (batch, length, self.num_heads, self.head_dim)
         query, key, value = (x.reshape(heads).transpose(1, 2) for x in qkv.split(self.config.memory_size, -1))
         query = F.normalize(query.to(dtype), dim=-1, eps=1e-6)  # (B, H, T, Dk)
@@ -885,21 +895,20 @@ class ForgeMAGGate(nn.Module):
         self.fc2 = nn.Linear(config.gate_hidden_size, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, attn: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        normed_attn, normed_memory = self.attn_norm(attn), self.memory_norm(memory)
-        gate = torch.sigmoid(self.fc2(self.act_fn(self.fc1(torch.cat([normed_attn, normed_memory], dim=-1)))))
+    def forward(self, attn: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mix (B, T, D), the gate `g` (B, T, D) and its Bernoulli entropy in nats (B, T, D), taken from the logit
+        `a` as `softplus(a) - a * g`: exact, and no clamp near saturation."""
+        normed_attn, attn_mean_square = self.attn_norm.normed_and_mean_square(attn)
+        normed_memory = self.memory_norm(memory)
+        logits = self.fc2(self.act_fn(self.fc1(torch.cat([normed_attn, normed_memory], dim=-1))))
+        gate = torch.sigmoid(logits)
         mix = self.config.mag_mix
         if mix == "normed":
             attn, memory = normed_attn, normed_memory
-        elif mix == "memory_at_attention_rms":
-            memory = normed_memory * attn.float().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt().to(attn.dtype)
-        return gate * attn + (1.0 - gate) * memory, gate  # gate: (B, T, D)
-
-
-def binary_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Entropy (nats) of Bernoulli(p), elementwise."""
-    p = p.clamp(eps, 1.0 - eps)
-    return -(p * p.log() + (1.0 - p) * (1.0 - p).log())
+        elif mix == "memory_at_attention_rms":  # the attention's RMS, from the mean square its norm already took
+            memory = normed_memory * attn_mean_square.add(1e-12).sqrt().to(attn.dtype)
+        entropy = F.softplus(logits) - logits * gate
+        return memory + gate * (attn - memory), gate, entropy  # = g * attn + (1 - g) * memory
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -945,9 +954,9 @@ class ForgeDecoderLayer(GradientCheckpointingLayer):
         gate_mean = gate_entropy = None
         if self.memory is not None:
             memory = self.memory(normed, memory_mask, past_key_values, memory_segments)
-            attn, gate = self.gate(attn, memory)
+            attn, gate, entropy = self.gate(attn, memory)
             gate_mean = masked_mean(gate.detach(), memory_mask)  # (B,)
-            gate_entropy = masked_mean(binary_entropy(gate), memory_mask)  # (B,)
+            gate_entropy = masked_mean(entropy, memory_mask)  # (B,)
         hidden_states = residual + attn
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, gate_mean, gate_entropy, logit_max
@@ -1612,6 +1621,57 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             last = torch.full_like(outputs.halt_steps, crossed.shape[-1] - 1)
             result.halt_steps = torch.where(crossed.any(-1), crossed.long().argmax(-1), last)
         return result
+
+    @torch.no_grad()
+    def calibrate_act_threshold(
+        self,
+        sources: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        max_loss_increase: float = 0.01,
+        candidates: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+    ) -> dict:
+        """Set `config.act_threshold` to the lowest candidate (fewest steps) whose ACT loss on every source stays
+        within `max_loss_increase` (relative) of running every step: a held-out calibration of the early exit, as CALM
+        (Schuster et al., 2022) calibrates its thresholds. No fixed threshold met a 1% budget on every tiny seed
+        measured, while each trained model had one that did (README, "Measured").
+
+        Args:
+            sources: name -> (input_ids, labels) of held-out data (labels -100 on padding; scored on real tokens only).
+            max_loss_increase: allowed relative loss increase per source, e.g. 0.01 for 1%.
+            candidates: thresholds to try, each strictly between 0 and 1.
+
+        Returns:
+            `{"threshold": chosen or None, "table": {threshold: {source: (mean steps, relative loss increase)}}}`;
+            with no candidate within budget the threshold is left as it was and `"threshold"` is None.
+        """
+        if not sources:
+            raise ValueError("calibrate_act_threshold: `sources` is empty. Fix: pass {name: (input_ids, labels)}.")
+        if any(not 0.0 < value < 1.0 for value in candidates):
+            raise ValueError(
+                f"calibrate_act_threshold: candidates {list(candidates)} must lie strictly between 0 and 1."
+            )
+        was_training, previous = self.training, self.config.act_threshold
+        self.eval()
+        every = {
+            name: self(ids, labels=labels, act_halting=False).step_losses[-1]
+            for name, (ids, labels) in sources.items()
+        }
+        table, chosen = {}, None
+        try:
+            for value in sorted(candidates):
+                self.config.act_threshold = value
+                row = {}
+                for name, (ids, labels) in sources.items():
+                    out = self(ids, labels=labels, act_halting=True)
+                    real = (F.pad(labels, (0, 1), value=-100)[..., 1:] != -100).to(out.halt_steps.device)
+                    increase = float(out.step_losses[-1] / every[name].clamp(min=1e-12) - 1.0)
+                    row[name] = (float(out.halt_steps[real].float().mean()), increase)
+                table[value] = row
+                if chosen is None and all(increase <= max_loss_increase for _, increase in row.values()):
+                    chosen = value
+        finally:
+            self.config.act_threshold = previous if chosen is None else chosen
+            self.train(was_training)
+        return {"threshold": chosen, "table": table}
 
     def create_masks_for_generate(self, **kwargs) -> dict[str, torch.Tensor | None]:
         """Masks `generate` prepares ahead of a compilable (static) cache's forward. transformers' generic version maps

@@ -120,15 +120,17 @@ def test_outputs_are_causal():
 
 
 def test_short_conv_matches_conv1d_and_respects_documents_and_tail():
-    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    """Inputs (B, T, C), tail (B, C, K-1) as the cache keeps it; equal to nn.Conv1d's depthwise causal convolution."""
+    x = torch.randn(2, 6, 12, dtype=torch.float64)  # (B, C, T) for conv1d
     weight = torch.randn(6, 4, dtype=torch.float64)
-    expected = F.conv1d(F.pad(x, (3, 0)), weight[:, None], groups=6)
-    torch.testing.assert_close(short_causal_conv(x, weight, None, None), expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(short_causal_conv(x[..., 5:], weight, x[..., 2:5], None), expected[..., 5:])
+    expected = F.conv1d(F.pad(x, (3, 0)), weight[:, None], groups=6).transpose(1, 2)  # (B, T, C)
+    xt = x.transpose(1, 2)
+    torch.testing.assert_close(short_causal_conv(xt, weight, None, None), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(short_causal_conv(xt[:, 5:], weight, x[..., 2:5], None), expected[:, 5:])
     segments = torch.tensor([[0] * 5 + [1] * 7] * 2)
-    split = short_causal_conv(x, weight, None, segments)
-    torch.testing.assert_close(split[..., 5:], short_causal_conv(x[..., 5:], weight, None, None))
-    assert (split[..., 5:8] - expected[..., 5:8]).abs().max() > 1e-6
+    split = short_causal_conv(xt, weight, None, segments)
+    torch.testing.assert_close(split[:, 5:], short_causal_conv(xt[:, 5:], weight, None, None))
+    assert (split[:, 5:8] - expected[:, 5:8]).abs().max() > 1e-6
 
 
 def test_forgetting_starts_slow_log_uniform(tiny_config):
@@ -435,7 +437,9 @@ def test_mag_gate_reads_normed_branches_and_mixes_each_branch_at_its_configured_
     gate = ForgeMAGGate(config).requires_grad_(False)
     torch.manual_seed(0)
     attn, memory = 0.05 * torch.randn(2, 5, config.hidden_size), 3.0 * torch.randn(2, 5, config.hidden_size)
-    mixed, g = gate(attn, memory)
+    mixed, g, entropy = gate(attn, memory)
+    p = g.double()
+    torch.testing.assert_close(entropy.double(), -(p * p.log() + (1 - p) * (1 - p).log()), rtol=1e-4, atol=1e-6)
     normed_g = gate(attn * 40.0, memory / 7.0)[1]
     torch.testing.assert_close(g, normed_g, rtol=1e-3, atol=1e-4)  # the gate reads the normed branches
     normed_a, normed_m = gate.attn_norm(attn), gate.memory_norm(memory)

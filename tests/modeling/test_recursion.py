@@ -189,7 +189,7 @@ def test_shift_labels_are_used_as_the_targets(tiny_config):
 
 
 def test_act_target_is_step_correctness_and_halted_positions_are_not_supervised_again(tiny_config):
-    model = _model(tiny_config(act_loss_weight=1.0, act_exploration=0.0, deep_supervision=True))
+    model = _model(tiny_config(act_loss_weight=1.0, act_exploration=0.0, deep_supervision=True, act_target="correct"))
     x = _x(2, 16)
     with torch.no_grad():
         out = model(x, labels=x, output_step_logits=True)
@@ -305,3 +305,35 @@ def test_act_target_fields_are_validated(tiny_config, overrides, field):
         return
     with pytest.raises(ValueError, match=rf"ForgeConfig\.{field} .* Fix: "):
         tiny_config(**overrides)
+
+
+def test_act_threshold_calibration_picks_the_lowest_threshold_within_the_budget(tiny_config):
+    """`calibrate_act_threshold` keeps the lowest candidate whose ACT loss on every source is within the relative
+    budget of running every step, sets it on the config, counts steps on real tokens only, and with no candidate
+    within budget leaves the threshold as it was."""
+    model = _model(tiny_config())
+    x, y = _x(3, 25), _x(3, 25, seed=1)
+    _spread_halting_bias(model, x)
+    labels = y.clone()
+    labels[:, :10] = -100  # unlabelled positions must not count
+    sources = {"a": (x, x), "b": (y, labels)}
+    candidates = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    table = model.calibrate_act_threshold(sources, max_loss_increase=1e9, candidates=candidates)["table"]
+    assert model.config.act_threshold == 0.3  # everything is within an unbounded budget
+    worst = {value: max(increase for _, increase in row.values()) for value, row in table.items()}
+    assert len({round(v, 6) for v in worst.values()}) > 2  # the thresholds do change the loss
+    budget = sorted(worst.values())[len(worst) // 2]
+    result = model.calibrate_act_threshold(sources, max_loss_increase=budget, candidates=candidates)
+    expected = min(value for value in candidates if worst[value] <= budget)
+    assert result["threshold"] == expected == model.config.act_threshold
+    # Steps are counted on real tokens: the halting forward's mean over labelled positions only.
+    model.config.act_threshold = expected
+    with torch.no_grad():
+        halts = model(y, act_halting=True).halt_steps[:, 9:-1].float().mean()  # positions predicting labels 10..
+    assert result["table"][expected]["b"][0] == pytest.approx(float(halts))
+    none = model.calibrate_act_threshold(sources, max_loss_increase=min(worst.values()) - 1e-3, candidates=candidates)
+    assert none["threshold"] is None and model.config.act_threshold == expected  # unchanged
+    with pytest.raises(ValueError, match="sources` is empty"):
+        model.calibrate_act_threshold({})
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        model.calibrate_act_threshold(sources, candidates=(0.5, 1.0))

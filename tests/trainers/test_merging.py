@@ -31,7 +31,8 @@ from trainers.phase_output import save_phase_output
 
 SPECIALISATIONS = {
     "reasoning": ({"trm_max_steps": 4, "act_threshold": 0.7, "trm_step_weights": None}, 1),
-    "memory": ({"memory_forget_scale": 0.5}, 2),  # the neural memory forgets half as fast (Phase 1's rule)
+    # the neural memory forgets half as fast (Phase 1's rule); the threshold is Phase 1's memory specialisation's
+    "memory": ({"memory_forget_scale": 0.5, "act_threshold": 0.5}, 2),
     "speed": ({"trm_max_steps": 2, "act_threshold": 0.3, "trm_step_weights": None}, 3),
 }
 
