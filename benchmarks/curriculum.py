@@ -21,6 +21,10 @@ sandbox throughput; then the dreams on-off difference of BWT per seed.
     OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --base-extra-steps 200 --rounds 6 --epochs 1 --lr 1e-3 \
         --optimizer adamw --seeds 0 1 2 3 --dreams off --hint-fractions 0 0.5 1 --hint-format prefix \
         --hinted-variants --no-prose-control --levels 3 6 --success-variants 16 --experience-buffer 400
+    # verified dreams (the defaults) against dreams off, same flags, one seed per invocation
+    OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --base-extra-steps 200 --rounds 6 --epochs 1 --lr 1e-3 \
+        --optimizer adamw --seeds 0 --dreams both --hint-fractions 0 0.5 1 --hint-format prefix \
+        --hinted-variants --no-prose-control --levels 3 6 --success-variants 16 --experience-buffer 400
     OMP_NUM_THREADS=1 nice python benchmarks/curriculum.py --base-extra-steps 200 --probe --eval-problems 16 \
         --levels 1 4 --hint-fractions 0 0.5 1
 
@@ -107,6 +111,40 @@ of 7); filtering the dreams through the sandbox is the next thing to measure. Po
 with other jobs (load ~5): 435-583 s per run, 14-19 programs/s through generation and sandbox; alone on an idle machine
 (the 8-round run): 208 s, 36 programs/s.
 
+Before the verified dreams, `--dreams on` ran what is now `--dream-filter none --dream-temperature 1.5
+--dream-samples-per-task 1 --dream-levels all --dream-lr-scale 1 --dream-samples 16`: every "dreams on" figure above
+is of that setting.
+
+Measured, verified dreams (the base rebuilt once more: held-out L3 0.458 / 0.417 / 0.250 / 0.417 / 0.292 / 0.333 for
+seeds 0-5, L4 0; the common flags of the 16-variant runs above with `--success-variants 16 --seeds S`, and the dream
+flags named; placement L3, levels 3-4 trained; one run at a time under `nice` on a 2-core CPU shared with other jobs,
+load 2-5).
+Dreams off: gain L3 / L4 +0.292 / +0.458, +0.250 / +0.333, +0.333 / +0.208, +0.291 / +0.458, +0.500 / +0.250, +0.292 /
++0.500; BWT on L3 +0.083, +0.125, +0.042, +0.167, +0.083, 0.000. Dreams on, minus off (L3 gain, L4 gain, BWT; one
+problem = 0.042):
+    --dream-levels all --dream-lr-scale 1 --dream-samples 16 (verified, seed 0)      -0.292, -0.083, -0.208
+    --dream-levels earlier --dream-lr-scale 1 --dream-samples 16 (seed 0)             -0.083,  0.000, -0.083
+    --dream-levels earlier --dream-lr-scale 0.3 --dream-samples 64 (the defaults)     seeds 0-5: L3 +0.125, +0.041,
+        0.000, -0.041, 0.000, +0.083 (mean +0.035); L4 0, 0, 0, 0, 0, +0.083; BWT +0.125, +0.042, 0.000, -0.042,
+        0.000, +0.083 (mean +0.035)
+    the same with --dream-variants 4 (seeds 0-3)                                      L3 +0.042, +0.041, +0.084,
+        -0.041 (mean +0.032); L4 -0.041, 0, 0, +0.042; BWT +0.042, +0.042, +0.083, -0.042 (mean +0.031)
+    --dream-levels all --dream-lr-scale 0.3 --dream-samples 64 (seeds 0-3)            L3 +0.083, +0.041, 0.000,
+        -0.041 (mean +0.021); L4 -0.041, -0.041, +0.042, +0.125 (mean +0.021); BWT +0.084, -0.042, -0.042, 0.000
+        (mean 0.000)
+A dream epoch is a few steps with a fresh AdamW state, whose first steps move every weight by about the learning rate
+whatever its gradient: at the loop's rate (1e-3) even verified dreams raised the held-out reference NLL (seed 0: L3
+0.089 -> 0.099, L3+L4 0.208 -> 0.219) and lowered success; at 0.3x they lowered it in 5 of 6 runs (L3 after L4, seeds
+0-5: 0.016 -> 0.015, 0.056 -> 0.038, 0.021 -> 0.009, 0.068 -> 0.066, 0.113 -> 0.086, 0.122 -> 0.123; `all`, seed 0:
+0.089 -> 0.038 and 0.162 -> 0.145), with variants in 3 of 4 (0.016 -> 0.010, 0.056 -> 0.043, 0.021 -> 0.007; seed 3
+0.068 -> 0.076). Of 256 dreams per epoch (64 L3 tasks x 4 samples at temperature 1.0) 135-167 passed their tests and
+41-51 distinct programs were kept. With `dream_levels: earlier` the two runs are identical until the dream after L4, so
+on minus off is that dream's own effect: held-out success with dreams on is at least that with dreams off on average
+(L3 +0.035, L4 +0.014, where the old dreams lost 0.071 and 0.107), and BWT is higher by +0.035 on average, 3 of 6 seeds
+higher, 2 equal, one lower: less than one held-out problem, within noise. Re-applying the seed-0 dream to the saved
+dreams-off model in a separate process gave L3 0.750 (no change) where the run gave 0.875, so a single seed's
+difference of a few problems is noise too. 175-280 s per run, 33-67 programs/s (generation included).
+
 The base is full precision (the ternary path is exercised by the tests and the demo; its learning speed is not
 measured here) and the bakes are off (they are measured by the prompt-baking tests, and cost minutes on this CPU).
 """
@@ -185,7 +223,7 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
         placement_problems=8, placement_k=2, pool_size=args.pool, attempts_per_round=args.pool,
         max_rounds=args.rounds, eval_problems=args.eval_problems, max_new_tokens=24, temperature=args.temperature,
         train_epochs=args.epochs, bake={"steps": 0}, self_model_samples=1, self_model_bands=[4, 4], dreams=dreams,
-        dream_samples=16, dream_temperature=args.dream_temperature, learning_rate=args.lr,
+        **_dream_overrides(args), learning_rate=args.lr,
         per_device_train_batch_size=8, seed=seed, use_cpu=True,
         report_to="none", disable_tqdm=True, thinking="off", placement_target=0.5,
     )  # fmt: skip
@@ -196,12 +234,35 @@ def run(base: Path, output: Path, seed: int, dreams: bool, args, fractions: list
             "pools": {r["level"]: [x["pool_active"] for x in r["rounds"]] for r in report["records"]},
             "pool_templates": {r["level"]: r["pool"]["templates"] for r in report["records"]},
             "bwt": report["backward_transfer"]["bwt"], "totals": report["totals"],
+            "dreams_per_level": {r["level"]: {k: r["dreams"].get(k) for k in ("generated", "passed", "kept", "real",
+                                                                             "variants")}
+                                 for r in report["records"] if r["dreams"]},
             "placement": {lv: v["pass@1"] for lv, v in report["placement"]["per_level"].items()},
             "first_level": report["levels"][0], "ladder": fractions, "variants": variants,
             "variant_pairs": report["totals"]["variant_pairs_trained"],
             "variant_candidates": report["totals"]["variant_candidates"],
             "rung_successes": report["totals"]["hinted_successes_per_rung"],
             "rung_attempts": report["totals"]["hinted_attempts_per_rung"]}  # fmt: skip
+
+
+def _dream_overrides(args) -> dict:
+    """The dream settings given on the command line (the others keep `CurriculumConfig`'s defaults)."""
+    given = {"dream_temperature": args.dream_temperature, "dream_filter": args.dream_filter,
+             "dream_samples_per_task": args.dream_samples_per_task, "dream_levels": args.dream_levels,
+             "dream_lr_scale": args.dream_lr_scale, "dream_variants": args.dream_variants,
+             "dream_samples": args.dream_samples}  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _dream_tag(args) -> str:
+    """The run folder's suffix for non-default dream settings."""
+    tag = f"-dt{args.dream_temperature:g}" if args.dream_temperature is not None else ""
+    tag += f"-df{args.dream_filter}" if args.dream_filter is not None else ""
+    tag += f"-dk{args.dream_samples_per_task}" if args.dream_samples_per_task is not None else ""
+    tag += f"-dl{args.dream_levels}" if args.dream_levels is not None else ""
+    tag += f"-dlr{args.dream_lr_scale:g}" if args.dream_lr_scale is not None else ""
+    tag += f"-dv{args.dream_variants}" if args.dream_variants is not None else ""
+    return tag + (f"-ds{args.dream_samples}" if args.dream_samples is not None else "")
 
 
 def probe_ladder(base: Path, args) -> None:
@@ -249,9 +310,17 @@ def _print_run(result: dict) -> None:
     print(f"seed {result['seed']} dreams {'on ' if result['dreams'] else 'off'} {ladder}: placement pass@1 {placed} "
           f"-> start L{result['first_level']}; held-out pass@1 {success}; pool per round {pools}; hinted successes "
           f"per rung (of attempts) {rungs or 'none'}; verified variants trained {result['variant_pairs']} of "
-          f"{result['variant_candidates']} rewritten; BWT(first level) {_signed(result['bwt'])}; "
+          f"{result['variant_candidates']} rewritten; dreams kept/passed/generated (+ real) per level "
+          f"{_dream_counts(result)}; BWT(first level) {_signed(result['bwt'])}; "
           f"{result['wall_s']:.0f} s; {totals['programs_run']} programs, loop {totals['loop_programs_per_s']:.2f} "
           "programs/s (generation included)", flush=True)  # fmt: skip
+
+
+def _dream_counts(result: dict) -> str:
+    cells = [f"L{lv} {d['kept']}/{'-' if d['passed'] is None else d['passed']}/{d['generated']} (+{d['real']}"
+             + (f", +{d['variants']} variants)" if d.get("variants") else ")")
+             for lv, d in result["dreams_per_level"].items()]  # fmt: skip
+    return ", ".join(cells) or "none"
 
 
 def _signed(value: float | None) -> str:
@@ -293,7 +362,20 @@ def main() -> None:
                         help="Phase 5 pool_sampling (stratified: all the level templates)")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.8, help="Phase 5 temperature of the loop's attempts")
     parser.add_argument("--dreams", choices=("both", "on", "off"), default="both", help="dream settings run")
-    parser.add_argument("--dream-temperature", type=float, default=1.5, help="Phase 5 dream_temperature")
+    parser.add_argument("--dream-temperature", type=float, default=None,
+                        help="Phase 5 dream_temperature (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-filter", choices=("verified", "none"), default=None,
+                        help="Phase 5 dream_filter (default: CurriculumConfig's, 'verified')")  # fmt: skip
+    parser.add_argument("--dream-samples-per-task", type=int, default=None,
+                        help="Phase 5 dream_samples_per_task (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-levels", choices=("all", "earlier"), default=None,
+                        help="Phase 5 dream_levels (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-lr-scale", type=float, default=None,
+                        help="Phase 5 dream_lr_scale (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-variants", type=int, default=None,
+                        help="Phase 5 dream_variants (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-samples", type=int, default=None,
+                        help="Phase 5 dream_samples, tasks dreamed about (default: CurriculumConfig's)")  # fmt: skip
     parser.add_argument("--probe", action="store_true",
                         help="only measure, without training, how often one retry per ladder rung and format solves "
                         "the tasks the base fails (which format a tiny model uses)")  # fmt: skip
@@ -328,7 +410,7 @@ def main() -> None:
                     tag += f"-sv{variants}" if variants else ""
                     tag += f"-t{args.temperature:g}" if args.temperature != 0.8 else ""
                     tag += f"-r{args.rounds}" + ("-random" if args.pool_sampling == "random" else "")
-                    tag += f"-dt{args.dream_temperature:g}" if dreams and args.dream_temperature != 1.5 else ""
+                    tag += _dream_tag(args) if dreams else ""
                     result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams,
                                  args, fractions, variants)  # fmt: skip
                     results.append(result)

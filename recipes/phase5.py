@@ -10,8 +10,9 @@ sandbox and starts at the edge of ability; per level the model writes code that 
 `--require_isolation false` accepts the weaker fallback), successes become variants and then leave the pool, failures
 get a hint and a retry, and it trains on its successes (hinted ones without the hint) with MuGrokfast in STE mode.
 After each level: half-bakes of the eudaimonia, OODA and identity prompts, self-modeling in temperature bands, a dream
-epoch. Writes `<output_dir>/` (packed, loads with AutoModelForCausalLM; card, forge_lineage.json,
-curriculum_report.json, plots/). `--resume true` continues after the last finished level.
+epoch on the model's own programs for earlier levels' tasks that pass their tests in the sandbox. Writes
+`<output_dir>/` (packed, loads with AutoModelForCausalLM; card, forge_lineage.json, curriculum_report.json, plots/).
+`--resume true` continues after the last finished level.
 """
 
 from trl import TrlParser

@@ -23,8 +23,10 @@ weights, trained with MuGrokfast in STE mode and packed again at the end), then:
 3. **After each level:** half-bakes of the eudaimonia, OODA and identity prompts (`bake_prompt` machinery, LoRA on
    the ternary layers via `trainers.bitnet_lora`); self-modeling in temperature bands (the model predicts masked
    tokens of its own generations, tagged with the temperature; accuracy per band before/after); dream consolidation
-   (one epoch on high-temperature replays of the levels so far mixed with real reference solutions, never on
-   self-samples alone: Shumailov et al. 2024), with the held-out NLL of earlier levels before/after the dream.
+   (one epoch on the model's own programs for training tasks of the levels so far, several samples per task, kept
+   only when they pass the task's tests in the sandbox (`dream_filter: verified`, DreamCoder/STaR), mixed with real
+   reference solutions, never on self-samples alone: Shumailov et al. 2024), with the held-out NLL of those levels
+   before/after the dream.
 
 Each finished level is checkpointed atomically in `.<output>-work/level-<n>/`; `--resume` continues after the last.
 The phase folder holds the packed model, `curriculum_report.json`, plots, card and lineage.
@@ -367,7 +369,7 @@ class TrainingPair:
 
     prompt: str
     completion: str
-    kind: str  # "success", "hinted", "variant" (`constant_variants`) or "replay"
+    kind: str  # "success", "hinted", "variant" (`constant_variants`), "replay" or "dream"
     level: int
 
 
@@ -672,8 +674,9 @@ def completion_item(tokenizer, prompt: str, completion: str, max_length: int) ->
 
 
 def train_items(model, items: Sequence[dict], config: CurriculumConfig, pad_id: int, work_dir: Path,
-                epochs: float) -> dict:  # fmt: skip
-    """One short `ForgeTrainer` run (MuGrokfast, STE mode on ternary layers) over `items`; returns its losses."""
+                epochs: float, lr_scale: float = 1.0) -> dict:  # fmt: skip
+    """One short `ForgeTrainer` run (MuGrokfast, STE mode on ternary layers) over `items` at `lr_scale` times the
+    configured learning rate; returns its losses."""
     if not items:
         return {}
     world = PartialState().num_processes
@@ -681,7 +684,8 @@ def train_items(model, items: Sequence[dict], config: CurriculumConfig, pad_id: 
     steps = max(1, math.ceil(len(items) * epochs / per_step))
     args = dataclasses.replace(config, output_dir=str(work_dir / "trainer"), max_steps=steps, push_to_hub=False,
                                hub_model_id=None, resume_from_checkpoint=None, disable_tqdm=True,
-                               logging_steps=max(1, min(steps, int(config.logging_steps))))  # fmt: skip
+                               logging_steps=max(1, min(steps, int(config.logging_steps))),
+                               learning_rate=config.learning_rate * lr_scale)  # fmt: skip
     trainer = ForgeTrainer(
         model=model, args=args, train_dataset=ThoughtDataset(items), data_collator=pad_collator(pad_id)
     )
@@ -784,27 +788,101 @@ def reference_nll(model, tokenizer, examples: Sequence[Example], max_length: int
     return float(nll)
 
 
+def _program_key(completion: str) -> str:
+    """The code a dream runs, cut at the first stop sequence and without trailing spaces per line: two dreams with
+    the same key are the same program (deduplicated)."""
+    code = truncate_completion(strip_thoughts(completion))
+    return "\n".join(line.rstrip() for line in code.strip("\n").splitlines())
+
+
+def dream_pairs(policy: Policy, family: CodeFamily, levels: Sequence[int], config: CurriculumConfig,
+                seed: int) -> tuple[list[TrainingPair], dict]:  # fmt: skip
+    """The dreams of one consolidation epoch: `dream_samples` training-split tasks of `levels` (split evenly), each
+    sampled `dream_samples_per_task` times at `dream_temperature`. 'verified' (`dream_filter`): the programs (thought
+    spans stripped) run against their task's tests in the sandbox and only distinct passing ones are kept (the
+    model's own verified programs for earlier levels: DreamCoder's replay, STaR's filter); 'none': every non-empty
+    dream is kept, unchecked. With `dream_variants` (verified only) each kept dream also brings its verified
+    constant variants (`constant_variants`, as `success_variants` in the loop). Returns the pairs (trained as the
+    loop's successes are: `training_completion`) and counts per level (generated, passed, kept) and in all."""
+    per_level = max(1, config.dream_samples // len(levels))
+    tasks = [(lv, e) for lv in levels for e in family.generate("train", per_level, seed=seed, difficulty=lv)]
+    outs = policy.complete([e.prompt for _, e in tasks], temperature=config.dream_temperature,
+                           num_samples=config.dream_samples_per_task, seed=seed)  # fmt: skip
+    candidates = [(lv, e, c) for (lv, e), samples in zip(tasks, outs, strict=True) for c in samples
+                  if _program_key(c)]  # fmt: skip
+    generated = sum(len(samples) for samples in outs)
+    verified = config.dream_filter == "verified"
+    if verified and candidates:
+        results = family.run([e for _, e, _ in candidates], [strip_thoughts(c) for _, _, c in candidates])
+        passing = [cand for cand, r in zip(candidates, results, strict=True) if r is not None and r.passed]
+    else:
+        passing = candidates
+    pairs, seen = [], set()
+    solved: dict[int, list[tuple[Example, str]]] = {}  # the kept dreams: sources of `dream_variants`
+    per_level_counts = {lv: {"generated": 0, "passed": 0, "kept": 0} for lv in levels}
+    for lv, _ in tasks:
+        per_level_counts[lv]["generated"] += config.dream_samples_per_task
+    for lv, example, completion in passing:
+        per_level_counts[lv]["passed"] += 1
+        key = (example.prompt, _program_key(completion))
+        if verified and key in seen:
+            continue
+        seen.add(key)
+        per_level_counts[lv]["kept"] += 1
+        pairs.append(TrainingPair(example.prompt, training_completion(completion), "dream", lv))
+        solved.setdefault(lv, []).append((example, pairs[-1].completion))
+    variant_pairs, tried = [], 0
+    if verified and config.dream_variants:
+        for lv, kept in solved.items():
+            made, ran = constant_variants(kept, family, config.dream_variants, seed, lv)
+            variant_pairs += made
+            tried += ran
+    if not verified:
+        for counts in per_level_counts.values():
+            counts["passed"] = None  # not checked
+    stats = {"filter": config.dream_filter, "temperature": config.dream_temperature, "generated": generated,
+             "passed": len(passing) if verified else None, "kept": len(pairs),
+             "programs": (len(candidates) if verified else 0) + tried, "per_level": per_level_counts,
+             "variant_candidates": tried, "variants": len(variant_pairs)}  # fmt: skip
+    return pairs + variant_pairs, stats
+
+
+def levels_to_dream(done_levels: Sequence[int], mode: str) -> list[int]:
+    """The levels whose tasks the dream after the last of `done_levels` replays: all of them ('all') or the ones
+    before it ('earlier'; none after the first level)."""
+    if mode not in ("all", "earlier"):
+        raise ValueError(f"dream_levels {mode!r}. Fix: use 'all' or 'earlier'.")
+    return list(done_levels) if mode == "all" else list(done_levels[:-1])
+
+
 def dream(model, tokenizer, policy: ModelPolicy, family: CodeFamily, levels: Sequence[int], config: CurriculumConfig,
           work_dir: Path, seed: int) -> dict:  # fmt: skip
-    """Dream consolidation: one epoch on high-temperature replays of the levels so far, mixed with real reference
-    solutions; held-out reference NLL of those levels before and after."""
+    """Dream consolidation: one epoch on the kept dreams of `levels` (`dream_pairs`; by default only programs that
+    passed their tests in the sandbox), mixed with real reference solutions (`dream_real_share` of the epoch), at
+    `dream_lr_scale` times the learning rate; held-out reference NLL of those levels before and after. When no dream
+    is kept the epoch is skipped: training on the real solutions alone would be replay, not consolidation of the
+    model's own programs."""
     rng = random.Random(seed)
-    per_level = max(1, config.dream_samples // len(levels))
-    prompts = [e.prompt for lv in levels for e in family.generate("train", per_level, seed=seed, difficulty=lv)]
-    dreams = policy.complete(prompts, temperature=config.dream_temperature, num_samples=1, seed=seed)
-    items = [completion_item(tokenizer, p, truncate_completion(d[0]), config.max_length)
-             for p, d in zip(prompts, dreams, strict=True) if truncate_completion(d[0]).strip()]  # fmt: skip
-    n_real = max(1, round(len(prompts) * config.dream_real_share / (1 - config.dream_real_share)))
+    pairs, stats = dream_pairs(policy, family, levels, config, seed)
+    probe = [e for lv in levels for e in family.generate("validation", 4, seed=seed, difficulty=lv)]
+    before = reference_nll(model, tokenizer, probe, config.max_length)
+    summary = {**stats, "dreams": stats["kept"], "levels": list(levels), "heldout_nll_before": before}
+    if not pairs:
+        logger.info("Phase 5 dreams on levels %s: none of %d kept (%s filter); the dream epoch is skipped.",
+                    list(levels), stats["generated"], config.dream_filter)  # fmt: skip
+        return {**summary, "real": 0, "train": {}, "skipped": True, "heldout_nll_after": before}
+    items = [completion_item(tokenizer, p.prompt, p.completion, config.max_length) for p in pairs]
+    n_real = max(1, round(len(pairs) * config.dream_real_share / (1 - config.dream_real_share)))
     real = [e for lv in levels for e in family.generate("train", n_real, seed=seed + 1, difficulty=lv)]
     real = rng.sample(real, min(n_real, len(real)))
     items += [completion_item(tokenizer, e.prompt, reference_completion(e), config.max_length) for e in real]
     rng.shuffle(items)
-    probe = [e for lv in levels for e in family.generate("validation", 4, seed=seed, difficulty=lv)]
-    before = reference_nll(model, tokenizer, probe, config.max_length)
-    trained = train_items(model, items, config, tokenizer.pad_token_id, work_dir, 1.0)
+    trained = train_items(model, items, config, tokenizer.pad_token_id, work_dir, 1.0, config.dream_lr_scale)
+    trained["learning_rate"] = config.learning_rate * config.dream_lr_scale
     after = reference_nll(model, tokenizer, probe, config.max_length)
-    return {"dreams": len(items) - len(real), "real": len(real), "levels": list(levels), "train": trained,
-            "heldout_nll_before": before, "heldout_nll_after": after}  # fmt: skip
+    logger.info("Phase 5 dreams on levels %s: %d generated, %s passed, %d kept + %d real; held-out NLL %.3f -> %.3f",
+                list(levels), stats["generated"], stats["passed"], len(pairs), len(real), before, after)  # fmt: skip
+    return {**summary, "real": len(real), "train": trained, "skipped": False, "heldout_nll_after": after}
 
 
 def bake_level(model, tokenizer, config: CurriculumConfig, prompts: Sequence[str], seed: int):
@@ -915,8 +993,9 @@ def run_phase5(config: CurriculumConfig) -> dict:
         policy.model = model
         selfmodel = self_model(model, tokenizer, policy, prompts, level, config, work_dir, config.seed + level)
         done_levels = levels[: levels.index(level) + 1]
-        dreams = dream(model, tokenizer, policy, family, done_levels, config, work_dir, config.seed + level) \
-            if config.dreams else {}  # fmt: skip
+        dream_levels = levels_to_dream(done_levels, config.dream_levels)
+        dreams = dream(model, tokenizer, policy, family, dream_levels, config, work_dir, config.seed + level) \
+            if config.dreams and dream_levels else {}  # fmt: skip
         after = evaluate_levels(policy, family, done_levels, config)
         records.append({"level": level, "rounds": rounds, "pool": pool.stats(), "bakes": bakes,
                         "self_model": selfmodel, "dreams": dreams, "success_after": after,
@@ -971,7 +1050,8 @@ def _report(config: CurriculumConfig, placement: dict, levels: list[int], before
         for level in levels
     }  # fmt: skip
     rounds = [r for record in records for r in record["rounds"]]
-    programs = placement["programs"] + sum(r["programs"] for r in rounds)
+    dreams = [record["dreams"] for record in records if record["dreams"]]
+    programs = placement["programs"] + sum(r["programs"] for r in rounds) + sum(d.get("programs", 0) for d in dreams)
     run_s = sum(r["generate_and_run_s"] for r in rounds)
     return {
         "input": config.model_name_or_path,
@@ -995,6 +1075,11 @@ def _report(config: CurriculumConfig, placement: dict, levels: list[int], before
             "hint_solution_format": config.hint_solution_format,
             "hinted_successes_per_rung": _sum_lists([[x["successes"] for x in r.get("rungs", [])] for r in rounds]),
             "hinted_attempts_per_rung": _sum_lists([[x["attempts"] for x in r.get("rungs", [])] for r in rounds]),
+            "dreams_generated": sum(d.get("generated", 0) for d in dreams),
+            "dreams_passed": sum(d.get("passed") or 0 for d in dreams),
+            "dreams_kept": sum(d.get("kept", d.get("dreams", 0)) for d in dreams),
+            "dream_filter": config.dream_filter if dreams else None,
+            "dream_levels": config.dream_levels if dreams else None,
             "programs_run": programs,
             "loop_generate_and_run_s": run_s,
             "loop_programs_per_s": sum(r["programs"] for r in rounds) / run_s if run_s > 0 else None,
@@ -1080,6 +1165,9 @@ __all__ = [
     "band_temperatures",
     "choose_start_level",
     "constant_variants",
+    "dream",
+    "dream_pairs",
+    "levels_to_dream",
     "evaluate_levels",
     "generation_context",
     "ladder_completion",

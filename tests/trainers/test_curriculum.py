@@ -494,8 +494,12 @@ def test_phase5_recipe_writes_a_loadable_packed_folder(phase4_checkpoint, tmp_pa
     assert record["pool"]["initial"] == 3 and len(record["rounds"]) == 1
     assert set(record["bakes"]) == {"eudaimonia", "ooda", "identity"}
     assert record["self_model"]["bands"] == 2 and len(record["self_model"]["accuracy_after"]) == 2
-    assert record["dreams"]["real"] >= 1
-    assert report["totals"]["programs_run"] == 2 * 2 + record["rounds"][0]["programs"]  # placement + loop
+    dreams = record["dreams"]  # the YAML's verified dreams: every sample ran in the sandbox, passing ones are kept
+    assert (dreams["filter"], dreams["generated"]) == ("verified", 2 * 4)  # 2 tasks x dream_samples_per_task
+    assert dreams["kept"] <= dreams["passed"] <= dreams["programs"] <= dreams["generated"]  # empty ones never run
+    assert dreams["real"] == (0 if dreams["skipped"] else max(1, dreams["kept"]))
+    loop, dreamed = record["rounds"][0]["programs"], dreams["programs"]
+    assert report["totals"]["programs_run"] == 2 * 2 + loop + dreamed  # placement + loop + dreams
 
     model = AutoModelForCausalLM.from_pretrained(output).eval()
     assert model.config.bitnet["format"] == "packed"
@@ -517,7 +521,8 @@ def test_phase5_recipe_writes_a_loadable_packed_folder(phase4_checkpoint, tmp_pa
     assert lineage["parents"][0]["phase"] == 4
     card = (output / "README.md").read_text()
     assert "Placement" in card and f"start level {report['placement']['start_level']}" in card
-    assert f"{record['dreams']['heldout_nll_after']:.3f}" in card
+    assert f"{dreams['generated']} dreams at temperature {dreams['temperature']}" in card
+    assert f"{dreams['heldout_nll_after']:.3f}" in card if not dreams["skipped"] else "no dream was kept" in card
     assert all((output / "plots" / name).exists() for name in ("pool_size.png", "success_per_level.png",
                                                                "self_model_accuracy.png"))  # fmt: skip
     assert not (output.parent / ".phase5-work").exists()
