@@ -16,6 +16,7 @@ from evaluation.tasks import get_task_family
 from evaluation.tasks.code import SandboxFailedError
 from modeling_forge.bitnet import BitLinear
 from recipes.phase5 import main, make_parser
+from tests.trainers.scripted_policy import ScriptedPolicy
 from trainers import curriculum_trainer
 from trainers.curriculum_config import CurriculumConfig
 from trainers.curriculum_trainer import (
@@ -39,18 +40,6 @@ from trainers.teachers import ProceduralTeacher, Teacher, _RationaleTeacher, fun
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 needs_bwrap = pytest.mark.skipif(not sandbox.isolation_available(), reason="bubblewrap is not usable here")
-
-
-class ScriptedPolicy:
-    """A 'model' whose answers are scripted per prompt: `answer(prompt, sample_index)` returns a completion."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.prompts: list[str] = []
-
-    def complete(self, prompts, *, temperature, num_samples, seed):
-        self.prompts += list(prompts)
-        return [[self.answer(p, i) for i in range(num_samples)] for p in prompts]
 
 
 def _config(tmp_path, **overrides) -> CurriculumConfig:

@@ -8,23 +8,12 @@ import torch
 from evaluation import sandbox
 from evaluation.tasks import get_task_family
 from modeling_forge import ForgeConfig, ForgeForCausalLM
+from tests.trainers.scripted_policy import ScriptedPolicy
 from trainers import curriculum_trainer
 from trainers.curriculum_config import CurriculumConfig
 from trainers.curriculum_trainer import dream, dream_pairs, levels_to_dream, training_completion
 
 needs_bwrap = pytest.mark.skipif(not sandbox.isolation_available(), reason="bubblewrap is not usable here")
-
-
-class ScriptedPolicy:
-    """A 'model' whose i-th sample for a prompt is `answer(prompt, i)`."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.calls: list[dict] = []
-
-    def complete(self, prompts, *, temperature, num_samples, seed):
-        self.calls.append({"temperature": temperature, "num_samples": num_samples, "prompts": len(prompts)})
-        return [[self.answer(p, i) for i in range(num_samples)] for p in prompts]
 
 
 def _config(tmp_path, **overrides) -> CurriculumConfig:

@@ -6,21 +6,12 @@ import pytest
 
 from evaluation import sandbox
 from evaluation.tasks import get_task_family
+from tests.trainers.scripted_policy import ScriptedPolicy
 from trainers.curriculum_config import CurriculumConfig
 from trainers.curriculum_trainer import TaskPool, rewrite_constants, run_level
 from trainers.teachers import get_teacher
 
 needs_bwrap = pytest.mark.skipif(not sandbox.isolation_available(), reason="bubblewrap is not usable here")
-
-
-class ScriptedPolicy:
-    """A 'model' whose answer is scripted per prompt."""
-
-    def __init__(self, answer):
-        self.answer = answer
-
-    def complete(self, prompts, *, temperature, num_samples, seed):
-        return [[self.answer(p) for _ in range(num_samples)] for p in prompts]
 
 
 def _config(tmp_path, **overrides) -> CurriculumConfig:
@@ -81,7 +72,8 @@ def test_each_success_trains_its_verified_constant_variants_and_a_memorized_one_
     references = {e.prompt: e.target for e in examples}
     trained: list = []
     config = _config(tmp_path, max_rounds=1, success_variants=3)
-    rounds = run_level(TaskPool(examples, family), ScriptedPolicy(references.__getitem__), get_teacher("procedural"),
+    answers = ScriptedPolicy(lambda prompt, _: references[prompt])
+    rounds = run_level(TaskPool(examples, family), answers, get_teacher("procedural"),
                        lambda pairs: trained.append(pairs) or {}, level=2, config=config)  # fmt: skip
     pairs = trained[0]
     assert [p.kind for p in pairs] == ["success"] * 3 + ["variant"] * 9  # 3 verified variants per success
@@ -98,7 +90,8 @@ def test_each_success_trains_its_verified_constant_variants_and_a_memorized_one_
     # a coder that memorized the task's test inputs passes them, but its rewritten programs fail: nothing trains
     memorized = {e.prompt: _memorizing_body(e) for e in examples}
     trained.clear()
-    rounds = run_level(TaskPool(examples, family), ScriptedPolicy(memorized.__getitem__), get_teacher("procedural"),
+    memorizing = ScriptedPolicy(lambda prompt, _: memorized[prompt])
+    rounds = run_level(TaskPool(examples, family), memorizing, get_teacher("procedural"),
                        lambda pairs: trained.append(pairs) or {}, level=2, config=config)  # fmt: skip
     assert rounds[0]["successes"] == 3
     assert rounds[0]["variant_candidates"] == 9 and rounds[0]["variant_pairs"] == 0
@@ -106,7 +99,8 @@ def test_each_success_trains_its_verified_constant_variants_and_a_memorized_one_
 
     # off (the default): no candidates, no extra sandbox runs
     trained.clear()
-    rounds = run_level(TaskPool(examples, family), ScriptedPolicy(references.__getitem__), get_teacher("procedural"),
+    answers = ScriptedPolicy(lambda prompt, _: references[prompt])
+    rounds = run_level(TaskPool(examples, family), answers, get_teacher("procedural"),
                        lambda pairs: trained.append(pairs) or {}, level=2,
                        config=_config(tmp_path, max_rounds=1))  # fmt: skip
     assert rounds[0]["variant_candidates"] == 0 and rounds[0]["programs"] == 3
@@ -119,7 +113,7 @@ def test_hinted_successes_bring_variants_trained_without_the_hint(tmp_path):
     examples = family.generate("train", 2, seed=12, difficulty=1)
     bodies = {e.prompt: e.target for e in examples}
 
-    def needs_the_solution(prompt):  # succeeds only when the whole reference is shown as a prefix: then it stops
+    def needs_the_solution(prompt, _sample):  # succeeds only when shown the whole reference as a prefix, then stops
         return "" if any(prompt.endswith(p + b) for p, b in bodies.items()) else "\n    return None\n"
 
     trained: list = []
@@ -139,7 +133,7 @@ def test_experience_buffer_adds_earlier_rounds_verified_pairs(tmp_path):
     examples = family.generate("train", 3, seed=13, difficulty=1)
     trained: list = []
 
-    def reference(prompt):  # pool tasks and the variants that replace them after each success
+    def reference(prompt, _sample):  # pool tasks and the variants that replace them after each success
         rendered = {e.prompt: e for e in examples} | family.rendered
         return rendered[prompt].target
 
