@@ -410,6 +410,7 @@ def main() -> None:
                     tag += f"-sv{variants}" if variants else ""
                     tag += f"-t{args.temperature:g}" if args.temperature != 0.8 else ""
                     tag += f"-r{args.rounds}" + ("-random" if args.pool_sampling == "random" else "")
+                    tag += f"-rs{args.replay_share:g}" if args.replay_share != 0.25 else ""
                     tag += _dream_tag(args) if dreams else ""
                     result = run(base, args.work / f"phase5-seed{seed}-dreams{int(dreams)}{tag}", seed, dreams,
                                  args, fractions, variants)  # fmt: skip

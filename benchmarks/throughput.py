@@ -6,8 +6,9 @@
 
 Prints tokens/s and each variant's step-time ratio to Llama (goal <= 1.5 for the full model: recursion, ACT, deep
 supervision and memory on), plus ablations measured in the same run: every intermediate step supervised on every
-position (or on 25% / 1/16 of them), the position-wise refiner, one micro-step, no recursion, the ema or no memory,
-memory in every other layer, a refiner SwiGLU half as wide (alone and with one micro-step) and two recursion steps.
+position (or on 25% / 12.5% of them; the preset samples 1/16), the position-wise refiner, one micro-step, no
+recursion, the ema or no memory, memory in every other layer, a refiner SwiGLU half as wide (alone and with one
+micro-step) and two recursion steps.
 `--only` numbers the variants from 1 in this order.
 """
 
@@ -74,7 +75,7 @@ def main() -> None:
             "trm_micro_steps": 1,
         },
         "forge, two recursion steps (trm_max_steps=2)": {"trm_max_steps": 2},
-        "forge, intermediate steps supervised on 1/16 of positions": {"deep_supervision_fraction": 0.0625},
+        "forge, intermediate steps supervised on 12.5% of positions": {"deep_supervision_fraction": 0.125},
     }
     batch = torch.randint(0, base.vocab_size, (args.batch, args.length))
     tokens = batch.numel()

@@ -1697,8 +1697,9 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
           state is its halting step's, with that step's gradient, so this is the loss of what inference outputs.
         - Deep supervision (TRM): each earlier step `t`'s cross-entropy on the positions still refining at `t`
           (a halted position is not supervised again), weighted by `trm_step_weights`. In training with
-          `deep_supervision_fraction < 1` the earlier steps are scored on a random subset of the label positions and
-          rescaled, an unbiased estimate that skips most of the extra full-vocabulary LM-head passes.
+          `deep_supervision_fraction < 1` the earlier steps are scored on a random subset of the label positions,
+          which skips most of the extra full-vocabulary LM-head passes: summed over the subset (each step weighted by
+          the fraction, low variance) or, with `deep_supervision_rescale`, rescaled to an unbiased estimate.
         - ACT (TRM's Q-head): BCE of `q_t` against "step t's prediction is already right" on the positions still
           refining at `t`, averaged over steps (every step, the last included, on the sampled positions); or, with
           `act_target="saturated"`, against "no later step lowers this token's loss by more than
@@ -1763,7 +1764,8 @@ class ForgeForCausalLM(ForgePreTrainedModel, GenerationMixin):
             row_scale = n_valid / max(rows.numel(), 1)
             refining = (halt_steps[rows] >= step).float()  # still refining at this step (not halted before it)
             step_losses.append(ce.detach().sum() * row_scale / denominator)
-            train_terms.append((ce.sum() if final else (ce * refining).sum()) * row_scale / denominator)
+            train_scale = row_scale if final or config.deep_supervision_rescale else 1.0
+            train_terms.append((ce.sum() if final else (ce * refining).sum()) * train_scale / denominator)
             step_correct.append(correct.mean() if sampled.numel() else correct.sum())
             if config.act_target == "correct":
                 on_sampled = (halt_steps[sampled] >= step).float()

@@ -1,5 +1,6 @@
 """Training through the stock Trainer, loss accounting, gradient checkpointing and PEFT LoRA."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
@@ -150,10 +151,11 @@ def test_peft_lora_trains_and_merges(tiny_tokenizer, tiny_config, tmp_path):
 
 
 def test_deep_supervision_fraction_is_an_unbiased_estimate(tiny_config):
-    """Sampling label positions for the intermediate steps keeps the loss's expectation and the final step exact."""
+    """Sampling label positions for the intermediate steps keeps the per-step losses' expectation (the diagnostics,
+    and the objective with `deep_supervision_rescale`) and the final step exact."""
     x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
     exact = _model(tiny_config()).train()
-    sampled = _model(tiny_config(deep_supervision_fraction=0.25)).train()
+    sampled = _model(tiny_config(deep_supervision_fraction=0.25, deep_supervision_rescale=True)).train()
     with torch.no_grad():
         reference = exact(x, labels=x)
         draws = [sampled(x, labels=x) for _ in range(300)]
@@ -165,6 +167,25 @@ def test_deep_supervision_fraction_is_an_unbiased_estimate(tiny_config):
     sampled.eval()  # evaluation always scores every position
     with torch.no_grad():
         torch.testing.assert_close(sampled(x, labels=x).step_losses, exact.eval()(x, labels=x).step_losses)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_deep_supervision_rescale_weights_the_sampled_steps(tiny_config, rescale):
+    """Rescaled, the sampled intermediate terms enter the objective at full weight (unbiased); not rescaled, at the
+    sampled fraction of it (each step weighted by the fraction). The per-step diagnostics are rescaled either way."""
+    x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
+    model = _model(tiny_config(deep_supervision_fraction=0.25, deep_supervision_rescale=rescale)).train()
+    weights = torch.tensor(model.config.trm_step_weights)
+    with torch.no_grad():
+        out = model(x, labels=x)
+    fraction = round(0.25 * 124) / 124  # 4 x 31 label positions, 31 of them sampled
+    steps = out.step_losses
+    unbiased = (weights * steps).sum() / weights.sum()
+    shrunk = steps.clone()
+    shrunk[:-1] *= fraction
+    down_weighted = (weights * shrunk).sum() / weights.sum()
+    assert (unbiased - down_weighted).abs() > 1e-3  # the two objectives differ on this batch
+    torch.testing.assert_close(out.lm_loss, unbiased if rescale else down_weighted)
 
 
 def test_step_accuracies_match_argmax_over_real_tokens(tiny_config):
