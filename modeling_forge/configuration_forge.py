@@ -147,7 +147,7 @@ class ForgeConfig(PreTrainedConfig):
             count. On: an unbiased estimate of supervising every position, but its gradient rests on the sampled rows
             alone, at `1 / fraction` times their weight. Off (the default): each intermediate step is weighted by the
             fraction, a lower-variance, down-weighted objective. On `benchmarks/recursion.py` (tiny, 300 steps, 12.5%
-            of positions) the unbiased estimate cost 0.15 / 0.17 / 0.33 nats of arithmetic / code / corpus loss
+            of positions) the unbiased estimate cost 0.15 / 0.16 / 0.32 nats of arithmetic / code / corpus loss
             against every position, and the down-weighted one 0.02 / 0.01 / 0.04 (4-seed means). The per-step loss
             diagnostics are rescaled either way.
         trm_detach_between_steps (`bool`, *optional*):
