@@ -250,7 +250,7 @@ def _dream_overrides(args) -> dict:
     given = {"dream_temperature": args.dream_temperature, "dream_filter": args.dream_filter,
              "dream_samples_per_task": args.dream_samples_per_task, "dream_levels": args.dream_levels,
              "dream_lr_scale": args.dream_lr_scale, "dream_variants": args.dream_variants,
-             "dream_samples": args.dream_samples}  # fmt: skip
+             "dream_samples": args.dream_samples, "dream_real_share": args.dream_real_share}  # fmt: skip
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -262,6 +262,7 @@ def _dream_tag(args) -> str:
     tag += f"-dl{args.dream_levels}" if args.dream_levels is not None else ""
     tag += f"-dlr{args.dream_lr_scale:g}" if args.dream_lr_scale is not None else ""
     tag += f"-dv{args.dream_variants}" if args.dream_variants is not None else ""
+    tag += f"-drs{args.dream_real_share:g}" if args.dream_real_share is not None else ""
     return tag + (f"-ds{args.dream_samples}" if args.dream_samples is not None else "")
 
 
@@ -376,6 +377,9 @@ def main() -> None:
                         help="Phase 5 dream_variants (default: CurriculumConfig's)")  # fmt: skip
     parser.add_argument("--dream-samples", type=int, default=None,
                         help="Phase 5 dream_samples, tasks dreamed about (default: CurriculumConfig's)")  # fmt: skip
+    parser.add_argument("--dream-real-share", type=float, default=None,
+                        help="Phase 5 dream_real_share, the real reference solutions' share of a dream epoch "
+                        "(default: the config's; near 0 isolates the dreams from the real data)")  # fmt: skip
     parser.add_argument("--probe", action="store_true",
                         help="only measure, without training, how often one retry per ladder rung and format solves "
                         "the tasks the base fails (which format a tiny model uses)")  # fmt: skip

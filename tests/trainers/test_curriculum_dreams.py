@@ -17,8 +17,10 @@ needs_bwrap = pytest.mark.skipif(not sandbox.isolation_available(), reason="bubb
 
 
 def _config(tmp_path, **overrides) -> CurriculumConfig:
+    # no dream variants unless a test asks (they have their own test), so the counts below are the dreams'
     values = {"output_dir": str(tmp_path / "phase5"), "model_name_or_path": "unused", "use_cpu": True,
-              "report_to": "none", "dream_samples": 4, "dream_samples_per_task": 4}  # fmt: skip
+              "report_to": "none", "dream_samples": 4, "dream_samples_per_task": 4,
+              "dream_variants": 0}  # fmt: skip
     return CurriculumConfig(**{**values, **overrides})
 
 
@@ -151,7 +153,7 @@ def test_dream_settings_are_validated_naming_the_field_and_the_fix(tmp_path, ove
 
 def test_verified_dreams_are_the_default_and_the_unfiltered_ones_stay_reachable(tmp_path):
     default = CurriculumConfig(output_dir=str(tmp_path / "phase5"), model_name_or_path="unused", use_cpu=True)
-    assert (default.dream_samples, default.dream_samples_per_task) == (64, 4)
+    assert (default.dream_samples, default.dream_samples_per_task, default.dream_variants) == (256, 4, 4)
     assert (default.dream_filter, default.dream_temperature, default.dream_levels, default.dream_lr_scale) == (
         "verified",
         1.0,
