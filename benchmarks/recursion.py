@@ -6,6 +6,7 @@ steps, optimizer and batches; then what ACT saves (issue 14's evidence).
     python benchmarks/recursion.py --steps 300 --models 0 --seed 1        # another initialisation and batch order
     python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"correct"'     # a config ablation
     python benchmarks/recursion.py --steps 300 --models 0 --thresholds 0.5 0.6 0.7 0.8    # ACT under other thresholds
+    python benchmarks/recursion.py --set trm_max_steps=4 --mixture arithmetic=2 code=1.5   # reasoning specialisation
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
 packed into 128-token blocks. Every model sees the same batches in the same order. The Llama has Forge's width and
@@ -143,6 +144,42 @@ def answer_halting(model, examples, steps: int) -> dict:
             "other_mean_steps": float(other.mean()), "other_share_per_step": share(other)}  # fmt: skip
 
 
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks with ties sharing their mean rank (Spearman's correlation over discrete halting steps needs it)."""
+    unique, inverse, counts = values.unique(return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).float()
+    return ((ends - counts.float() + 1 + ends) / 2)[inverse]
+
+
+@torch.no_grad()
+def halting_by_difficulty(model, held_out: dict, steps: int, bins: int = 4) -> dict:
+    """ACT steps against how hard each real token is for the backbone (its loss at step 0, no refinement), pooled
+    over the sources and cut into equal-count bins, easiest first: does ACT spend its steps on the hard tokens? Also
+    each bin's source mix and mean gain from running every step (step-0 loss minus every-step loss)."""
+    names, halts, base, full = [], [], [], []
+    for index, (ids, labels) in enumerate(held_out.values()):
+        real = labels[:, 1:] != -100
+        targets = labels[:, 1:][real]
+        halts.append(model(ids, act_halting=True).halt_steps[:, :-1][real].float())
+        for losses, k in ((base, 0), (full, steps)):
+            logits = model(ids, act_halting=False, recursion_steps=k).logits[:, :-1][real].float()
+            losses.append(F.cross_entropy(logits, targets, reduction="none"))
+        names.append(torch.full_like(targets, index))
+    halts, base, full, names = torch.cat(halts), torch.cat(base), torch.cat(full), torch.cat(names)
+    order = base.argsort()
+    rows = []
+    for chunk in order.chunk(bins):
+        rows.append({
+            "loss_step0": round(float(base[chunk].mean()), 4),
+            "gain_every_step": round(float((base[chunk] - full[chunk]).mean()), 4),
+            "mean_steps": round(float(halts[chunk].mean()), 3),
+            "share_per_step": [round(float((halts[chunk] == t).float().mean()), 3) for t in range(steps + 1)],
+            "sources": {s: round(float((names[chunk] == i).float().mean()), 3) for i, s in enumerate(held_out)},
+        })  # fmt: skip
+    spearman = float(torch.corrcoef(torch.stack([average_ranks(base), average_ranks(halts)]))[0, 1])
+    return {"bins": rows, "spearman_loss_steps": round(spearman, 3)}
+
+
 def tensors(blocks) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([b[0] for b in blocks]), torch.tensor([b[1] for b in blocks])
 
@@ -166,6 +203,9 @@ def main() -> None:
         default=[0.3, 0.7, 0.9],
         help="other act_threshold values to evaluate the same trained model under",
     )
+    parser.add_argument("--mixture", nargs="*", default=[], metavar="SOURCE=WEIGHT",
+                        help="training mix of the sources (default equal thirds), e.g. the reasoning specialisation's "
+                        "arithmetic=2 code=1.5; every model trains on it")  # fmt: skip
     parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
                         "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
     args = parser.parse_args()
@@ -173,8 +213,15 @@ def main() -> None:
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=512)
     n_blocks = args.steps * args.batch
     train = []
+    mixture = {source: 1.0 for source in SOURCES}
+    for item in args.mixture:
+        source, _, weight = item.partition("=")
+        if source not in SOURCES or not weight:
+            parser.error(f"--mixture takes SOURCE=WEIGHT with SOURCE in {sorted(SOURCES)}, got {item!r}")
+        mixture[source] = float(weight)
     for source, difficulty in SOURCES.items():
-        train += source_blocks(source, tokenizer, block_size=args.length, n_blocks=n_blocks // len(SOURCES),
+        share = round(n_blocks * mixture[source] / sum(mixture.values()))
+        train += source_blocks(source, tokenizer, block_size=args.length, n_blocks=share,
                                split="train", seed=0, difficulty=difficulty)  # fmt: skip
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     train = [train[i] for i in order]
@@ -253,6 +300,7 @@ def main() -> None:
             row["per_inference_steps"] = per_step
             row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
             row["act_answers"] = {family: answer_halting(model, answers[family], steps) for family in answers}
+            row["act_by_difficulty"] = halting_by_difficulty(model, held_out, steps)
             threshold, row["act_thresholds"] = model.config.act_threshold, {}
             for value in args.thresholds:  # the same trained model under other specialisation thresholds
                 model.config.act_threshold = value
@@ -331,6 +379,14 @@ def main() -> None:
     for family, stats in row["act_answers"].items():
         print(f"  {family:>10}: answers {stats['answer_mean_steps']:.2f} {stats['answer_share_per_step']}, "
               f"rest {stats['other_mean_steps']:.2f} {stats['other_share_per_step']}")  # fmt: skip
+    difficulty = row["act_by_difficulty"]
+    print("ACT by difficulty: real tokens of every source pooled, in quarters by their step-0 loss (easiest first): "
+          f"step-0 loss, gain from every step, mean steps, share halting at 0..T, source mix (Spearman loss vs steps "
+          f"{difficulty['spearman_loss_steps']:+.3f})")  # fmt: skip
+    for item in difficulty["bins"]:
+        mix = " / ".join(f"{share:.2f}" for share in item["sources"].values())
+        print(f"  {item['loss_step0']:7.3f}  {item['gain_every_step']:+.4f}  {item['mean_steps']:.2f}  "
+              f"{item['share_per_step']}  {mix}")  # fmt: skip
 
 
 if __name__ == "__main__":
