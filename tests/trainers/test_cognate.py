@@ -310,7 +310,7 @@ def test_phase1_writes_three_loadable_specialisations_from_one_init(corpus_ready
         unchanged = [n for n, p in model.named_parameters() if torch.equal(p, init_params[n])]
         assert unchanged == [], (name, unchanged)
     reasoning, speed = (ForgeForCausalLM.from_pretrained(phase_dir / n).config for n in ("reasoning", "speed"))
-    assert (reasoning.trm_max_steps, reasoning.act_threshold) == (4, 0.7)
+    assert (reasoning.trm_max_steps, reasoning.act_threshold) == (4, 0.9)
     assert (speed.trm_max_steps, speed.act_threshold) == (2, 0.3)
     report = json.loads((phase_dir / "diversity_report.json").read_text())
     assert set(report["models"]) == {"reasoning", "memory", "speed"} and len(report["pairs"]) == 3
