@@ -145,7 +145,8 @@ def answer_halting(model, examples, steps: int) -> dict:
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks with ties sharing their mean rank (Spearman's correlation over discrete halting steps needs it)."""
+    """Ranks with ties sharing their mean rank (Spearman's correlation over discrete halting steps needs it).
+    Written here because scipy, whose `spearmanr` does this, is not a dependency of the project."""
     _, inverse, counts = values.unique(return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).float()
     return ((ends - counts.float() + 1 + ends) / 2)[inverse]
