@@ -16,7 +16,8 @@ so it is compute-matched, not parameter-matched. Reported on held-out examples:
   solution is in context) with answer exact-match (every answer token predicted);
 - the same trained Forge run for 0, 1, ... T_max steps (ACT off: every position runs exactly that many), on whole
   examples, on the final-answer tokens and on the numbers arithmetic's worked solution computes (after each `= `;
-  the final answer only copies the last of them), with whether every extra step helped and final step - step 0;
+  the final answer only copies the last of them), with whether every extra step helped and final step - step 0
+  (on the computed numbers also with its standard error over the held-out examples, paired per example);
 - ACT on: mean steps over real tokens and the share halting at each step, per source, and the loss cost of halting
   vs running every step; the same under other thresholds (`--thresholds`, by default 0.3 / 0.7 / 0.9, as the
   specialisations set them); the threshold `calibrate_act_threshold` picks on validation blocks (the lowest within 1%
@@ -95,8 +96,8 @@ def answer_examples(
 
 
 @torch.no_grad()
-def answer_scores(model, examples, **kwargs) -> tuple[float, float]:
-    """Mean CE over answer tokens and answer exact-match, teacher-forced."""
+def answer_losses(model, examples, **kwargs) -> tuple[list[float], list[float]]:
+    """Per example: mean CE over its answer tokens and whether every answer token is predicted (teacher-forced)."""
     losses, exact = [], []
     for ids, mask in examples:
         logits = model(ids[None], **kwargs).logits[0, :-1].float()
@@ -104,7 +105,21 @@ def answer_scores(model, examples, **kwargs) -> tuple[float, float]:
         ce = F.cross_entropy(logits[answer], targets[answer])
         losses.append(float(ce))
         exact.append(float((logits[answer].argmax(-1) == targets[answer]).all()))
+    return losses, exact
+
+
+def answer_scores(model, examples, **kwargs) -> tuple[float, float]:
+    """Mean CE over answer tokens (per example, then over examples) and answer exact-match."""
+    losses, exact = answer_losses(model, examples, **kwargs)
     return sum(losses) / len(losses), sum(exact) / len(exact)
+
+
+def paired_gain(before: list[float], after: list[float]) -> dict:
+    """Mean per-example change `after - before` and its standard error over the held-out examples: how much of a
+    gain's spread between seeds the finite evaluation set alone would explain."""
+    diffs = torch.tensor(after) - torch.tensor(before)
+    se = float(diffs.std() / len(diffs) ** 0.5) if len(diffs) > 1 else float("nan")
+    return {"gain": round(float(diffs.mean()), 4), "se": round(se, 4), "examples": len(diffs)}
 
 
 @torch.no_grad()
@@ -299,6 +314,9 @@ def main() -> None:
                        for family, examples in answers.items()},
                 }  # fmt: skip
             row["per_inference_steps"] = per_step
+            ends = [answer_losses(model, answers["arithmetic_results"], act_halting=False, recursion_steps=k)[0]
+                    for k in (0, steps)]  # fmt: skip
+            row["computed_gain"] = paired_gain(*ends)
             row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
             row["act_answers"] = {family: answer_halting(model, answers[family], steps) for family in answers}
             row["act_by_difficulty"] = halting_by_difficulty(model, held_out, steps)
@@ -344,6 +362,11 @@ def main() -> None:
         monotone = all(b < a for a, b in itertools.pairwise(values))
         print(f"  {label:>28}: {' / '.join(f'{v:.4f}' for v in values)}  monotone {'yes' if monotone else 'no '}  "
               f"final - step 0 {values[-1] - values[0]:+.4f} nats")  # fmt: skip
+    gain = row["computed_gain"]
+    print(
+        f"  computed tokens, final - step 0 per held-out example: {gain['gain']:+.4f} nats, standard error "
+        f"{gain['se']:.4f} over {gain['examples']} examples (the evaluation set's own noise)"
+    )
     print("\nACT (real tokens): mean steps, share halting at step 0..T, loss with ACT vs every step")
     for source, stats in row["act"].items():
         cost = stats["loss_act"] / stats["loss_every_step"] - 1

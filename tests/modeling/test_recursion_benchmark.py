@@ -73,3 +73,16 @@ def test_halting_by_difficulty_follows_the_loss_both_ways(bench, rising):
         assert sum(item["share_per_step"]) == pytest.approx(1.0, abs=1e-2)
         assert sum(item["sources"].values()) == pytest.approx(1.0, abs=1e-2)
         assert item["gain_every_step"] > 0  # the stand-in's later steps lower every token's loss
+
+
+def test_paired_gain_mean_and_standard_error(bench):
+    """A gain is the mean per-example change; its standard error is that of paired differences, so a constant shift
+    has none and a noisy one has the textbook value."""
+    before = [2.0, 3.0, 4.0, 5.0]
+    steady = bench.paired_gain(before, [b - 0.1 for b in before])
+    assert steady["gain"] == pytest.approx(-0.1) and steady["se"] == pytest.approx(0.0, abs=1e-6)
+    assert steady["examples"] == 4
+    noisy = bench.paired_gain(before, [1.9, 3.1, 3.7, 5.1])  # changes -0.1, +0.1, -0.3, +0.1
+    diffs = torch.tensor([-0.1, 0.1, -0.3, 0.1])
+    assert noisy["gain"] == pytest.approx(-0.05, abs=1e-4)
+    assert noisy["se"] == pytest.approx(float(diffs.std() / 2), abs=1e-4) and noisy["se"] > 0.09
