@@ -108,10 +108,9 @@ def answer_losses(model, examples, **kwargs) -> tuple[list[float], list[float]]:
     return losses, exact
 
 
-def answer_scores(model, examples, **kwargs) -> tuple[float, float]:
-    """Mean CE over answer tokens (per example, then over examples) and answer exact-match."""
-    losses, exact = answer_losses(model, examples, **kwargs)
-    return sum(losses) / len(losses), sum(exact) / len(exact)
+def mean_scores(losses: list[float], exact: list[float]) -> list[float]:
+    """Mean CE over answer tokens (per example, then over examples) and answer exact-match, rounded for the report."""
+    return [round(sum(losses) / len(losses), 4), round(sum(exact) / len(exact), 4)]
 
 
 def paired_gain(before: list[float], after: list[float]) -> dict:
@@ -302,21 +301,20 @@ def main() -> None:
             row["layers"] = model.config.num_hidden_layers
         row["loss"] = {source: round(block_loss(model, blocks), 4) for source, blocks in held_out.items()}
         for family, examples in answers.items():
-            row[f"{family}_answer"] = [round(v, 4) for v in answer_scores(model, examples)]
+            row[f"{family}_answer"] = mean_scores(*answer_losses(model, examples))
         if isinstance(model, ForgeForCausalLM) and model.config.trm_max_steps:
             steps = model.config.trm_max_steps
-            per_step = {}
+            per_step, computed = {}, {}  # computed: per-example losses on the computed numbers, for the paired gain
             for k in range(steps + 1):
                 kwargs = {"act_halting": False, "recursion_steps": k}
+                scores = {family: answer_losses(model, examples, **kwargs) for family, examples in answers.items()}
+                computed[k] = scores["arithmetic_results"][0]
                 per_step[k] = {
                     "loss": {s: round(block_loss(model, b, **kwargs), 4) for s, b in held_out.items()},
-                    **{f"{family}_answer": [round(v, 4) for v in answer_scores(model, examples, **kwargs)]
-                       for family, examples in answers.items()},
+                    **{f"{family}_answer": mean_scores(*pair) for family, pair in scores.items()},
                 }  # fmt: skip
             row["per_inference_steps"] = per_step
-            ends = [answer_losses(model, answers["arithmetic_results"], act_halting=False, recursion_steps=k)[0]
-                    for k in (0, steps)]  # fmt: skip
-            row["computed_gain"] = paired_gain(*ends)
+            row["computed_gain"] = paired_gain(computed[0], computed[steps])
             row["act"] = {source: act_statistics(model, blocks, steps) for source, blocks in held_out.items()}
             row["act_answers"] = {family: answer_halting(model, answers[family], steps) for family in answers}
             row["act_by_difficulty"] = halting_by_difficulty(model, held_out, steps)
