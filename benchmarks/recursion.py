@@ -7,6 +7,9 @@ steps, optimizer and batches; then what ACT saves (issue 14's evidence).
     python benchmarks/recursion.py --steps 300 --models 0 --set act_target='"correct"'     # a config ablation
     python benchmarks/recursion.py --steps 300 --models 0 --thresholds 0.5 0.6 0.7 0.8    # ACT under other thresholds
     python benchmarks/recursion.py --set trm_max_steps=4 --mixture arithmetic=2 code=1.5   # reasoning specialisation
+    python benchmarks/recursion.py --models 0 --refiner-lr-scale 3      # levers: the recursion's own learning rate,
+    python benchmarks/recursion.py --models 0 --refiner-init-std 0.02   # refiner outputs not zero at the start
+    python benchmarks/recursion.py --models 0 --set trm_max_steps=0 num_hidden_layers=4    # depth without recursion
 
 Data: the built-in multi-step arithmetic (difficulty 1-3) and code (difficulty 1-2) task families plus corpus text,
 packed into 128-token blocks. Every model sees the same batches in the same order. The Llama has Forge's width and
@@ -206,6 +209,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-examples", type=int, default=60)
+    parser.add_argument("--refiner-lr-scale", type=float, default=1.0,
+                        help="learning rate of the recursion (refiner and Q-head) relative to --lr")  # fmt: skip
+    parser.add_argument("--refiner-init-std", type=float, default=0.0,
+                        help="start the refiner's zero-initialised output projections at this std")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models' initialisation and the batch order "
                         "(held-out data and tokenizer do not change); 0 reproduces the README rows")  # fmt: skip
@@ -273,6 +280,10 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     recursive = forge(**{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
+    if args.refiner_init_std:
+        for module in recursive.model.recursion.refiner.modules():
+            if getattr(module, "forge_init", None) == 0.0:
+                torch.nn.init.normal_(module.weight, std=args.refiner_init_std)
     models = {
         "forge (recursion + ACT)": recursive,
         "forge trm_max_steps=0": forge(trm_max_steps=0),
@@ -284,7 +295,12 @@ def main() -> None:
     for name, model in models.items():
         torch.manual_seed(args.seed)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.startswith("model.recursion.")]}]
+        recursion = [p for n, p in named if n.startswith("model.recursion.")]
+        if recursion:  # the refiner and the Q-head, at their own learning rate (a lever; 1.0 by default)
+            groups.append({"params": recursion, "lr": args.lr * args.refiner_lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
         start = time.perf_counter()
         for step in range(args.steps):
@@ -331,7 +347,8 @@ def main() -> None:
         results[name] = row
         print(name, json.dumps(row), flush=True)
 
-    print(f"\n{args.steps} steps x {args.batch} x {args.length} tokens, AdamW lr {args.lr}, same batches for all")
+    lr = f"{args.lr}" + (f" (recursion x{args.refiner_lr_scale:g})" if args.refiner_lr_scale != 1.0 else "")
+    print(f"\n{args.steps} steps x {args.batch} x {args.length} tokens, AdamW lr {lr}, same batches for all")
     header = ("model", "params", "time", "arith", "code", "corpus", "ans.CE", "ans.EM")
     print(f"{header[0]:>26} " + " ".join(f"{h:>7}" for h in header[1:]))
     for name, row in results.items():
