@@ -231,6 +231,10 @@ def main() -> None:
     parser.add_argument("--models", type=int, nargs="*", help="train only these models (0: Forge, 1: no recursion, "
                         "2: Llama); data and seeds do not depend on the choice")  # fmt: skip
     args = parser.parse_args()
+    if args.refiner_lr_scale <= 0:
+        parser.error(f"--refiner-lr-scale must be > 0, got {args.refiner_lr_scale}; use 1 for the shared rate")
+    if args.refiner_init_std < 0:
+        parser.error(f"--refiner-init-std must be >= 0, got {args.refiner_init_std}; use 0 for the zero init")
     torch.manual_seed(0)
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=512)
     n_blocks = args.steps * args.batch
