@@ -364,7 +364,7 @@ def main() -> None:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
     row = results.get("forge (recursion + ACT)")
-    if row is None:
+    if row is None or "per_inference_steps" not in row:  # not trained, or run without recursion (`trm_max_steps=0`)
         return
     print("\nsame trained Forge, k steps at inference (ACT off): loss arithmetic / code / corpus, answer CE / EM")
     for k, values in row["per_inference_steps"].items():
