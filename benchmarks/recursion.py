@@ -202,6 +202,29 @@ def tensors(blocks) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([b[0] for b in blocks]), torch.tensor([b[1] for b in blocks])
 
 
+def tiny_forge(tokenizer, length: int, **overrides) -> ForgeForCausalLM:
+    """The tiny preset for this tokenizer and block length, with `ForgeConfig` overrides."""
+    config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     max_position_embeddings=length, **overrides)  # fmt: skip
+    return ForgeForCausalLM(config)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set FIELD=VALUE ...` (JSON values) as a dict."""
+    return {key: json.loads(value) for key, value in (item.split("=", 1) for item in items)}
+
+
+def train_step(model, optimizer, schedule, blocks) -> None:
+    """One optimizer step on a batch of blocks, gradients clipped at norm 1: every model here trains alike."""
+    ids, labels = tensors(blocks)
+    model(input_ids=ids, labels=labels).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
@@ -277,13 +300,10 @@ def main() -> None:
     answers["arithmetic_results"] = answer_examples(tokenizer, "arithmetic", args.eval_examples, seed=1, results=True)
 
     def forge(**overrides):
-        config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         max_position_embeddings=args.length, **overrides)  # fmt: skip
-        return ForgeForCausalLM(config)
+        return tiny_forge(tokenizer, args.length, **overrides)
 
     torch.manual_seed(args.seed)
-    recursive = forge(**{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
+    recursive = forge(**parse_overrides(args.set))
     if args.refiner_init_std:
         for module in recursive.model.recursion.refiner.modules():
             if getattr(module, "forge_init", None) == 0.0:
@@ -308,12 +328,7 @@ def main() -> None:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
         start = time.perf_counter()
         for step in range(args.steps):
-            ids, labels = tensors(train[step * args.batch : (step + 1) * args.batch])
-            model(input_ids=ids, labels=labels).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, schedule, train[step * args.batch : (step + 1) * args.batch])
         seconds = time.perf_counter() - start
         model.eval()
         row = {"params": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 1)}

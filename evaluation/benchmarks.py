@@ -11,8 +11,8 @@ Three scoring modes:
   choice` after the prompt; `acc` takes the argmax of the raw sums, `acc_norm` of the sums divided by the choice's
   length in characters. Prompts, choices and gold indices follow lm-eval's zero-shot task definitions, so the
   numbers are comparable with lm-eval's.
-- `exact_match` (GSM8K, MATH, built-in `arithmetic` and `kv_recall`): the model writes a completion, the task's
-  `extract_answer` turns it into a canonical answer, which must equal the document's `answer`.
+- `exact_match` (GSM8K, MATH, built-in `arithmetic`, `kv_recall` and `variable_chain`): the model writes a
+  completion, the task's `extract_answer` turns it into a canonical answer, which must equal the document's `answer`.
 - `pass_at_k` (HumanEval, built-in `code`): completions run with the tests in `evaluation.sandbox`.
 
 Real benchmarks come from the Hub by id when it is reachable, or from local files with the same fields as the Hub
@@ -166,8 +166,8 @@ def _unavailable(task: str, hub_id: str, config: str | None, split: str, fields:
         f"at local rows with the Hub's fields {list(fields)} (json, jsonl, parquet or csv), e.g. "
         f"`get_eval_task({task!r}).docs(data_files='rows.jsonl')`, `evaluate_model(..., data_files={{{task!r}: "
         f"'rows.jsonl'}})` or `recipes/eval.py --data-files {task}=rows.jsonl`; or run where the Hub is reachable "
-        "(HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset). Tasks that work offline: arithmetic, kv_recall, code, "
-        "humaneval."
+        "(HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset). Tasks that work offline: arithmetic, kv_recall, "
+        "variable_chain, code, humaneval."
     )
 
 
@@ -421,6 +421,9 @@ EVAL_TASKS: dict[str, EvalTask] = {
         _builtin("kv_recall", "exact_match", "Built-in key-value recall across a controlled distance.",
                  "exact_match", extract_answer=_family_extractor("kv_recall"), stop_sequences=("\n",),
                  max_new_tokens=12),
+        _builtin("variable_chain", "exact_match", "Built-in variable chains: the digit that shuffled `x=y` "
+                 "assignments resolve to (difficulty = lookups).", "exact_match", stop_sequences=("\n",),
+                 extract_answer=_family_extractor("variable_chain"), max_new_tokens=2),
         _builtin("code", "pass_at_k", "Built-in HumanEval-style functions, tests run in the sandbox.", "pass@1",
                  program=_code_program, stop_sequences=CODE_STOP_SEQUENCES, max_new_tokens=192),
         EvalTask("humaneval", "pass_at_k", _humaneval_loader, "HumanEval (164 problems, shipped offline).",

@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-TASK_SOURCES = ("arithmetic", "kv_recall", "code")
+TASK_SOURCES = ("arithmetic", "kv_recall", "code", "variable_chain")
 IGNORE_INDEX = -100
 
 

@@ -10,7 +10,8 @@
     long_recall = get_task_family("kv_recall", distance_words=1500)  # options build a new instance
 
 Families: `arithmetic` (GSM8K-style word problems with worked solutions), `kv_recall` (key-value recall over a
-controlled distance) and `code` (HumanEval-style functions scored in the sandbox).
+controlled distance), `code` (HumanEval-style functions scored in the sandbox) and `variable_chain` (follow shuffled
+`x = y` assignments to a digit: a probe of serial depth).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from evaluation.tasks.arithmetic import ArithmeticFamily
 from evaluation.tasks.base import MAX_DIFFICULTY, MIN_DIFFICULTY, SPLITS, Example, TaskFamily, split_for_key
 from evaluation.tasks.code import CodeFamily
 from evaluation.tasks.kv_recall import KVRecallFamily
+from evaluation.tasks.variable_chain import VariableChainFamily
 
 TASK_FAMILIES: dict[str, TaskFamily] = {
-    family.name: family for family in (ArithmeticFamily(), KVRecallFamily(), CodeFamily())
+    family.name: family for family in (ArithmeticFamily(), KVRecallFamily(), CodeFamily(), VariableChainFamily())
 }
 
 
@@ -45,6 +47,7 @@ __all__ = [
     "Example",
     "KVRecallFamily",
     "TaskFamily",
+    "VariableChainFamily",
     "get_task_family",
     "split_for_key",
 ]

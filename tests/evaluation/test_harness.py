@@ -160,9 +160,10 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_tokenizer):
 def test_real_tiny_forge_end_to_end_on_builtin_tasks(tiny_tokenizer):
     model = _forge(tiny_tokenizer)
     model.train()
-    results = evaluate_model(model, tiny_tokenizer, ["arithmetic", "kv_recall", "code"], limit=3, log_samples=True)
+    names = ["arithmetic", "kv_recall", "variable_chain", "code"]
+    results = evaluate_model(model, tiny_tokenizer, names, limit=3, log_samples=True)
     assert model.training  # restored
-    assert list(results) == ["arithmetic", "kv_recall", "code"]
+    assert list(results) == names
     for name, result in results.items():
         assert result["n"] == 3 and result["backend"] == "agent-forge" and result["source"] == "built-in"
         assert result["seconds"] > 0 and result["dataset"] == f"agent-forge/{name}"

@@ -15,10 +15,12 @@ from evaluation.tasks import (
     ArithmeticFamily,
     CodeFamily,
     KVRecallFamily,
+    VariableChainFamily,
     get_task_family,
     split_for_key,
 )
 from evaluation.tasks.code import TEMPLATES, truncate_completion
+from evaluation.tasks.variable_chain import resolve
 
 FAMILIES = sorted(TASK_FAMILIES)
 GARBAGE = ["", " ", "\n\n", "garbage", "####", "#### ", "#### twelve", "####\n12", "🙂" * 5, "\x00\x01", "None"]
@@ -31,8 +33,8 @@ def _wrong_number(answer: str) -> str:
 # -- registry -----------------------------------------------------------------------------------------------------
 
 
-def test_registry_has_the_three_families_and_rejects_unknown_names():
-    assert set(TASK_FAMILIES) == {"arithmetic", "kv_recall", "code"}
+def test_registry_has_the_four_families_and_rejects_unknown_names():
+    assert set(TASK_FAMILIES) == {"arithmetic", "kv_recall", "code", "variable_chain"}
     assert isinstance(get_task_family("arithmetic"), ArithmeticFamily)
     with pytest.raises(ValueError, match="arithmetic.*code.*kv_recall"):
         get_task_family("chess")
@@ -62,7 +64,12 @@ def test_generation_is_deterministic_per_arguments_and_prefix_stable(name):
 
 @pytest.mark.parametrize(
     ("name", "difficulties", "per_split"),
-    [("arithmetic", (2, 6, 10), 700), ("kv_recall", (1, 3), 1000), ("code", (1, 3, 5, 7, 9), 200)],
+    [
+        ("arithmetic", (2, 6, 10), 700),
+        ("kv_recall", (1, 3), 1000),
+        ("code", (1, 3, 5, 7, 9), 200),
+        ("variable_chain", (1, 4), 500),
+    ],
 )
 def test_splits_never_overlap(name, difficulties, per_split):
     family = TASK_FAMILIES[name]
@@ -120,7 +127,7 @@ def test_training_text_is_prompt_plus_target(name):
 # -- scoring ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "kv_recall"])
+@pytest.mark.parametrize("name", ["arithmetic", "kv_recall", "variable_chain"])
 def test_exact_scorers(name):
     family = TASK_FAMILIES[name]
     examples = family.generate("test", 20, seed=1, difficulty=5)
@@ -160,8 +167,7 @@ def test_kv_answer_extraction_skips_digits_inside_keys():
 @settings(max_examples=150, deadline=None)
 @given(completion=st.text(max_size=200))
 def test_scorers_never_raise_on_arbitrary_text(completion):
-    arithmetic, kv = ArithmeticFamily(), KVRecallFamily()
-    for family in (arithmetic, kv):
+    for family in (ArithmeticFamily(), KVRecallFamily(), VariableChainFamily()):
         example = family.generate("train", 1, difficulty=2)[0]
         assert family.score(example, completion) in (0.0, 1.0)
         assert family.score(example, "#### " + completion) in (0.0, 1.0)
@@ -252,6 +258,62 @@ def test_kv_difficulty_grows_pairs_distance_and_digits():
     assert max(e.meta["num_pairs"] for e in low) < min(e.meta["num_pairs"] for e in high)
     assert max(e.meta["distance_words"] for e in low) < min(e.meta["distance_words"] for e in high)
     assert max(len(e.answer) for e in low) < min(len(e.answer) for e in high)
+
+
+# -- variable_chain ---------------------------------------------------------------------------------------------------
+
+
+def _assignments(example):
+    return [line.split("=") for line in example.prompt.split("\n")[:-1]]
+
+
+@pytest.mark.parametrize("difficulty", [1, 3, 10])
+def test_chain_answer_is_what_following_the_assignments_gives(difficulty):
+    for example in VariableChainFamily().generate("test", 30, seed=2, difficulty=difficulty):
+        pairs = _assignments(example)
+        assert example.prompt.endswith(f"\n{example.meta['query']}=") and example.target == example.answer
+        assert resolve(example.prompt) == example.answer
+        assert len(pairs) == 2 * difficulty == 2 * (example.meta["links"] + 1) == 2 * example.meta["lookups"]
+        names = [name for name, _ in pairs]
+        assert len(set(names)) == len(names), "every variable is assigned once"
+        digits = [value for _, value in pairs if value.isdigit()]
+        assert len(digits) == 2 and digits[0] != digits[1], "one distinct digit per chain"
+        # The query sits `difficulty - 1` assignments above its digit: count the lookups.
+        value, lookups, table = example.meta["query"], 1, dict(pairs)
+        while not table[value].isdigit():
+            value, lookups = table[value], lookups + 1
+        assert lookups == difficulty
+
+
+def test_chain_resolver_and_scorer_catch_a_wrong_answer():
+    family = VariableChainFamily()
+    example = family.generate("train", 1, seed=0, difficulty=3)[0]
+    pairs = _assignments(example)
+    other = next(value for _, value in pairs if value.isdigit() and value != example.answer)
+    assert family.score(example, other) == 0.0, "the other chain's digit is wrong"
+    assert family.score(example, f"{example.answer}\nq=") == 1.0
+    # The resolver reads the prompt, not the metadata: point the query at the other chain's end and it follows.
+    ends = {name for name, _ in pairs} - {value for _, value in pairs} - {example.meta["query"]}
+    lines = example.prompt.split("\n")
+    assert resolve("\n".join([*lines[:-1], f"{ends.pop()}="])) == other
+
+
+def test_chain_has_no_positional_shortcut():
+    examples = VariableChainFamily().generate("train", 200, seed=0, difficulty=3)
+    assert 0.35 < sum(e.meta["query_chain"] for e in examples) / 200 < 0.65, "the query picks either chain"
+    first_is_digit = sum(_assignments(e)[0][1].isdigit() for e in examples) / 200
+    assert 0.15 < first_is_digit < 0.5, "lines are shuffled, not listed digit first"
+    positions = {[name for name, _ in _assignments(e)].index(e.meta["query"]) for e in examples}
+    assert positions == set(range(6)), "the queried variable's line can be anywhere"
+
+
+def test_chain_options_fail_clearly():
+    with pytest.raises(ValueError, match="num_chains"):
+        VariableChainFamily(num_chains=11)
+    with pytest.raises(ValueError, match="letters.*Fix"):
+        VariableChainFamily(num_chains=3).generate("train", 1, difficulty=9)
+    family = get_task_family("variable_chain", num_chains=3)
+    assert len(family.generate("train", 1, difficulty=8)[0].prompt.split("\n")) == 3 * 8 + 1
 
 
 # -- code: structure, variants, hints (no sandbox needed) -------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""`benchmarks/depth_probe.py` (issue 14's depth evidence): its training blocks label exactly the answers, and its
+batched scoring of right-padded held-out examples equals scoring each example alone."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.corpus import corpus_texts
+from evaluation.tasks.variable_chain import resolve
+from modeling_forge import ForgeConfig, ForgeForCausalLM
+from modeling_forge.tokenization import build_tokenizer
+
+_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    import sys
+
+    sys.path.insert(0, str(_DIR))  # the script imports its sibling `recursion.py`, as when run from the command line
+    try:
+        spec = importlib.util.spec_from_file_location("depth_probe_benchmark", _DIR / "depth_probe.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(_DIR))
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(corpus_texts("train", max_chars=60_000), vocab_size=512)
+
+
+def test_training_blocks_label_only_the_answer_digit_and_its_end(probe, tokenizer):
+    blocks = probe.train_blocks(tokenizer, range(1, 4), n_blocks=6, length=128, seed=0)
+    assert len(blocks) == 6
+    answers = 0
+    for ids, labels in blocks:
+        labelled = [i for i, label in enumerate(labels) if label != -100]
+        assert labelled and all(labels[i] == ids[i] for i in labelled)
+        for i in labelled:
+            token = tokenizer.decode([ids[i]])
+            if token.isdigit():  # the answer: the digit the example's own chain resolves to
+                start = max([j + 1 for j in range(i) if ids[j] == tokenizer.eos_token_id], default=0)
+                prompt = tokenizer.decode(ids[start:i], skip_special_tokens=True)
+                assert resolve(prompt) == token.strip()
+                answers += 1
+            else:
+                assert ids[i] == tokenizer.eos_token_id, token
+    assert answers > 6, "whole examples, more than one per 128-token block"
+
+
+def test_batched_scores_of_right_padded_examples_equal_each_example_alone(probe, tokenizer):
+    torch.manual_seed(0)
+    config = ForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                     max_position_embeddings=128, trm_max_steps=2)  # fmt: skip
+    model = ForgeForCausalLM(config).eval()
+    with torch.no_grad():  # the refiner starts as the identity: give its steps an effect to check
+        for module in model.model.recursion.refiner.modules():
+            if getattr(module, "forge_init", None) == 0.0:
+                module.weight.normal_(std=0.05)
+    held_out = probe.held_out_examples(tokenizer, range(1, 3), n=5)
+    ids, where = held_out[2]
+    assert (where == ids.shape[1] - 1).all(), "one number of lookups: every example has the same length here"
+    pad = torch.full((len(ids), 3), tokenizer.pad_token_id)
+    held_out[2] = (torch.cat([ids, pad], dim=1), where)  # right padding, as a tokenizer with uneven lengths gives
+    batched = probe.answer_scores(model, held_out, act_halting=True)
+    for row in range(len(ids)):  # each example alone, unpadded, scored here by hand: its last token is the answer
+        alone = ids[row : row + 1, : where[row] + 1]
+        output = model(alone, act_halting=True)
+        expected = torch.nn.functional.cross_entropy(output.logits[0, -2:-1].float(), alone[0, -1:])
+        assert batched[2]["ce"][row] == pytest.approx(float(expected), abs=1e-4)
+        assert batched[2]["steps"][row] == float(output.halt_steps[0, -2])
+    # The same rows padded on the left instead move the answer's context: the scores change (the check can fail).
+    shifted = torch.cat([torch.full((len(ids), 2), tokenizer.pad_token_id), ids], dim=1)
+    moved = probe.answer_scores(model, {2: (shifted, where + 2)}, act_halting=True)[2]
+    assert moved["ce"] != pytest.approx(batched[2]["ce"], abs=1e-4)
+    assert probe.summary(batched)["all"]["acc"] == pytest.approx(
+        sum(batched[1]["correct"] + batched[2]["correct"]) / 10
+    )
