@@ -10,7 +10,7 @@ model's depth (layers, or recursion steps that attend over the context) bounds h
 one digit: a model that knows only "one of the digits shown" scores log 2 = 0.693 nats, uniform over digits 2.303.
 
 Models, trained on the same batches in the same order with the same optimizer (AdamW, loss on the answers only):
-0. Forge tiny with its recursion (`--set` overrides apply here);
+0. Forge tiny with its recursion (`--set` overrides apply to this model only);
 1. the same Forge with `trm_max_steps=0` (equal parameters, no recursion);
 2. Forge without recursion but with as many layers as match model 0's per-token matmul work (depth instead of
    recursion, compute-matched; more parameters);
@@ -141,11 +141,11 @@ def main() -> None:
     train = [train[i] for i in order]
     held_out = held_out_examples(tokenizer, levels, args.eval_examples)
 
-    def forge(**extra):
-        return tiny_forge(tokenizer, args.length, **(parse_overrides(args.set) | extra))
+    def forge(**overrides):
+        return tiny_forge(tokenizer, args.length, **overrides)
 
-    torch.manual_seed(args.seed)
-    recursive, flat = forge(), forge(trm_max_steps=0)
+    torch.manual_seed(args.seed)  # `--set` changes model 0 only: the controls stay the preset (recursion.py's rule)
+    recursive, flat = forge(**parse_overrides(args.set)), forge(trm_max_steps=0)
     per_layer = forge_matmul_macs(flat.config) / flat.config.num_hidden_layers
     deep_layers = max(flat.config.num_hidden_layers, round(forge_matmul_macs(recursive.config) / per_layer))
     models = {
