@@ -11,7 +11,7 @@
 
 Families: `arithmetic` (GSM8K-style word problems with worked solutions), `kv_recall` (key-value recall over a
 controlled distance), `code` (HumanEval-style functions scored in the sandbox) and `variable_chain` (follow shuffled
-`x = y` assignments to a digit: a probe of serial depth).
+`x=y` assignments to a digit: a probe of serial depth).
 """
 
 from __future__ import annotations
