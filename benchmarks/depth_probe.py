@@ -148,19 +148,18 @@ def main() -> None:
     recursive, flat = forge(**parse_overrides(args.set)), forge(trm_max_steps=0)
     per_layer = forge_matmul_macs(flat.config) / flat.config.num_hidden_layers
     deep_layers = max(flat.config.num_hidden_layers, round(forge_matmul_macs(recursive.config) / per_layer))
-    models = {
-        "forge (recursion + ACT)": recursive,
-        "forge trm_max_steps=0": flat,
+    models = {  # builders, so a model not asked for is not built
+        "forge (recursion + ACT)": lambda: recursive,
+        "forge trm_max_steps=0": lambda: flat,
         f"forge {deep_layers} layers, no recursion": lambda: forge(trm_max_steps=0, num_hidden_layers=deep_layers),
         "llama, compute-matched": lambda: matched_llama(recursive.config),
     }
     if args.models:
-        models = {name: model for i, (name, model) in enumerate(models.items()) if i in args.models}
+        models = {name: build for i, (name, build) in enumerate(models.items()) if i in args.models}
     results = {}
-    for name, model in models.items():
+    for name, build in models.items():
         torch.manual_seed(args.seed)
-        if callable(model) and not isinstance(model, torch.nn.Module):
-            model = model()
+        model = build()
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
@@ -182,14 +181,14 @@ def main() -> None:
         row["layers"] = model.config.num_hidden_layers
         if curve:
             row["curve"] = curve
-        is_recursive = isinstance(model, ForgeForCausalLM) and model.config.trm_max_steps > 0
-        kwargs = {"act_halting": False} if is_recursive else {}
-        row["answers"] = summary(answer_scores(model, held_out, **kwargs))
-        if is_recursive:
+        if not (isinstance(model, ForgeForCausalLM) and model.config.trm_max_steps > 0):
+            row["answers"] = summary(answer_scores(model, held_out))
+        else:  # every step run (ACT off) is the last of the per-step scores: score it once
             steps = model.config.trm_max_steps
             per_step = {
                 k: answer_scores(model, held_out, act_halting=False, recursion_steps=k) for k in range(steps + 1)
             }
+            row["answers"] = summary(per_step[steps])
             row["per_inference_steps"] = {str(k): summary(scores) for k, scores in per_step.items()}
             pooled = {k: [v for s in scores.values() for v in s["ce"]] for k, scores in per_step.items()}
             row["gain"] = paired_gain(pooled[0], pooled[steps])
