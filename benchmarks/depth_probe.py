@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the models' initialisation and the batch order")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ForgeConfig overrides (JSON) of the recursive Forge, e.g. trm_max_steps=4")  # fmt: skip
+    parser.add_argument("--base", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="ForgeConfig overrides (JSON) of every Forge model, e.g. num_hidden_layers=1 for a "
+                        "backbone too shallow to follow one lookup alone")  # fmt: skip
     parser.add_argument("--models", type=int, nargs="*",
                         help="train only these models (0: Forge, 1: no recursion, 2: deeper Forge without "
                         "recursion, 3: Llama); data and seeds do not depend on the choice")  # fmt: skip
@@ -141,8 +144,10 @@ def main() -> None:
     train = [train[i] for i in order]
     held_out = held_out_examples(tokenizer, levels, args.eval_examples)
 
+    base = parse_overrides(args.base)
+
     def forge(**overrides):
-        return tiny_forge(tokenizer, args.length, **overrides)
+        return tiny_forge(tokenizer, args.length, **{**base, **overrides})
 
     torch.manual_seed(args.seed)  # `--set` changes model 0 only: the controls stay the preset (recursion.py's rule)
     recursive, flat = forge(**parse_overrides(args.set)), forge(trm_max_steps=0)

@@ -133,6 +133,13 @@ class ForgeConfig(PreTrainedConfig):
             Whether the refiner's block has causal sliding-window self-attention over the refined states (TRM's
             self-attention block, so a step can use the context; its keys/values per application are cached for
             generation) or is position-wise only (the ablation).
+        trm_norm (`str`, *optional*, defaults to `"pre"`):
+            Form of the refiner's block: `"pre"` (residual updates `z <- z + Block(z + h + y)`,
+            `y <- y + SwiGLU(RMSNorm(y + z))`, the first design), `"post"` (TRM's: each sublayer
+            `s <- RMSNorm(s + f(s))` and each update replaces its state, so `z` and `y` stay at unit scale) or
+            `"post_latent"` (the latent update post-norm, the answer update residual). `"pre"` is the default, so
+            configs saved before this field existed load as they were trained. See `ForgeRefiner` and the README's
+            Measured table.
         trm_intermediate_size (`int`, *optional*, defaults to 640):
             Hidden width of the refiner's SwiGLU, shared by the `z` and `y` updates.
         deep_supervision (`bool`, *optional*, defaults to `True`):
@@ -269,6 +276,7 @@ class ForgeConfig(PreTrainedConfig):
     trm_micro_steps: int = 2
     trm_cycles: int = 1
     trm_attention: bool = True
+    trm_norm: str = "pre"
     trm_intermediate_size: int = 640
     deep_supervision: bool = True
     deep_supervision_fraction: float = 1.0
@@ -436,6 +444,8 @@ class ForgeConfig(PreTrainedConfig):
             fail("trm_micro_steps", f"must be >= 1, got {self.trm_micro_steps}", "use 2 as in the specification")
         if self.trm_cycles < 1:
             fail("trm_cycles", f"must be >= 1, got {self.trm_cycles}", "use 1 (one cycle, with gradient)")
+        if self.trm_norm not in ("pre", "post", "post_latent"):
+            fail("trm_norm", f"must be 'pre', 'post' or 'post_latent', got {self.trm_norm!r}", "use 'pre'")
         if not 0.0 <= self.act_exploration <= 1.0:
             fail("act_exploration", f"must lie in [0, 1], got {self.act_exploration}", "use e.g. 0.1")
         if self.trm_intermediate_size <= 0:

@@ -1049,16 +1049,28 @@ class ForgeRefinerAttention(nn.Module):
 class ForgeRefiner(nn.Module):
     """TRM's tiny network, applied recursively on top of the backbone features `h`.
 
-    `y_0 = h` (step 0 is the plain backbone LM) and `z_0 = P_z h`. One cycle: `micro_steps` latent updates
-    `z <- z + Block(z + h + y)`, where the block is causal sliding-window attention over the refined states plus a
-    SwiGLU (TRM's transformer block, so a step can reason over the context), then the answer update
-    `y <- y + SwiGLU(y + z)` with the same SwiGLU, position-wise: `y` sees the context through `z`. The output
-    projections start at zero, so an untrained refiner leaves `y_t = h` and does not slow in-context learning.
-    `trm_attention=False` drops the attention (the earlier position-wise refiner, kept as an ablation).
+    `y_0 = h` (step 0 is the plain backbone LM). One cycle: `micro_steps` latent updates of `z` from `z + h + y`
+    through a block of causal sliding-window attention over the refined states and a SwiGLU (TRM's transformer block,
+    so a step can reason over the context), then an answer update of `y` from `y + z` through the same SwiGLU,
+    position-wise (`y` sees the context through `z`). `trm_attention=False` drops the attention (the earlier
+    position-wise refiner, kept as an ablation). Three block forms (`trm_norm`):
+
+    - `"post"` (TRM's): each sublayer is `s <- RMSNorm(s + f(s))`, the latent update replaces `z` by the block's
+      output and the answer update replaces `y`, so every state stays at unit scale. `z_0 = 0`; with the zero-started
+      output projections an untrained refiner maps `h` to a positive multiple of `h`, which the output norm reads as
+      `h`: every step starts as step 0.
+    - `"post_latent"`: the latent update in the post-norm form (bounded `z`, `z_0 = 0`), the answer update residual
+      as in `"pre"` (`y` starts as `h` and each step adds to it).
+    - `"pre"` (the first design, the default for configs saved without the field): residual updates
+      `z <- z + Block(z + h + y)` and `y <- y + SwiGLU(RMSNorm(y + z))`, `z_0 = P_z h`. On the depth probe its
+      attention's output grew without bound (root mean square 9 at the answers after 800 steps, with `h` at 1) while
+      the shared SwiGLU, the only path from `z` to `y`, fell to 0.001: the recursion changed no answer.
     """
 
     def __init__(self, config: ForgeConfig) -> None:
         super().__init__()
+        self.post_norm = config.trm_norm in ("post", "post_latent")  # the latent update's form
+        self.post_norm_answer = config.trm_norm == "post"  # the answer update's form
         self.z_init = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.attn_norm = ForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn = ForgeRefinerAttention(config) if config.trm_attention else None
@@ -1068,22 +1080,38 @@ class ForgeRefiner(nn.Module):
         self.block.down_proj.forge_init = 0.0  # zero-initialised (see `ForgePreTrainedModel._init_weights`)
         if self.attn is not None:
             self.attn.o_proj.forge_init = 0.0
+        if self.post_norm:
+            self.z_init.forge_init = 0.0  # z_0 = 0 (TRM starts z at a fixed state, not at the input)
+
+    def attention_input(self, stream: torch.Tensor) -> torch.Tensor:
+        """What the attention reads (and caches keys/values of) for the latent stream `z + h + y`."""
+        return stream if self.post_norm else self.attn_norm(stream)
 
     def latent_update(
         self,
+        z: torch.Tensor,
         stream: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
         slot: int,
     ) -> torch.Tensor:
-        """The change `Block(stream) - stream` of one latent update, `stream = z + h + y` (B, T, D)."""
+        """The new latent state from the old one and its input stream `z + h + y` (B, T, D)."""
+        if self.post_norm:
+            if self.attn is not None:
+                attended = self.attn(stream, position_embeddings, attention_mask, past_key_values, slot)
+                stream = self.attn_norm(stream + attended)
+            return self.mlp_norm(stream + self.block(stream))
         if self.attn is None:
-            return self.block(self.mlp_norm(stream))
+            return z + self.block(self.mlp_norm(stream))
         delta = self.attn(self.attn_norm(stream), position_embeddings, attention_mask, past_key_values, slot)
-        return delta + self.block(self.mlp_norm(stream + delta))
+        return z + (delta + self.block(self.mlp_norm(stream + delta)))  # the sum first, as before (same floats)
 
     def answer_update(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The new answer state from the old one and the latent state (B, T, D), position-wise."""
+        if self.post_norm_answer:
+            stream = y + z
+            return self.y_norm(stream + self.block(stream))
         return y + self.block(self.y_norm(y + z))
 
 
@@ -1205,15 +1233,16 @@ class ForgeRecursion(nn.Module):
     def _cycle(self, features, y, z, keep, position_embeddings, attention_mask, past_key_values, slot):
         """One TRM cycle: `micro_steps` latent updates, then the answer update; halted positions keep their `z`."""
         for micro in range(self.config.trm_micro_steps):
-            delta = self.refiner.latent_update(z + features + y, position_embeddings, attention_mask,
+            z_new = self.refiner.latent_update(z, z + features + y, position_embeddings, attention_mask,
                                                past_key_values, slot + micro)  # fmt: skip
-            z = z + delta if keep is None else torch.where(keep, z, z + delta)
+            z = z_new if keep is None else torch.where(keep, z, z_new)
         return self.refiner.answer_update(y, z), z
 
     def _fill_frozen_slots(self, features, y, z, position_embeddings, past_key_values, slot, steps, step) -> None:
         if past_key_values is None or self.refiner.attn is None:
             return
-        key, value = self.refiner.attn.key_value(self.refiner.attn_norm(z + features + y), position_embeddings)
+        key, value = self.refiner.attn.key_value(self.refiner.attention_input(z + features + y),
+                                                  position_embeddings)  # fmt: skip
         for index in range(slot, slot + (steps - step + 1) * self.config.trm_cycles * self.config.trm_micro_steps):
             past_key_values.update(key, value, index)
 

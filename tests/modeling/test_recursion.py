@@ -27,9 +27,10 @@ def _x(batch=3, length=25, seed=0):
     return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_an_untrained_refiner_is_the_identity_so_every_step_starts_as_the_backbone_lm(tiny_config):
+@pytest.mark.parametrize("norm", ["pre", "post", "post_latent"])
+def test_an_untrained_refiner_is_the_identity_so_every_step_starts_as_the_backbone_lm(tiny_config, norm):
     torch.manual_seed(0)
-    model = ForgeForCausalLM(tiny_config()).eval()
+    model = ForgeForCausalLM(tiny_config(trm_norm=norm)).eval()
     with torch.no_grad():
         out = model(_x(), output_step_logits=True, act_halting=False)
     for logits in out.step_logits[1:]:
@@ -37,11 +38,12 @@ def test_an_untrained_refiner_is_the_identity_so_every_step_starts_as_the_backbo
     assert torch.sigmoid(model.model.recursion.act_head.bias).item() < 0.2  # the Q-head starts at "continue"
 
 
+@pytest.mark.parametrize("norm", ["pre", "post", "post_latent"])
 @pytest.mark.parametrize("attention", [True, False])
-def test_a_recursion_step_reads_earlier_positions_causally(tiny_config, attention):
+def test_a_recursion_step_reads_earlier_positions_causally(tiny_config, attention, norm):
     """Changing the features of one position changes later positions' refined states only with the attention refiner,
     and never earlier positions'."""
-    model = _model(tiny_config(trm_attention=attention, sliding_window=64), spread_halting=False)
+    model = _model(tiny_config(trm_attention=attention, sliding_window=64, trm_norm=norm), spread_halting=False)
     recursion = model.model.recursion
     h = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(0))
     h2 = h.clone()
@@ -110,11 +112,13 @@ def test_thresholds_change_how_many_steps_run(tiny_config):
     assert mean_steps[0.3] < mean_steps[0.5] < mean_steps[0.7] < 3.0
 
 
-@pytest.mark.parametrize("memory_type", ["ema", "none"])
-def test_cached_decoding_with_halting_equals_one_forward(tiny_config, memory_type):
+@pytest.mark.parametrize(
+    "memory_type, norm", [("ema", "pre"), ("none", "pre"), ("none", "post"), ("none", "post_latent")]
+)
+def test_cached_decoding_with_halting_equals_one_forward(tiny_config, memory_type, norm):
     """Pieces of 1-12 tokens through the cache (window 8) give the uncached logits in float64, with halting on: a
     one-token piece that halts early takes the eager shortcut that writes its frozen keys/values once per slot."""
-    model = _model(tiny_config(memory_type=memory_type)).double()
+    model = _model(tiny_config(memory_type=memory_type, trm_norm=norm)).double()
     x = _x(2, 40, seed=9)
     with torch.no_grad():
         full = model(x)
@@ -128,6 +132,34 @@ def test_cached_decoding_with_halting_equals_one_forward(tiny_config, memory_typ
     steps = model.config.trm_max_steps * model.config.trm_micro_steps
     assert len(cache.layers) == model.config.num_hidden_layers + steps  # one slot per refiner application
     torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, rtol=0, atol=1e-10)
+
+
+def test_post_norm_refiner_keeps_its_states_at_unit_scale_where_the_residual_one_grows(tiny_config):
+    """With strong refiner weights the residual ("pre") latent grows step after step (on the depth probe its
+    attention output reached 9x the features' scale and the readout shut); TRM's post-norm form keeps every state
+    at the norm's scale (weights 1 here: root mean square 1)."""
+    scales = {}
+    for norm in ("pre", "post"):
+        model = _model(tiny_config(trm_norm=norm, trm_max_steps=3), spread_halting=False)
+        with torch.no_grad():
+            for layer in (model.model.recursion.refiner.attn.o_proj, model.model.recursion.refiner.block.down_proj):
+                layer.weight.normal_(0, 1.0)
+        recursion, seen = model.model.recursion, []
+        original = recursion._cycle
+
+        def spy(*args, _original=original, _seen=seen):
+            y, z = _original(*args)
+            _seen.append((z.pow(2).mean(-1).sqrt().mean().item(), y.pow(2).mean(-1).sqrt().mean().item()))
+            return y, z
+
+        recursion._cycle = spy
+        with torch.no_grad():
+            model(_x(), act_halting=False)
+        scales[norm] = seen
+    for z_rms, y_rms in scales["post"]:
+        assert abs(z_rms - 1.0) < 1e-3 and abs(y_rms - 1.0) < 1e-3
+    pre_z = [z for z, _ in scales["pre"]]
+    assert pre_z[0] > 1.2 and pre_z[-1] > 3.0 * pre_z[0]  # the check fires on the unbounded form (1.3, 2.8, 4.7)
 
 
 def test_fewer_inference_steps_and_trm_cycles(tiny_config):
@@ -297,7 +329,12 @@ def test_training_runs_every_step_unless_act_halting_in_training_and_reports_the
 
 @pytest.mark.parametrize(
     "overrides, field",
-    [({"act_target": "right"}, "act_target"), ({"act_saturation_margin": -0.1}, "act_saturation_margin"), ({}, None)],
+    [
+        ({"act_target": "right"}, "act_target"),
+        ({"act_saturation_margin": -0.1}, "act_saturation_margin"),
+        ({"trm_norm": "sandwich"}, "trm_norm"),
+        ({}, None),
+    ],  # fmt: skip
 )
 def test_act_target_fields_are_validated(tiny_config, overrides, field):
     if field is None:
