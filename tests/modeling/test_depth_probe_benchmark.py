@@ -81,3 +81,30 @@ def test_batched_scores_of_right_padded_examples_equal_each_example_alone(probe,
     assert probe.summary(batched)["all"]["acc"] == pytest.approx(
         sum(batched[1]["correct"] + batched[2]["correct"]) / 10
     )
+
+
+def test_refiner_scale_reports_every_refiner_application_at_the_answers(monkeypatch, capsys):
+    """`benchmarks/refiner_scale.py` (why the residual refiner switches off): one scale per application, 3 steps x 2
+    micro-steps of attention and 3 x (2 + 1) of the shared SwiGLU; the features are normed (scale 1); an untrained
+    refiner's zero-started outputs are still near 0 after two steps, and the TRM form's latent start is exactly 0."""
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(_DIR))
+    spec = importlib.util.spec_from_file_location("refiner_scale_benchmark", _DIR / "refiner_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reports = {}
+    for norm in ("pre", "post"):
+        monkeypatch.setattr(
+            sys, "argv", ["refiner_scale.py", "--steps", "2", "--at", "2", "--set", f'trm_norm="{norm}"']
+        )
+        module.main()
+        step, report = capsys.readouterr().out.strip().splitlines()[-1].split(" ", 1)
+        assert step == "2"
+        reports[norm] = json.loads(report)
+    for report in reports.values():
+        assert len(report["h"]) == 1 and abs(report["h"][0] - 1.0) < 0.05
+        assert len(report["attention"]) == 6 and len(report["swiglu"]) == 9
+        assert max(report["attention"] + report["swiglu"]) < 0.01
+    assert reports["pre"]["z0"][0] > 0.05 and reports["post"]["z0"][0] < 0.01  # P_z h vs TRM's fixed start
