@@ -53,7 +53,8 @@ def main() -> None:
 
         return hook
 
-    recursion.register_forward_pre_hook(lambda module, inputs: keep("h")(module, None, inputs[0]))
+    record_h = keep("h")  # the recursion's first input is the backbone features
+    recursion.register_forward_pre_hook(lambda module, inputs: record_h(module, inputs, inputs[0]))
     recursion.refiner.z_init.register_forward_hook(keep("z0"))
     recursion.refiner.block.register_forward_hook(keep("swiglu"))
     if recursion.refiner.attn is not None:

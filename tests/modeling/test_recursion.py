@@ -334,7 +334,7 @@ def test_training_runs_every_step_unless_act_halting_in_training_and_reports_the
         ({"act_saturation_margin": -0.1}, "act_saturation_margin"),
         ({"trm_norm": "sandwich"}, "trm_norm"),
         ({}, None),
-    ],  # fmt: skip
+    ],
 )
 def test_act_target_fields_are_validated(tiny_config, overrides, field):
     if field is None:
