@@ -2,6 +2,7 @@
 
     python benchmarks/depth_probe.py                     # 2,000 steps, 1-3 lookups, the four models below
     python benchmarks/depth_probe.py --models 0 --set trm_max_steps=4 --seed 1
+    python benchmarks/depth_probe.py --curriculum --lr-for 2=1e-3 3=1e-3   # levels in order; deeper models slower
 
 The task is the built-in `variable_chain` family: shuffled single-letter assignments (`m=k`, `k=2`, ...) in two
 chains, then a question `m=` whose answer is the digit the variable resolves to. Level L takes L successive lookups
@@ -18,6 +19,11 @@ Models, trained on the same batches in the same order with the same optimizer (A
 Reported on held-out test examples, per number of lookups: answer CE and accuracy (argmax is the digit); for model 0
 also the same at 0, 1, ... T inference steps (ACT off), final - step 0 with its paired standard error, and with ACT on
 the mean steps run at the answer position per number of lookups (does ACT spend more steps on longer chains?).
+
+`--curriculum` trains the levels in order: the run is cut into as many equal stages as there are levels, and stage i
+mixes levels LOW..LOW+i in equal shares (the earlier levels stay in, so they are not forgotten). `--lr-for I=LR` gives
+model I its own peak learning rate: one rate does not suit every depth (the 7-layer Forge follows two lookups at 1e-3
+and none at 3e-3), so a comparison at one rate can handicap a control.
 """
 
 from __future__ import annotations
@@ -60,6 +66,18 @@ def train_blocks(tokenizer, levels: range, n_blocks: int, length: int, seed: int
     random.Random(seed).shuffle(texts)
     blocks = pack_examples(texts, tokenizer, length, prompt_loss=False)  # the assignments' letters are random
     return [blocks[i % len(blocks)] for i in range(n_blocks)]
+
+
+def curriculum_blocks(tokenizer, levels: range, n_blocks: int, length: int, seed: int, order_seed: int) -> list:
+    """`n_blocks` blocks in stages of (about) equal length: stage i mixes the first i + 1 levels in equal shares of
+    its tokens, each stage in its own `order_seed` order (the stages keep their order, a curriculum)."""
+    blocks = []
+    for stage in range(len(levels)):
+        size = n_blocks * (stage + 1) // len(levels) - n_blocks * stage // len(levels)
+        stage_blocks = train_blocks(tokenizer, levels[: stage + 1], size, length, seed=seed + stage)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(order_seed + stage)).tolist()
+        blocks += [stage_blocks[i] for i in order]
+    return blocks
 
 
 def held_out_examples(tokenizer, levels: range, n: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -126,6 +144,10 @@ def main() -> None:
     parser.add_argument("--models", type=int, nargs="*",
                         help="train only these models (0: Forge, 1: no recursion, 2: deeper Forge without "
                         "recursion, 3: Llama); data and seeds do not depend on the choice")  # fmt: skip
+    parser.add_argument("--curriculum", action="store_true",
+                        help="train the levels in order, in equal stages that add one level each")  # fmt: skip
+    parser.add_argument("--lr-for", nargs="*", default=[], metavar="I=LR",
+                        help="peak learning rate of model I instead of --lr, e.g. 2=1e-3")  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also score the held-out answers every this many steps (a learning curve)")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -136,12 +158,25 @@ def main() -> None:
         parser.error(f"--levels must satisfy 1 <= LOW <= HIGH <= 10, got {low} {high}")
     if args.eval_examples < 2:
         parser.error(f"--eval-examples must be >= 2 (a standard error needs two), got {args.eval_examples}")
+    learning_rates = {}
+    for item in args.lr_for:
+        index, _, value = item.partition("=")
+        try:
+            learning_rates[int(index)] = float(value)
+        except ValueError:
+            parser.error(f"--lr-for takes I=LR with a model index 0-3 and a number, e.g. 2=1e-3; got {item!r}")
+        if not 0 <= int(index) <= 3 or not float(value) > 0:
+            parser.error(f"--lr-for takes a model index 0-3 and a positive learning rate; got {item!r}")
     levels = range(low, high + 1)
     torch.manual_seed(0)
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=512)
-    train = train_blocks(tokenizer, levels, args.steps * args.batch, args.length, seed=0)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    train = [train[i] for i in order]
+    n_blocks = args.steps * args.batch
+    if args.curriculum:
+        train = curriculum_blocks(tokenizer, levels, n_blocks, args.length, seed=0, order_seed=args.seed)
+    else:
+        train = train_blocks(tokenizer, levels, n_blocks, args.length, seed=0)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        train = [train[i] for i in order]
     held_out = held_out_examples(tokenizer, levels, args.eval_examples)
 
     base = parse_overrides(args.base)
@@ -159,6 +194,7 @@ def main() -> None:
         f"forge {deep_layers} layers, no recursion": lambda: forge(trm_max_steps=0, num_hidden_layers=deep_layers),
         "llama, compute-matched": lambda: matched_llama(recursive.config),
     }
+    rates = {name: learning_rates.get(i, args.lr) for i, name in enumerate(models)}
     if args.models:
         models = {name: build for i, (name, build) in enumerate(models.items()) if i in args.models}
     results = {}
@@ -166,7 +202,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = build()
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=rates[name], weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
         curve, seconds = {}, 0.0
         start = time.perf_counter()
@@ -184,6 +220,7 @@ def main() -> None:
         model.eval()
         row = {"params": sum(p.numel() for p in model.parameters()), "train_seconds": round(seconds, 1)}
         row["layers"] = model.config.num_hidden_layers
+        row["lr"] = rates[name]
         if curve:
             row["curve"] = curve
         if not (isinstance(model, ForgeForCausalLM) and model.config.trm_max_steps > 0):
@@ -208,13 +245,15 @@ def main() -> None:
         results[name] = row
         print(name, json.dumps(row), flush=True)
 
-    print(f"\n{args.steps} steps x {args.batch} x {args.length} tokens of variable_chain ({low}-{high} lookups), "
-          f"loss on the answers, AdamW lr {args.lr}, same batches for all. Answer CE (chance: one of the two digits "
+    schedule = "in a curriculum (one level more per stage)" if args.curriculum else "mixed"
+    print(f"\n{args.steps} steps x {args.batch} x {args.length} tokens of variable_chain ({low}-{high} lookups, "
+          f"{schedule}), loss on the answers, AdamW, same batches for all. Answer CE (chance: one of the two digits "
           "shown 0.693, uniform 2.303) / accuracy per number of lookups")  # fmt: skip
-    print(f"{'model':>34} {'params':>7} {'time':>6}  " + "  ".join(f"{f'{k} lookups':>13}" for k in levels) + "  all")
+    print(f"{'model':>34} {'params':>7} {'lr':>7} {'time':>6}  "
+          + "  ".join(f"{f'{k} lookups':>13}" for k in levels) + "  all")  # fmt: skip
     for name, row in results.items():
         cells = "  ".join(f"{row['answers'][str(k)]['ce']:6.3f}/{row['answers'][str(k)]['acc']:.2f}" for k in levels)
-        print(f"{name:>34} {row['params'] / 1e6:6.2f}M {row['train_seconds']:5.0f}s  {cells}  "
+        print(f"{name:>34} {row['params'] / 1e6:6.2f}M {row['lr']:7.1e} {row['train_seconds']:5.0f}s  {cells}  "
               f"{row['answers']['all']['ce']:.3f}/{row['answers']['all']['acc']:.3f}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:

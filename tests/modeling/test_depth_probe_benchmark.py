@@ -108,3 +108,26 @@ def test_refiner_scale_reports_every_refiner_application_at_the_answers(monkeypa
         assert len(report["attention"]) == 6 and len(report["swiglu"]) == 9
         assert max(report["attention"] + report["swiglu"]) < 0.01
     assert reports["pre"]["z0"][0] > 0.05 and reports["post"]["z0"][0] < 0.01  # P_z h vs TRM's fixed start
+
+
+def _levels(block, tokenizer) -> set[int]:
+    """The numbers of lookups of the examples packed in one training block (whole examples, `<bos>...<eos>`)."""
+    levels = set()
+    for text in tokenizer.decode(block[0]).split(tokenizer.bos_token)[1:]:
+        lines = text.split(tokenizer.eos_token)[0].split("\n")  # assignments, then the question and its answer
+        assignments = dict(line.split("=") for line in lines[:-1])
+        value, count = lines[-1].split("=")[0], 0
+        while not value.isdigit():
+            value, count = assignments[value], count + 1
+        levels.add(count)
+    return levels
+
+
+def test_curriculum_adds_one_level_per_stage_in_order(probe, tokenizer):
+    blocks = probe.curriculum_blocks(tokenizer, range(1, 4), n_blocks=9, length=128, seed=0, order_seed=0)
+    assert len(blocks) == 9
+    stages = [set().union(*[_levels(block, tokenizer) for block in blocks[i : i + 3]]) for i in (0, 3, 6)]
+    assert stages == [{1}, {1, 2}, {1, 2, 3}]
+    # The same check on the mixed blocks finds every level from the start (it can fail).
+    mixed = probe.train_blocks(tokenizer, range(1, 4), n_blocks=3, length=128, seed=0)
+    assert set().union(*[_levels(block, tokenizer) for block in mixed]) == {1, 2, 3}
