@@ -162,11 +162,13 @@ def main() -> None:
     for item in args.lr_for:
         index, _, value = item.partition("=")
         try:
-            learning_rates[int(index)] = float(value)
+            index, rate = int(index), float(value)
         except ValueError:
-            parser.error(f"--lr-for takes I=LR with a model index 0-3 and a number, e.g. 2=1e-3; got {item!r}")
-        if not 0 <= int(index) <= 3 or not float(value) > 0:
-            parser.error(f"--lr-for takes a model index 0-3 and a positive learning rate; got {item!r}")
+            index, rate = -1, 0.0  # reported below
+        if not (0 <= index <= 3 and rate > 0):
+            parser.error(f"--lr-for takes I=LR with a model index 0-3 and a positive learning rate, e.g. 2=1e-3; "
+                         f"got {item!r}")  # fmt: skip
+        learning_rates[index] = rate
     levels = range(low, high + 1)
     torch.manual_seed(0)
     tokenizer = build_tokenizer(corpus_texts("train", max_chars=300_000), vocab_size=512)
